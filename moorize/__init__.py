@@ -1,0 +1,9 @@
+"""moorize: turn a pretrained Hugging Face checkpoint into a Mixture of Orthogonal Rank-one Experts."""
+
+__version__ = "0.1.0"
+
+from .errors import MoorizeError  # noqa: E402
+from .format import FactoredCheckpoint, LayerRecord  # noqa: E402
+from .convert import ConvertReport, convert  # noqa: E402
+
+__all__ = ["__version__", "MoorizeError", "FactoredCheckpoint", "LayerRecord", "ConvertReport", "convert"]

