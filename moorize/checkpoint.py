@@ -119,6 +119,13 @@ class SafetensorsFile(TensorSource):
             self._fh = open(self.path, "rb")
         except OSError as e:
             raise MoorizeError(f"cannot read {self.path}: {e.strerror}") from None
+        try:
+            self._parse_header()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _parse_header(self) -> None:
         size = os.fstat(self._fh.fileno()).st_size
         head = self._fh.read(8)
         if len(head) < 8:

@@ -85,8 +85,8 @@ def _progress_bar(enabled: bool):
 
 
 @cli.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path, readable=False))  # moorize says it in one line
+@click.argument("out_dir", type=click.Path(path_type=Path, readable=False))
 @click.option("--targets", "targets", multiple=True, metavar="PATTERN",
               help="Layers to factor (glob, or regex with 're:'); repeatable. Default: every linear layer "
                    "inside the transformer blocks.")
@@ -154,7 +154,7 @@ def convert(model_dir: Path, out_dir: Path, targets, rank, residual, solver, ove
 
 
 @cli.command()
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path, readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print moorize.json's summary and layers as JSON.")
 @click.option("--layers", "per_layer", is_flag=True, help="One line per layer instead of per layer kind.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, metavar="FILE.png",

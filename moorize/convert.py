@@ -11,6 +11,7 @@ renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
@@ -176,14 +177,20 @@ def _partial_dir(out_dir: Path) -> Path:
 def _check_paths(src: Path, out_dir: Path, overwrite: bool) -> None:
     src_r, out_r = src.resolve(), out_dir.resolve()
     src_root = src_r if src_r.is_dir() else src_r.parent
-    if out_r == src_root or src_root in out_r.parents:
+    if out_r == src_root:
+        raise MoorizeError(f"OUT_DIR {out_dir} is the source directory; choose a directory elsewhere")
+    if src_root in out_r.parents:
         raise MoorizeError(f"OUT_DIR {out_dir} is inside the source {src_root}; choose a directory elsewhere")
     if out_r in src_r.parents:
         raise MoorizeError(f"the source {src} is inside OUT_DIR {out_dir}; choose a directory elsewhere")
     if out_dir.exists():
         if not out_dir.is_dir():
             raise MoorizeError(f"OUT_DIR {out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not overwrite:
+        try:
+            non_empty = any(out_dir.iterdir())
+        except OSError as e:
+            raise MoorizeError(f"cannot read OUT_DIR {out_dir}: {e.strerror}") from None
+        if non_empty and not overwrite:
             raise MoorizeError(f"OUT_DIR {out_dir} is not empty; pass --overwrite to replace it")
     parent = out_dir.parent
     if not parent.exists():
@@ -323,17 +330,28 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path,
     return parts, records, svd_seconds
 
 
+@contextlib.contextmanager
 def _dist_context():
-    """(rank, world_size, torch.distributed or None); initialises the group under torchrun."""
+    """Yields (rank, world_size, torch.distributed or None).
+
+    Under torchrun (WORLD_SIZE > 1) the process group is created here unless the
+    caller already made one, and destroyed again on the way out if we made it.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, None
+        yield 0, 1, None
+        return
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=60))
-    return dist.get_rank(), dist.get_world_size(), dist
+    try:
+        yield dist.get_rank(), dist.get_world_size(), dist
+    finally:
+        if owned:
+            dist.destroy_process_group()
 
 
 def convert(
@@ -376,12 +394,21 @@ def convert(
     solver_name = resolve_solver(solver, dev)
     max_shard = parse_size(max_shard_size)
     batch_bytes = parse_size(batch_size)
-    rank_id, world, dist = _dist_context()
-    if world > 1 and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not src.exists():
         raise MoorizeError(f"{src} does not exist")
     _check_paths(src, out, overwrite)
+    with _dist_context() as (rank_id, world, dist):
+        return _convert(src, out, rank_id, world, dist, dev, rules, solver_name, targets, residual, svd_dtype,
+                        dtype, gguf_file, allow_pickle, max_shard, batch_bytes, oversample, power_iters, seed,
+                        progress, started)
+
+
+def _convert(src: Path, out: Path, rank_id: int, world: int, dist, dev: torch.device, rules: RankRules,
+             solver_name: str, targets, residual: str, svd_dtype: str, dtype, gguf_file, allow_pickle: bool,
+             max_shard: int, batch_bytes: int, oversample: int, power_iters: int, seed: int, progress,
+             started: float) -> ConvertReport:
+    if world > 1 and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     store_dtype = STORE_DTYPES[dtype] if dtype else None
     opts = SVDOptions(solver_name, SVD_DTYPES[svd_dtype], dev, residual, oversample, power_iters, seed)
 

@@ -1,0 +1,46 @@
+"""`torchrun -m moorize convert` splits layers across ranks (gloo, 2 CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from moorize import FactoredCheckpoint
+from moorize.convert import _assign_ranks, WorkItem
+
+
+def test_two_ranks_match_single_process(tiny_model_dir, tmp_path):
+    _, src = tiny_model_dir("llama")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "moorize", "convert", str(src), str(tmp_path / "dist"), "--no-progress", "--max-shard-size", "40KB"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    single = subprocess.run([sys.executable, "-m", "moorize", "convert", str(src), str(tmp_path / "single"),
+                             "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+
+    manifest = json.loads((tmp_path / "dist" / "moorize.json").read_text())
+    assert manifest["summary"]["world_size"] == 2
+    shards = sorted(p.name for p in (tmp_path / "dist").glob("model-*.safetensors"))
+    assert len(shards) >= 2 and shards[-1].endswith(f"of-{len(shards):05d}.safetensors")
+    assert not list(tmp_path.glob(".*moorize-partial"))
+
+    with FactoredCheckpoint(tmp_path / "dist") as a, FactoredCheckpoint(tmp_path / "single") as b:
+        assert sorted(a.tensor_names()) == sorted(b.tensor_names())
+        assert list(a.layers) == list(b.layers)
+        for key in a.tensor_names():
+            assert torch.equal(a.tensor(key), b.tensor(key)), key
+
+
+def test_rank_assignment_balances_and_covers_everything():
+    items = [WorkItem(i, cost=float(c)) for i, c in enumerate([9, 7, 5, 3, 3, 1, 1, 1])]
+    parts = _assign_ranks(items, 3)
+    assert sorted(it.index for p in parts for it in p) == list(range(8))
+    loads = [sum(it.cost for it in p) for p in parts]
+    assert max(loads) - min(loads) <= 3
+    assert all(p == sorted(p, key=lambda it: it.index) for p in parts)
