@@ -180,6 +180,17 @@ class SafetensorsFile(TensorSource):
             raise MoorizeError(f"{self.path} is truncated: short read for {name!r}")
         return buf
 
+    def sample_bytes(self, name: str, chunk: int = 4096) -> bytes:
+        """Up to three ``chunk``-byte windows (start, middle, end) of a tensor's data, for fingerprints."""
+        _, _, start, end = self._entries[name]
+        n = end - start
+        offsets = sorted({0, max(0, n // 2 - chunk // 2), max(0, n - chunk)}) if n > 3 * chunk else [0]
+        out = bytearray()
+        for off in offsets:
+            self._fh.seek(self._data_start + start + off)
+            out += self._fh.read(min(chunk, n - off) if n > 3 * chunk else n)
+        return bytes(out)
+
     def load(self, name: str) -> torch.Tensor:
         dt, shape, _, _ = self._entries[name]
         return bytes_to_tensor(self.load_bytes(name), dt, shape)
@@ -240,11 +251,12 @@ def _sha256_file(path: Path, h: "hashlib._Hash") -> None:
 
 
 def _fingerprint(model_dir: Path, sources: list[TensorSource], kind: str, extra: Path | None = None) -> str:
-    """Identifies the source cheaply: config bytes plus each file's size and safetensors header.
+    """Identifies the source cheaply: config bytes, each file's size and safetensors header,
+    and three 4 KB windows of every tensor's data.
 
-    The header pins every tensor's name, dtype, shape and offset; together with the
-    file size that tells checkpoints apart without hashing gigabytes of weights.
-    Pickle and GGUF files have no such header and are hashed whole.
+    The header pins every tensor's name, dtype, shape and offset; the sampled data
+    tells apart checkpoints of the same shapes (two fine-tunes of one base) without
+    hashing gigabytes. Pickle and GGUF files have no such header and are hashed whole.
     """
     h = hashlib.sha256()
     h.update(kind.encode())
@@ -256,6 +268,8 @@ def _fingerprint(model_dir: Path, sources: list[TensorSource], kind: str, extra:
         h.update(str(s.path.stat().st_size).encode())
         if isinstance(s, SafetensorsFile):
             h.update(s.header_bytes)
+            for info in s.infos():
+                h.update(s.sample_bytes(info.name))
         elif extra is None:
             _sha256_file(s.path, h)
     return "sha256:" + h.hexdigest()
