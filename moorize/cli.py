@@ -109,8 +109,8 @@ def _progress_bar(enabled: bool):
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR (only once the new one is complete).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
-@click.option("--batch-size", default="256MB", show_default=True,
-              help="Weights decomposed together in one batch (same shape), in float32 bytes.")
+@click.option("--batch-size", default="auto", show_default=True,
+              help="Same-shaped weights decomposed together, in float32 bytes (auto: 64MB on CPU, 1GB on GPU).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized solver.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -42,6 +42,11 @@ STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "float64": torch.float64}
 
 
+# bytes of float32 weights decomposed together: LAPACK on CPU loops over a batch anyway,
+# so small batches bound memory for free; cuSOLVER's batched kernels want many matrices
+DEFAULT_BATCH = {"cpu": "64MB", "cuda": "1GB"}
+
+
 @dataclass
 class Progress:
     """Passed to the ``progress`` callback after each work item."""
@@ -258,10 +263,9 @@ def _load_matrix(t: Target, info: TensorInfo) -> torch.Tensor:
     return w.t() if t.layout == "conv1d" else w
 
 
-def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path,
-               tag: str, rules: RankRules, opts: SVDOptions, store_dtype: torch.dtype | None,
-               progress: Callable[[Progress], None] | None, layers_total: int, bytes_total: int,
-               ) -> tuple[list[ShardPart], list[LayerRecord], float]:
+def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, tag: str, job: _Job,
+               layers_total: int, bytes_total: int) -> tuple[list[ShardPart], list[LayerRecord], float]:
+    rules, opts, store_dtype, progress = job.rules, job.opts, job.store_dtype, job.progress
     shard_of = {item.index: i for i, s in enumerate(shards) for item in s}
     files: dict[int, ShardFile] = {}
     parts: list[ShardPart] = []
@@ -369,7 +373,7 @@ def convert(
     allow_pickle: bool = False,
     overwrite: bool = False,
     max_shard_size: str | int = "2GB",
-    batch_size: str | int = "256MB",
+    batch_size: str | int = "auto",
     oversample: int = 10,
     power_iters: int = 2,
     seed: int = 0,
@@ -389,42 +393,58 @@ def convert(
         raise MoorizeError(f"--svd-dtype must be float32 or float64, got {svd_dtype!r}")
     if dtype is not None and dtype not in STORE_DTYPES:
         raise MoorizeError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
-    rules = RankRules.parse(rank)
     dev = resolve_device(device)
     solver_name = resolve_solver(solver, dev)
-    max_shard = parse_size(max_shard_size)
-    batch_bytes = parse_size(batch_size)
+    job = _Job(
+        src, out, RankRules.parse(rank), targets,
+        SVDOptions(solver_name, SVD_DTYPES[svd_dtype], dev, residual, oversample, power_iters, seed),
+        STORE_DTYPES[dtype] if dtype else None, gguf_file, allow_pickle, parse_size(max_shard_size),
+        parse_size(DEFAULT_BATCH[dev.type] if batch_size == "auto" else batch_size), progress, started,
+        {"residual": residual, "solver": solver_name, "svd_dtype": svd_dtype, "dtype": dtype or "source",
+         "targets": targets or "default"})
     if not src.exists():
         raise MoorizeError(f"{src} does not exist")
     _check_paths(src, out, overwrite)
     with _dist_context() as (rank_id, world, dist):
-        return _convert(src, out, rank_id, world, dist, dev, rules, solver_name, targets, residual, svd_dtype,
-                        dtype, gguf_file, allow_pickle, max_shard, batch_bytes, oversample, power_iters, seed,
-                        progress, started)
+        if world > 1 and dev.type == "cuda" and dev.index is None:
+            job.opts.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return _convert(job, rank_id, world, dist)
 
 
-def _convert(src: Path, out: Path, rank_id: int, world: int, dist, dev: torch.device, rules: RankRules,
-             solver_name: str, targets, residual: str, svd_dtype: str, dtype, gguf_file, allow_pickle: bool,
-             max_shard: int, batch_bytes: int, oversample: int, power_iters: int, seed: int, progress,
-             started: float) -> ConvertReport:
-    if world > 1 and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    store_dtype = STORE_DTYPES[dtype] if dtype else None
-    opts = SVDOptions(solver_name, SVD_DTYPES[svd_dtype], dev, residual, oversample, power_iters, seed)
+@dataclass
+class _Job:
+    """A conversion's validated options, shared by every stage."""
 
+    src: Path
+    out: Path
+    rules: RankRules
+    targets: list[str] | None
+    opts: SVDOptions
+    store_dtype: torch.dtype | None
+    gguf_file: str | None
+    allow_pickle: bool
+    max_shard: int
+    batch_bytes: int
+    progress: Callable[[Progress], None] | None
+    started: float
+    policy: dict  # as recorded in moorize.json (rank rules added there)
+
+
+def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
+    src, out, rules, opts = job.src, job.out, job.rules, job.opts
     tmp = _partial_dir(out)
-    with open_checkpoint(src, gguf_file=gguf_file, allow_pickle=allow_pickle) as ckpt:
-        tlist = find_targets(ckpt.model_dir, ckpt.tensors, targets)
+    with open_checkpoint(src, gguf_file=job.gguf_file, allow_pickle=job.allow_pickle) as ckpt:
+        tlist = find_targets(ckpt.model_dir, ckpt.tensors, job.targets)
         for t in tlist:
             pol = rules.for_layer(t.name)
             if pol.kind == "fixed" and pol.value > min(t.shape):
                 raise MoorizeError(f"--rank {int(pol.value)} exceeds min(m, n) = {min(t.shape)} for {t.name} "
                                    f"{list(t.shape)}")
-            if solver_name == "randomized" and pol.needs_spectrum:
+            if opts.solver == "randomized" and pol.needs_spectrum:
                 raise MoorizeError("--solver randomized needs a fixed rank (N or ratio:x), not energy:x")
-        items = _plan(ckpt, tlist, rules, residual, store_dtype, batch_bytes)
+        items = _plan(ckpt, tlist, rules, opts.residual, job.store_dtype, job.batch_bytes)
         mine = _assign_ranks(items, world)[rank_id]
-        shards = _shard_plan(mine, max_shard)
+        shards = _shard_plan(mine, job.max_shard)
         bytes_total = sum(i.nbytes for i in ckpt.tensors.values())
         try:
             if rank_id == 0:
@@ -432,9 +452,8 @@ def _convert(src: Path, out: Path, rank_id: int, world: int, dist, dev: torch.de
                 tmp.mkdir()
             if dist is not None:
                 dist.barrier()
-            parts, records, svd_seconds = _run_items(
-                mine, shards, tmp, f"rank{rank_id}", rules, opts, store_dtype, progress,
-                len(tlist), bytes_total)
+            parts, records, svd_seconds = _run_items(mine, shards, tmp, f"rank{rank_id}", job, len(tlist),
+                                                     bytes_total)
             if dist is not None:
                 gathered: list = [None] * world
                 dist.all_gather_object(gathered, (parts, records, svd_seconds))
@@ -445,16 +464,13 @@ def _convert(src: Path, out: Path, rank_id: int, world: int, dist, dev: torch.de
             records.sort(key=lambda r: order[r.name])
             report = ConvertReport(
                 out, str(ckpt.original), ckpt.kind, ckpt.fingerprint, records, bytes_total, 0, 0.0,
-                svd_seconds, str(dev), solver_name,
-                {"rank": rules.describe(), "residual": residual, "solver": solver_name, "svd_dtype": svd_dtype,
-                 "dtype": dtype or "source", "targets": targets or "default"},
-                world)
+                svd_seconds, str(opts.device), opts.solver, {"rank": rules.describe(), **job.policy}, world)
             if rank_id == 0:
                 parts.sort(key=lambda p: p.path.name)
                 finalize_shards(tmp, parts)
                 copy_aux_files(ckpt.model_dir, tmp)
                 report.bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
-                report.seconds = time.perf_counter() - started
+                report.seconds = time.perf_counter() - job.started
                 _write_manifest(tmp, ckpt, report)
                 _publish(tmp, out)
             if dist is not None:
@@ -469,7 +485,7 @@ def _convert(src: Path, out: Path, rank_id: int, world: int, dist, dev: torch.de
             if rank_id == 0 or dist is None:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-    report.seconds = time.perf_counter() - started
+    report.seconds = time.perf_counter() - job.started
     return report
 
 

@@ -167,6 +167,9 @@ class FactoredCheckpoint:
         config = AutoConfig.from_pretrained(self.directory)
         model = model_class(config)(config)
         missing, unexpected = model.load_state_dict(dict(self.dense_state_dict()), strict=False)
+        # buffers the architecture no longer persists (BERT's embeddings.position_ids) are not weights
+        buffers = {n for n, _ in model.named_buffers()}
+        unexpected = [k for k in unexpected if k not in buffers]
         model.tie_weights()
         loaded = {p.data_ptr() for n, p in model.named_parameters() if n not in missing}
         params = dict(model.named_parameters(remove_duplicate=False))
