@@ -423,8 +423,9 @@ def test_lapack_solver_float64_is_exact(llama_src, tmp_path):
     assert_same_outputs(model, ckpt)
 
 
-def test_rank_deficient_weight_falls_back_to_lapack(tmp_path):
-    """The Gram solver squares the condition number; a singular weight must go to LAPACK and stay exact."""
+def test_rank_deficient_weight_stays_exact_with_orthonormal_experts(tmp_path):
+    """The Gram solver squares the condition number; its tail re-solve must keep a singular weight
+    exact and every expert (all 48 columns of U, including the 45 null directions) orthonormal."""
     model = build_tiny("llama")
     gen = torch.Generator().manual_seed(5)
     target = model.model.layers[0].self_attn.q_proj
@@ -434,11 +435,31 @@ def test_rank_deficient_weight_falls_back_to_lapack(tmp_path):
     moorize.convert(src, tmp_path / "out")
     ckpt = FactoredCheckpoint(tmp_path / "out")
     rec = ckpt.layers["model.layers.0.self_attn.q_proj"]
-    assert rec.solver == "svd" and rec.rank == 48
-    assert ckpt.layers["model.layers.0.self_attn.k_proj"].solver == "gram"
+    assert rec.solver == "gram" and rec.rank == 48
+    U, S, Vh, _ = ckpt.factors(rec.name)
     assert rel_err(ckpt.reconstruct_weight(rec.name), target.weight.detach()) < EXACT
-    assert ortho_err(ckpt.factors(rec.name)[0][:, :3]) < ORTHO
+    assert ortho_err(U) < ORTHO and ortho_err(Vh.t()) < ORTHO
+    assert float(S[3]) < 1e-5 * float(S[0])  # the rank really is 3
     assert_same_outputs(model, ckpt)
+
+
+def test_ill_conditioned_weight_is_accurate_to_the_tail(tmp_path):
+    """σ spanning 1e0..1e-7: singular values match LAPACK's float64 ones, experts stay orthonormal."""
+    model = build_tiny("llama")
+    gen = torch.Generator().manual_seed(6)
+    Q1, _ = torch.linalg.qr(torch.randn(48, 48, generator=gen, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(48, 48, generator=gen, dtype=torch.float64))
+    sigma = torch.logspace(0, -7, 48, dtype=torch.float64)
+    target = model.model.layers[1].self_attn.o_proj
+    with torch.no_grad():
+        target.weight.copy_(((Q1 * sigma) @ Q2.t()).float())
+    src = save(model, tmp_path / "src")
+    moorize.convert(src, tmp_path / "out", dtype="float64")
+    ckpt = FactoredCheckpoint(tmp_path / "out")
+    U, S, Vh, _ = ckpt.factors("model.layers.1.self_attn.o_proj")
+    exact = torch.linalg.svdvals(target.weight.detach().double())
+    assert (S - exact).abs().max() < 1e-12
+    assert ortho_err(U) < 1e-8 and ortho_err(Vh.t()) < 1e-8
 
 
 @pytest.mark.parametrize("dtype, tol", [("float16", 5e-3), ("bfloat16", 2e-2), ("float64", 1e-6)])
