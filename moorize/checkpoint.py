@@ -19,7 +19,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -88,6 +88,10 @@ class TensorSource:
 
     def load_bytes(self, name: str) -> bytes | bytearray | memoryview:
         return tensor_bytes(self.load(name))
+
+    def copy_to(self, name: str, write: Callable[[memoryview], object]) -> None:
+        """Hand the tensor's raw bytes to ``write`` (in chunks where the source allows)."""
+        write(memoryview(self.load_bytes(name)).cast("B"))
 
     def close(self) -> None:
         pass
@@ -171,14 +175,29 @@ class SafetensorsFile(TensorSource):
             for n, (dt, shape, start, end) in sorted(self._entries.items(), key=lambda kv: kv[1][2])
         ]
 
+    def _read_into(self, buf: memoryview, offset: int, name: str) -> None:
+        # pread: no shared file position, so the reader and writer threads can both use the file
+        done = 0
+        while done < len(buf):
+            got = os.preadv(self._fh.fileno(), [buf[done:]], self._data_start + offset + done)
+            if got <= 0:
+                raise MoorizeError(f"{self.path} is truncated: short read for {name!r}")
+            done += got
+
     def load_bytes(self, name: str) -> bytearray:
         _, _, start, end = self._entries[name]
         buf = bytearray(end - start)
-        self._fh.seek(self._data_start + start)
-        got = self._fh.readinto(buf)
-        if got != len(buf):
-            raise MoorizeError(f"{self.path} is truncated: short read for {name!r}")
+        self._read_into(memoryview(buf), start, name)
         return buf
+
+    def copy_to(self, name: str, write: Callable[[memoryview], object], chunk: int = 16 << 20) -> None:
+        """Stream the tensor's raw bytes to ``write`` in ``chunk``-sized pieces: bounded memory."""
+        _, _, start, end = self._entries[name]
+        buf = memoryview(bytearray(min(chunk, end - start) or 1))
+        for off in range(start, end, chunk):
+            n = min(chunk, end - off)
+            self._read_into(buf[:n], off, name)
+            write(buf[:n])
 
     def sample_bytes(self, name: str, chunk: int = 4096) -> bytes:
         """Up to three ``chunk``-byte windows (start, middle, end) of a tensor's data, for fingerprints."""
@@ -187,8 +206,9 @@ class SafetensorsFile(TensorSource):
         offsets = sorted({0, max(0, n // 2 - chunk // 2), max(0, n - chunk)}) if n > 3 * chunk else [0]
         out = bytearray()
         for off in offsets:
-            self._fh.seek(self._data_start + start + off)
-            out += self._fh.read(min(chunk, n - off) if n > 3 * chunk else n)
+            piece = memoryview(bytearray(min(chunk, n - off) if n > 3 * chunk else n))
+            self._read_into(piece, start + off, name)
+            out += piece
         return bytes(out)
 
     def load(self, name: str) -> torch.Tensor:
@@ -418,6 +438,21 @@ class ShardFile:
         self._entries[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [self._offset, self._offset + n]}
         self._offset += n
         self.names.append(name)
+
+    def add_copy(self, info: "TensorInfo") -> None:
+        """Copy a source tensor's bytes unchanged, streamed from its file."""
+        before = self._offset
+        info.source.copy_to(info.name, self._write_raw)
+        if self._offset - before != info.nbytes:
+            raise MoorizeError(f"{info.source.path}: {info.name!r} has {self._offset - before} bytes, "
+                               f"expected {info.nbytes}")
+        self._entries[info.name] = {"dtype": info.dtype, "shape": list(info.shape),
+                                    "data_offsets": [before, self._offset]}
+        self.names.append(info.name)
+
+    def _write_raw(self, buf: memoryview) -> None:
+        self._f.write(buf)
+        self._offset += buf.nbytes
 
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
         if t.dtype not in TORCH_TO_ST:

@@ -229,10 +229,8 @@ def _prefetch(items: list[WorkItem], depth: int = 2) -> Iterator[tuple[WorkItem,
             for item in items:
                 if stop.is_set():
                     return
-                if item.targets:
-                    data = [_load_matrix(t, info) for t, info in zip(item.targets, item.target_infos)]
-                else:
-                    data = [c.load_bytes() for c in item.copies]
+                # copies are streamed by the writer straight from the source file
+                data = [_load_matrix(t, info) for t, info in zip(item.targets, item.target_infos)]
                 q.put((item, data))
             q.put(sentinel)
         except BaseException as e:  # handed to the consumer
@@ -282,11 +280,11 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, t
         pending.append(writer.submit(fn, *args))
 
     def write_item(sf: ShardFile, entries: list, close: ShardFile | None) -> None:
-        for kind, name, a, b, c in entries:
-            if kind == "raw":
-                sf.add(name, a, b, c)
+        for entry in entries:
+            if isinstance(entry, TensorInfo):
+                sf.add_copy(entry)
             else:
-                sf.add_tensor(name, a)
+                sf.add_tensor(*entry)
         if close is not None:
             part = ShardPart(close.path, close.names, 0)
             part.nbytes = close.close()
@@ -301,9 +299,8 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, t
             sf = files[si]
             entries: list = []
             if item.copies:
-                for info, buf in zip(item.copies, data):
-                    entries.append(("raw", info.name, info.dtype, info.shape, buf))
-                    bytes_done += info.nbytes
+                entries.extend(item.copies)
+                bytes_done += sum(info.nbytes for info in item.copies)
             else:
                 names = [t.name for t in item.targets]
                 src_dtypes = [w.dtype for w in data]
@@ -314,7 +311,7 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, t
                 for t, w, f, sd in zip(item.targets, data, results, src_dtypes):
                     for part_name, tensor in (("U", f.U), ("S", f.S), ("Vh", f.Vh), ("residual", f.residual)):
                         if tensor is not None:
-                            entries.append(("tensor", factor_key(t.name, part_name), tensor.cpu(), None, None))
+                            entries.append((factor_key(t.name, part_name), tensor.cpu()))
                     records.append(LayerRecord(
                         t.name, t.shape, t.layout, f.rank, f.energy_kept, f.rel_error, f.factor_rel_error,
                         f.residual is not None, t.has_bias, dtype_name(f.U.dtype), dtype_name(sd), f.solver))

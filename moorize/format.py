@@ -142,9 +142,13 @@ class FactoredCheckpoint:
         return W
 
     def reconstruct_weight(self, name: str) -> torch.Tensor:
-        """The weight as the source stored it (Conv1D transposed back), in its source dtype."""
+        """The weight as the source stored it (Conv1D transposed back), in its source dtype.
+
+        Accumulates in float64: the float32 factors represent W to ~5e-8, a float32
+        product would add ~3e-7 of its own rounding.
+        """
         rec = self._layer(name)
-        W = self.reconstruct(name, torch.float64 if rec.dtype == "float64" else torch.float32)
+        W = self.reconstruct(name, torch.float64)
         if rec.layout == "conv1d":
             W = W.t()
         return W.to(getattr(torch, rec.source_dtype)).contiguous()

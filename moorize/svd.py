@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # considered failed, per storage dtype (a few ulps of accumulated rounding)
 EXACT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 _GRAM_TAIL = 1e-4  # σ/σ_max below which gram re-solves a column (see _gram)
+_PARALLEL_MAX_ELEMENTS = 4 * 1024 * 1024  # larger matrices are factored one at a time on CPU
 
 
 @dataclass(frozen=True)
@@ -204,14 +206,15 @@ def _gram(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lam, V = torch.linalg.eigh(A.transpose(-1, -2) @ A)
     lam, V = lam.flip(-1), V.flip(-1)
     S = lam.clamp_min(0).sqrt()
-    AV = A @ V
-    U = AV / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
-    for b in range(A.shape[0]):
-        good = int((S[b] >= _GRAM_TAIL * S[b, 0]).sum()) if S[b, 0] > 0 else 0
+    U = A @ V  # becomes U in place below
+    del A
+    goods = [int((S[b] >= _GRAM_TAIL * S[b, 0]).sum()) if S[b, 0] > 0 else 0 for b in range(U.shape[0])]
+    tails = [U[b, :, g:].clone() for b, g in enumerate(goods)]  # A V_tail, before the division
+    U /= S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+    for b, (good, tail) in enumerate(zip(goods, tails)):
         if good == S.shape[-1]:
             continue
         Ug = U[b, :, :good]
-        tail = AV[b, :, good:]
         tail = tail - Ug @ (Ug.transpose(0, 1) @ tail)
         Ut, St, Wt = torch.linalg.svd(tail, full_matrices=False)
         U[b, :, good:] = Ut - Ug @ (Ug.transpose(0, 1) @ Ut)  # null directions: keep them off Ug too
@@ -249,39 +252,59 @@ class SVDOptions:
 
 def decompose_group(weights: list[torch.Tensor], policies: list[RankPolicy], store_dtypes: list[torch.dtype],
                     opts: SVDOptions, names: list[str] | None = None) -> list[LayerFactors]:
-    """Factor same-shaped matrices ([out, in] each) in one batch; truncate and check each."""
+    """Factor same-shaped matrices ([out, in] each); truncate and check each.
+
+    On GPU the group is one batch (cuSOLVER's batched kernels). On CPU, LAPACK loops
+    over a batch anyway and its eigh/SVD scale poorly across threads, so matrices are
+    factored side by side instead, one BLAS thread per worker (~1.35x faster on 2
+    cores); matrices over ``_PARALLEL_MAX_ELEMENTS`` go one at a time to bound memory.
+    """
     names = names or [f"#{i}" for i in range(len(weights))]
-    W = torch.stack(weights).to(opts.device)
+    for name, w in zip(names, weights):
+        if not torch.isfinite(w).all():
+            raise MoorizeError(f"{name}: weight contains NaN or Inf; refusing to factor it")
+    if opts.solver == "randomized" and any(p.needs_spectrum for p in policies):
+        raise MoorizeError("--solver randomized needs a fixed rank (N or ratio:x), not energy:x")
+    if opts.device.type != "cpu":
+        return _factor_and_check(torch.stack(weights).to(opts.device), policies, store_dtypes, opts, names)
+
+    def one(i: int) -> LayerFactors:
+        return _factor_and_check(weights[i][None], policies[i:i + 1], store_dtypes[i:i + 1], opts, names[i:i + 1])[0]
+
+    threads = torch.get_num_threads()
+    workers = min(threads, len(weights)) if weights[0].numel() <= _PARALLEL_MAX_ELEMENTS else 1
+    if workers <= 1:
+        return [one(i) for i in range(len(weights))]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="moorize-svd") as pool:
+            return list(pool.map(one, range(len(weights))))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _factor_and_check(W: torch.Tensor, policies: list[RankPolicy], store_dtypes: list[torch.dtype],
+                      opts: SVDOptions, names: list[str]) -> list[LayerFactors]:
+    """Factor a batch [B, m, n] with the chosen solver, then truncate, store and check each matrix."""
     shape = tuple(W.shape[-2:])
     full = min(shape)
-    for i, w in enumerate(W):
-        if not torch.isfinite(w).all():
-            raise MoorizeError(f"{names[i]}: weight contains NaN or Inf; refusing to factor it")
     solver = opts.solver
     if solver == "randomized":
-        if any(p.needs_spectrum for p in policies):
-            raise MoorizeError("--solver randomized needs a fixed rank (N or ratio:x), not energy:x")
         ranks = [p.fixed_rank(shape) for p in policies]
         kmax = max(ranks)
         if kmax >= full:  # nothing to gain: exact solver
             U, S, Vh = _svd(W, opts.svd_dtype)
-            solvers = ["svd"] * len(weights)
+            solver = "svd"
         else:
             gen = torch.Generator().manual_seed(opts.seed)
             U, S, Vh = _randomized(W, kmax, opts.svd_dtype, opts.oversample, opts.power_iters, gen)
-            solvers = ["randomized"] * len(weights)
-    elif solver == "gram":
-        U, S, Vh = _gram(W)
-        solvers = ["gram"] * len(weights)
-        ranks = [p.rank_for(S[i], shape) for i, p in enumerate(policies)]
     else:
-        U, S, Vh = _svd(W, opts.svd_dtype)
-        solvers = ["svd"] * len(weights)
+        U, S, Vh = _gram(W) if solver == "gram" else _svd(W, opts.svd_dtype)
         ranks = [p.rank_for(S[i], shape) for i, p in enumerate(policies)]
 
     out = []
-    for i in range(len(weights)):
-        f = _finish(W[i], U[i], S[i], Vh[i], ranks[i], store_dtypes[i], opts, solvers[i])
+    for i in range(W.shape[0]):
+        f = _finish(W[i], U[i], S[i], Vh[i], ranks[i], store_dtypes[i], opts, solver)
         tol = EXACT_TOLERANCE.get(store_dtypes[i], 1e-5)
         exact_expected = f.rank == full or f.residual is not None
         if exact_expected and f.rel_error > tol and f.solver != "svd":
@@ -306,8 +329,7 @@ def _finish(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
                    Vh[:rank].to(store_dtype).contiguous())
     if not (torch.isfinite(Us).all() and torch.isfinite(Ss).all() and torch.isfinite(Vhs).all()):
         raise MoorizeError("SVD produced non-finite factors (the weight may overflow the storage dtype)")
-    approx = (Us.to(acc) * Ss.to(acc)) @ Vhs.to(acc)
-    diff = Wa - approx
+    diff = torch.addmm(Wa, Us.to(acc) * Ss.to(acc), Vhs.to(acc), alpha=-1)  # W − U S Vh
     denom = wnorm if wnorm > 0 else 1.0
     factor_err = torch.linalg.matrix_norm(diff).item() / denom
     residual = None
