@@ -60,6 +60,7 @@ def cli(debug: bool, verbose: int) -> None:
     \b
     moorize convert MODEL_DIR OUT_DIR    factor every target weight (SVD) into OUT_DIR
     moorize inspect OUT_DIR              ranks, energy and errors of a factored checkpoint
+    moorize merge OUT_DIR DEST --adapter A --task T   dense checkpoint of one task (router mode 'task')
     moorize quickstart                   convert the real SmolLM2-135M checkpoint and check it
     """
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -186,6 +187,25 @@ def inspect(out_dir: Path, as_json: bool, per_layer: bool, plot: Path | None) ->
                 click.echo(format_table(list(ckpt.layers.values()), m.get("summary", {})))
         if plot is not None:
             click.echo(f"wrote {plot_spectra(ckpt, plot)}", err=as_json)
+
+
+@cli.command()
+@click.argument("factored_dir", type=click.Path(path_type=Path, readable=False))
+@click.argument("dest", type=click.Path(path_type=Path, readable=False))
+@click.option("--adapter", type=click.Path(path_type=Path, readable=False), required=True,
+              help="Adapter directory (adapter_config.json + adapter_model.safetensors).")
+@click.option("--task", required=True, help="Task whose weights to merge.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty DEST (only once the new one is complete).")
+def merge(factored_dir: Path, dest: Path, adapter: Path, task: str, overwrite: bool) -> None:
+    """Write a dense HF checkpoint of one TASK of a routed model to DEST.
+
+    Exact for router mode 'task' (each layer becomes U diag(g_t) (Vh H) + residual);
+    refused for modes with a sample router, whose weights change with every token.
+    """
+    from .routed import merge as run_merge
+
+    out = run_merge(factored_dir, adapter, task, dest, overwrite=overwrite)
+    click.echo(f"wrote {out} (task {task!r})")
 
 
 @cli.command()

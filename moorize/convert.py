@@ -12,8 +12,8 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as _dt
-import errno
 import json
 import logging
 import os
@@ -31,7 +31,8 @@ import torch
 from . import __version__
 from .checkpoint import (ST_TO_TORCH, ShardFile, ShardPart, SourceCheckpoint, TensorInfo, copy_aux_files,
                          dtype_name, finalize_shards, open_checkpoint, parse_size)
-from .errors import MoorizeError, OutOfSpaceError
+from .errors import MoorizeError
+from .outdir import check_out_dir, partial_dir, publish, raise_for_os_error
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, factor_key
 from .svd import SVD_DTYPES, RankRules, SVDOptions, decompose_group, resolve_device, resolve_solver
 from .targets import Target, find_targets
@@ -173,49 +174,6 @@ def _shard_plan(items: list[WorkItem], max_shard_bytes: int) -> list[list[WorkIt
     return [s for s in shards if s]
 
 
-# ---- output directory handling -----------------------------------------------------------------
-
-def _partial_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.moorize-partial"
-
-
-def _check_paths(src: Path, out_dir: Path, overwrite: bool) -> None:
-    src_r, out_r = src.resolve(), out_dir.resolve()
-    src_root = src_r if src_r.is_dir() else src_r.parent
-    if out_r == src_root:
-        raise MoorizeError(f"OUT_DIR {out_dir} is the source directory; choose a directory elsewhere")
-    if src_root in out_r.parents:
-        raise MoorizeError(f"OUT_DIR {out_dir} is inside the source {src_root}; choose a directory elsewhere")
-    if out_r in src_r.parents:
-        raise MoorizeError(f"the source {src} is inside OUT_DIR {out_dir}; choose a directory elsewhere")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise MoorizeError(f"OUT_DIR {out_dir} exists and is not a directory")
-        try:
-            non_empty = any(out_dir.iterdir())
-        except OSError as e:
-            raise MoorizeError(f"cannot read OUT_DIR {out_dir}: {e.strerror}") from None
-        if non_empty and not overwrite:
-            raise MoorizeError(f"OUT_DIR {out_dir} is not empty; pass --overwrite to replace it")
-    parent = out_dir.parent
-    if not parent.exists():
-        raise MoorizeError(f"the parent directory of OUT_DIR ({parent}) does not exist")
-    if not os.access(parent, os.W_OK):
-        raise MoorizeError(f"cannot write into {parent}: permission denied")
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished directory into place; an existing OUT_DIR is replaced only now."""
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.moorize-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 # ---- execution ---------------------------------------------------------------------------------
 
 def _prefetch(items: list[WorkItem], depth: int = 2) -> Iterator[tuple[WorkItem, list]]:
@@ -255,6 +213,16 @@ def _prefetch(items: list[WorkItem], depth: int = 2) -> Iterator[tuple[WorkItem,
                 th.join(0.05)
 
 
+def _heap_trimmer() -> Callable[[], object]:
+    """glibc keeps memory freed by worker threads in per-thread arenas; trimming after each
+    work item hands it back, so resident memory stays flat over a long conversion."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+
+
 def _load_matrix(t: Target, info: TensorInfo) -> torch.Tensor:
     """The [out, in] matrix the layer applies (GPT-2 Conv1D stores its transpose)."""
     w = info.load()
@@ -290,6 +258,7 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, t
             part.nbytes = close.close()
             parts.append(part)
 
+    trim_heap = _heap_trimmer()
     try:
         for item, data in _prefetch(items):
             si = shard_of[item.index]
@@ -319,6 +288,8 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, t
                 layers_done += len(item.targets)
             last_of_shard = item is shards[si][-1]
             submit(write_item, sf, entries, sf if last_of_shard else None)
+            del data, entries
+            trim_heap()
             if progress is not None:
                 progress(Progress(layers_done, layers_total, bytes_done, bytes_total))
         for f in pending:
@@ -401,7 +372,7 @@ def convert(
          "targets": targets or "default"})
     if not src.exists():
         raise MoorizeError(f"{src} does not exist")
-    _check_paths(src, out, overwrite)
+    check_out_dir(out, overwrite, protect=[src])
     with _dist_context() as (rank_id, world, dist):
         if world > 1 and dev.type == "cuda" and dev.index is None:
             job.opts.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
@@ -429,7 +400,7 @@ class _Job:
 
 def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
     src, out, rules, opts = job.src, job.out, job.rules, job.opts
-    tmp = _partial_dir(out)
+    tmp = partial_dir(out)
     with open_checkpoint(src, gguf_file=job.gguf_file, allow_pickle=job.allow_pickle) as ckpt:
         tlist = find_targets(ckpt.model_dir, ckpt.tensors, job.targets)
         for t in tlist:
@@ -469,15 +440,13 @@ def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
                 report.bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
                 report.seconds = time.perf_counter() - job.started
                 _write_manifest(tmp, ckpt, report)
-                _publish(tmp, out)
+                publish(tmp, out)
             if dist is not None:
                 dist.barrier()
         except OSError as e:
             if rank_id == 0 or dist is None:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpaceError(f"no space left on the device writing {out}; partial output removed") from None
-            raise MoorizeError(f"cannot write {out}: {e.strerror or e}") from None
+            raise_for_os_error(e, out)
         except BaseException:
             if rank_id == 0 or dist is None:
                 shutil.rmtree(tmp, ignore_errors=True)

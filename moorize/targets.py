@@ -103,6 +103,20 @@ def build_meta_model(model_dir: Path) -> nn.Module:
         raise MoorizeError(f"cannot build the {mt!r} architecture with transformers: {str(e).splitlines()[0]}") from None
 
 
+def checkpoint_name(module_path: str, prefix: str, names) -> str | None:
+    """The spelling of a module path (or state-dict key) that ``names`` uses, if any.
+
+    Checkpoints of the same architecture differ by the base model prefix: BERT's
+    ``encoder.layer.0`` may be stored as ``bert.encoder.layer.0`` and vice versa.
+    """
+    spellings = [module_path]
+    if prefix and module_path.startswith(prefix + "."):
+        spellings.append(module_path[len(prefix) + 1:])
+    elif prefix:
+        spellings.append(f"{prefix}.{module_path}")
+    return next((s for s in spellings if s in names), None)
+
+
 def _linear_like(module: nn.Module) -> str | None:
     from transformers.pytorch_utils import Conv1D
 
@@ -139,14 +153,10 @@ def find_targets(model_dir: Path, tensors: dict, patterns: list[str] | None = No
         layout = _linear_like(module)
         if layout is None:
             continue
-        spellings = [mname]
-        if prefix and mname.startswith(prefix + "."):
-            spellings.append(mname[len(prefix) + 1:])
-        elif prefix:
-            spellings.append(f"{prefix}.{mname}")
-        ckpt_name = next((s for s in spellings if f"{s}.weight" in tensors), None)
-        if ckpt_name is None:
+        weight_key = checkpoint_name(f"{mname}.weight", prefix, tensors)
+        if weight_key is None:
             continue  # tied (lm_head) or not stored: nothing to factor
+        ckpt_name = weight_key[: -len(".weight")]
         w = tensors[f"{ckpt_name}.weight"]
         shape = tuple(w.shape)
         if len(shape) != 2:

@@ -237,7 +237,7 @@ def test_device_cuda_without_gpu(shared_src, tmp_path):
 def test_out_dir_is_model_dir(shared_src):
     src, digest = shared_src
     run = run_cli("convert", src, src, "--no-progress")
-    assert_one_line_error(run.returncode, run.stdout, run.stderr, "is inside the source")
+    assert_one_line_error(run.returncode, run.stdout, run.stderr, "is the source directory")
     assert tree_digest(src) == digest
     assert not [p.name for p in src.parent.iterdir() if "moorize" in p.name]
 

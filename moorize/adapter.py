@@ -1,0 +1,82 @@
+"""Adapters: the trained MoORE parameters, saved small and apart from the factored base.
+
+An adapter directory follows PEFT's convention: ``adapter_config.json`` (format,
+base fingerprint, router mode, task names -> ids, hyper-parameters) and
+``adapter_model.safetensors`` (per layer: Householder vectors, task embeddings and
+router weights, σ when trained, keyed ``<layer>.<parameter>``). It is refused on a
+base whose fingerprint differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import SafetensorsFile, ShardFile
+from .errors import MoorizeError
+from .modeling import MoOREConfig
+from .outdir import atomic_output_dir
+
+ADAPTER_FORMAT = "moorize.adapter"
+ADAPTER_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def save_adapter(model, directory, *, overwrite: bool = True, extra: dict | None = None) -> Path:
+    """Write the MoORE parameters of a model returned by ``moorize.load`` to ``directory``."""
+    from .routed import trainable_parameters
+
+    config: MoOREConfig = model.moore_config
+    params = {k: p.detach().cpu().contiguous() for k, p in trainable_parameters(model).items()}
+    directory = Path(directory)
+    with atomic_output_dir(directory, overwrite) as tmp:
+        shard = ShardFile(tmp / WEIGHTS_NAME, list(params))
+        for k, t in params.items():
+            shard.add_tensor(k, t)
+        shard.close()
+        meta = {
+            "format": ADAPTER_FORMAT,
+            "format_version": ADAPTER_VERSION,
+            "base_fingerprint": model.moore_base_fingerprint,
+            "moore": config.to_dict(),
+            "task_ids": {name: i for i, name in enumerate(config.tasks)},
+            "layers": sorted(model.moore_layer_paths),
+            **(extra or {}),
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike, base_fingerprint: str | None = None
+                 ) -> tuple[MoOREConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter; refuses one trained on a different base."""
+    d = Path(directory)
+    cfg_path, weights_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    if not d.is_dir():
+        raise MoorizeError(f"adapter directory {d} does not exist")
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise MoorizeError(f"adapter {d} is missing {p.name}")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MoorizeError(f"{cfg_path} is unreadable: {e}") from None
+    if meta.get("format") != ADAPTER_FORMAT or meta.get("format_version") != ADAPTER_VERSION:
+        raise MoorizeError(f"{cfg_path} is not a moorize adapter (version {ADAPTER_VERSION})")
+    if base_fingerprint is not None and meta.get("base_fingerprint") != base_fingerprint:
+        raise MoorizeError(
+            f"adapter {d} was trained on a different base checkpoint ({str(meta.get('base_fingerprint'))[:19]}...) "
+            f"than this one ({base_fingerprint[:19]}...)"
+        )
+    moore = dict(meta["moore"])
+    config = MoOREConfig(**moore)
+    f = SafetensorsFile(weights_path)
+    try:
+        tensors = {info.name: f.load(info.name) for info in f.infos()}
+    finally:
+        f.close()
+    return config, tensors

@@ -1,0 +1,247 @@
+"""MoORE layers and the routed model built from a factored checkpoint.
+
+For a target with factors U [m, r], σ [r], Vh [r, n] (and a frozen residual R, bias b):
+
+    y = U · diag(g(x, t)) · Vh · H · x  (+ R x) (+ b)
+    g(x, t) = ReLU(σ + A e_t + B (C x))
+
+H = H_k ⋯ H_1 is a chain of Householder reflections acting on the input side, so
+span(U), the column space of W, is kept and the experts u_d (Vh H)_dᵀ stay orthogonal.
+The reflection vectors start in identical adjacent pairs (H = I), A and B start at
+zero, so a freshly loaded model computes exactly W x.
+
+Efficiency: H is applied to Vh once per forward (k·r·n work, cached in eval mode),
+never to every token; the input-side products x Vhᵀ and x Cᵀ are one matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import MoorizeError
+
+ROUTER_MODES = ("task", "sample", "task+sample")
+
+
+@dataclass
+class MoOREConfig:
+    """Hyper-parameters of every MoORE layer of a model (saved with adapters)."""
+
+    router: str = "task+sample"
+    tasks: list[str] = field(default_factory=lambda: ["default"])
+    task_dim: int = 64  # size of the task embedding e_t
+    router_experts: int = 128  # k_r, rows of C
+    householder: int = 8  # k reflections (even: they start as identical pairs)
+    train_sigma: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTER_MODES:
+            raise MoorizeError(f"unknown router mode {self.router!r}: use one of {', '.join(ROUTER_MODES)}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise MoorizeError(f"tasks must be a non-empty list of distinct names, got {self.tasks!r}")
+        if self.householder < 0 or self.householder % 2:
+            raise MoorizeError(f"householder must be an even number >= 0 (pairs start as H = I), got {self.householder}")
+        for name in ("task_dim", "router_experts"):
+            if getattr(self, name) < 1:
+                raise MoorizeError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def uses_task(self) -> bool:
+        return "task" in self.router
+
+    @property
+    def uses_sample(self) -> bool:
+        return "sample" in self.router
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RoutingState:
+    """The task ids of the current forward pass, shared by every MoORE layer of one model."""
+
+    def __init__(self, tasks: list[str]):
+        self.tasks = {name: i for i, name in enumerate(tasks)}
+        self.task_ids: torch.Tensor | None = None  # this forward's ids
+        self.sticky: torch.Tensor | None = None  # ids set for a whole block (generate, use_task)
+        self.default: int | None = 0 if len(tasks) == 1 else None
+
+    def task_id(self, task: str | int) -> int:
+        if isinstance(task, int):
+            if not 0 <= task < len(self.tasks):
+                raise MoorizeError(f"task id {task} out of range: the model has {len(self.tasks)} task(s)")
+            return task
+        if task not in self.tasks:
+            raise MoorizeError(f"unknown task {task!r}; tasks are: {', '.join(self.tasks)}")
+        return self.tasks[task]
+
+    def resolve(self, task_ids) -> torch.Tensor | None:
+        """Validate what the caller passed as ``task_ids`` (ids, names, or None for the default)."""
+        if task_ids is None:
+            return None
+        if isinstance(task_ids, (str, int)):
+            task_ids = [task_ids]
+        if isinstance(task_ids, (list, tuple)):
+            task_ids = torch.tensor([self.task_id(t) for t in task_ids], dtype=torch.long)
+        if not isinstance(task_ids, torch.Tensor) or task_ids.dtype not in (torch.int64, torch.int32):
+            raise MoorizeError("task_ids must be a LongTensor [batch] of task ids (or a list of task names)")
+        task_ids = task_ids.reshape(-1).long()
+        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= len(self.tasks)):
+            raise MoorizeError(f"task id out of range in {task_ids.tolist()}: the model has {len(self.tasks)} "
+                               f"task(s) ({', '.join(self.tasks)})")
+        return task_ids
+
+    def current(self, batch: int, device: torch.device) -> torch.Tensor:
+        ids = self.task_ids
+        if ids is None:
+            if self.default is None:
+                raise MoorizeError("this model routes by task: pass task_ids= to forward/generate "
+                                   f"or call model.set_default_task(name); tasks are: {', '.join(self.tasks)}")
+            return torch.full((batch,), self.default, dtype=torch.long, device=device)
+        if ids.numel() == batch:
+            return ids.to(device)
+        if ids.numel() and batch % ids.numel() == 0:  # generate's beam / num_return_sequences expansion
+            return ids.to(device).repeat_interleave(batch // ids.numel())
+        raise MoorizeError(f"task_ids has {ids.numel()} entries for a batch of {batch}")
+
+
+def apply_householder(M: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """M · H_k ⋯ H_1 for H_i = I − 2 u_i u_iᵀ / ‖u_i‖² (rows of ``vectors`` are u_1..u_k), in float32+."""
+    dt = torch.promote_types(M.dtype, torch.float32)
+    M = M.to(dt)
+    for u in reversed(vectors.to(dt)):
+        M = M - (M @ u).unsqueeze(-1) * (u * (2.0 / (u @ u))).unsqueeze(0)
+    return M
+
+
+class MoORELinear(nn.Module):
+    """A linear layer as a mixture of orthogonal rank-one experts (see the module docstring)."""
+
+    def __init__(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, residual: torch.Tensor | None,
+                 bias: torch.Tensor | None, config: MoOREConfig, state: RoutingState, generator=None):
+        super().__init__()
+        m, r = U.shape
+        n = Vh.shape[1]
+        self.in_features, self.out_features, self.rank = n, m, r
+        self.config = config
+        self.state = state
+        self.register_buffer("U", U)
+        self.register_buffer("Vh", Vh)
+        self.register_buffer("residual", residual)
+        self.register_buffer("bias", bias)
+        if config.train_sigma:
+            self.sigma = nn.Parameter(S.clone())
+        else:
+            self.register_buffer("sigma", S)
+        pdt = torch.promote_types(U.dtype, torch.float32)  # trainable parts in float32 or wider
+        k = config.householder
+        if k:
+            half = torch.randn(k // 2, n, generator=generator, dtype=pdt)
+            half = half / half.norm(dim=1, keepdim=True)
+            self.householder = nn.Parameter(half.repeat_interleave(2, dim=0))
+        else:
+            self.register_parameter("householder", None)
+        if config.uses_task:
+            d = config.task_dim
+            self.task_embedding = nn.Parameter(torch.randn(len(config.tasks), d, generator=generator, dtype=pdt)
+                                               / math.sqrt(d))
+            self.task_router = nn.Parameter(torch.zeros(r, d, dtype=pdt))  # A
+        if config.uses_sample:
+            kr = config.router_experts
+            bound = 1.0 / math.sqrt(n)  # Kaiming-uniform with a = sqrt(5), as nn.Linear
+            self.router_in = nn.Parameter((torch.rand(kr, n, generator=generator, dtype=pdt) * 2 - 1) * bound)  # C
+            self.router_out = nn.Parameter(torch.zeros(r, kr, dtype=pdt))  # B
+        self._cache: tuple | None = None
+
+    # ---- weights derived per forward -------------------------------------------------------------
+    def _cache_key(self) -> tuple:
+        ps = [p for p in (self.householder, getattr(self, "router_in", None)) if p is not None]
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps) + (self.Vh.dtype, self.Vh.device)
+
+    def input_weight(self) -> torch.Tensor:
+        """[Vh H; C] in the factors' dtype: one matmul gives the expert inputs and the router inputs."""
+        if not self.training and self._cache is not None and self._cache[0] == self._cache_key():
+            return self._cache[1]
+        vh = self.Vh if self.householder is None else apply_householder(self.Vh, self.householder)
+        parts = [vh.to(self.Vh.dtype)]
+        if self.config.uses_sample:
+            parts.append(self.router_in.to(self.Vh.dtype))
+        w = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if not self.training and not torch.is_grad_enabled():
+            self._cache = (self._cache_key(), w)
+        else:
+            self._cache = None
+        return w
+
+    def gate(self, xc: torch.Tensor | None, task_ids: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor:
+        """g = ReLU(σ + A e_t + B (C x)) in float32, shaped [*lead, r] (or [r] when constant)."""
+        g = self.sigma.float()
+        if self.config.uses_task:
+            t = self.task_embedding[task_ids] @ self.task_router.t()  # [batch, r]
+            g = g + t.float().reshape(t.shape[0], *([1] * (len(lead) - 1)), -1)
+        if xc is not None:
+            g = g + (xc.float() @ self.router_out.float().t())
+        return torch.relu(g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = tuple(x.shape[:-1])
+        xin = x.to(self.Vh.dtype)
+        h = xin @ self.input_weight().t()
+        z, xc = (h[..., : self.rank], h[..., self.rank:]) if self.config.uses_sample else (h, None)
+        task_ids = self.state.current(lead[0], x.device) if self.config.uses_task else None
+        g = self.gate(xc, task_ids, lead)
+        y = (z.float() * g).to(self.U.dtype) @ self.U.t()
+        if self.residual is not None:
+            y = y + xin @ self.residual.t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    # ---- reference and merging -------------------------------------------------------------------
+    def forward_reference(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The published formulation, in float32: reflections applied to every token."""
+        xf = x.float()
+        if self.householder is not None:
+            for u in self.householder.float():
+                xf = xf - (xf @ u).unsqueeze(-1) * (u * (2.0 / (u @ u)))
+        g = self.sigma.float()
+        if self.config.uses_task:
+            ids = task_ids if task_ids is not None else self.state.current(x.shape[0], x.device)
+            g = g + (self.task_embedding.float()[ids] @ self.task_router.float().t()).reshape(
+                ids.shape[0], *([1] * (x.dim() - 2)), -1)
+        if self.config.uses_sample:
+            g = g + (x.float() @ self.router_in.float().t()) @ self.router_out.float().t()
+        g = torch.relu(g)
+        y = ((xf @ self.Vh.float().t()) * g) @ self.U.float().t()
+        if self.residual is not None:
+            y = y + x.float() @ self.residual.float().t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y
+
+    @torch.no_grad()
+    def merged_weight(self, task: int) -> torch.Tensor:
+        """The dense [out, in] matrix of one task (exact in ``task`` router mode), in float64."""
+        if self.config.uses_sample:
+            raise MoorizeError("a sample router makes the layer depend on each input: it cannot be merged "
+                               "into one dense matrix (use router mode 'task')")
+        g = self.sigma.double()
+        if self.config.uses_task:
+            g = g + self.task_router.double() @ self.task_embedding.double()[task]
+        vh = self.Vh.double()
+        if self.householder is not None:
+            vh = apply_householder(vh, self.householder.double())
+        W = (self.U.double() * torch.relu(g)) @ vh
+        if self.residual is not None:
+            W = W + self.residual.double()
+        return W
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, router={self.config.router}, "
+                f"householder={self.config.householder}, residual={self.residual is not None}, "
+                f"bias={self.bias is not None}")
