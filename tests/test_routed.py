@@ -89,6 +89,19 @@ def test_layer_matches_published_per_token_formulation():
     fast, ref = layer(x), layer.forward_reference(x, torch.tensor([0, 1]))
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
     assert not torch.allclose(fast, dense, atol=1e-3)
+    # gradients of the token-side WY path equal the reference's
+    grads = []
+    for out in (layer(x), layer.forward_reference(x, torch.tensor([0, 1]))):
+        layer.zero_grad()
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+    for n in grads[0]:
+        assert ((grads[0][n] - grads[1][n]).norm() / grads[1][n].norm()).item() < 1e-5, n
+    # the cached inference path (eval, no grad) too
+    layer.eval()
+    with torch.no_grad():
+        cached = layer(x)
+    assert ((cached - ref).norm() / ref.norm()).item() < 1e-5
     # H stays orthogonal, so the rotated experts stay orthonormal
     vh_rot = apply_householder(Vh, layer.householder.detach())
     assert torch.allclose(vh_rot @ vh_rot.t(), torch.eye(r), atol=1e-5)
