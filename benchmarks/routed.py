@@ -92,7 +92,8 @@ def _linear_macs(model, routed: bool) -> dict[str, float]:
 
     ``routed=False`` counts what the dense original does with the same layers: Σ m·n.
     The Householder chain costs nothing per token in eval mode (H is folded into Vh once
-    and cached); the task term A e_t is once per sequence.
+    and cached); the task term A e_t is once per sequence. Router 'task' with one task per
+    batch runs the task's merged dense matrix, so it counts as dense.
     """
     from moorize import moore_layers
 
@@ -101,6 +102,9 @@ def _linear_macs(model, routed: bool) -> dict[str, float]:
         m, n, r = layer.out_features, layer.in_features, layer.rank
         if not routed:
             out["dense"] += m * n
+            continue
+        if layer.config.router == "task":  # runs its merged dense matrix (residual folded in)
+            out["experts"] += m * n
             continue
         out["experts"] += r * (m + n)
         if layer.config.uses_sample:
@@ -368,11 +372,10 @@ def part_b(args) -> bool:
                    "Speed-up of `forward`", "dense `F.linear` fwd+bwd", "Output rel. diff",
                    "Gradient rel. diff", "Gates > 0", f"Output diff < {REL_TOL:g}"], rows))
     print()
-    U.note(f"Where the reflections go: `forward` folds H into Vh, 2k = {2 * 8} passes over the [r, n] matrix "
-           f"forward and more backward, whatever the number of tokens; `forward_reference` makes the same passes "
-           f"over the [tokens, n] input. With {args.layer_tokens} tokens and r = 576 the weight side moves "
-           f"{576 / args.layer_tokens:.1f}× the data; it only pays off when batch × sequence exceeds r "
-           f"(try `--layer-tokens 1024`).")
+    U.note("Where the reflections go: with gradients, `forward` applies the chain in compact WY form on the "
+           "token side, x Vhᵀ − ((x Y) T)(Vh Y)ᵀ with Y [n, k] and T [k, k]: thin matmuls, and no gradient "
+           "through the frozen Vh; `forward_reference` applies the k reflections to every token one after "
+           "the other. In eval mode `forward` instead folds H into Vh once and caches it.")
     return ok
 
 

@@ -14,7 +14,9 @@ Efficiency: the chain is used in compact WY form (H_k ⋯ H_1 = I − Y Tᵀ Y�
 gradients, Vh H and C are folded into one cached weight, so inference is one matmul
 for the expert and router inputs. With gradients, the chain is applied on the token
 side with thin matmuls (k columns), which never rotates or differentiates the frozen
-Vh. The sequential per-token formulation is kept as ``forward_reference``.
+Vh. With router 'task' and one task per batch, inference uses the task's merged dense
+matrix (cached), so it costs what the original layer costs. The sequential per-token
+formulation is kept as ``forward_reference``.
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ class MoORELinear(nn.Module):
             self.router_in = nn.Parameter((torch.rand(kr, n, generator=generator, dtype=pdt) * 2 - 1) * bound)  # C
             self.router_out = nn.Parameter(torch.zeros(r, kr, dtype=pdt))  # B
         self._cache: tuple | None = None
+        self._merged: dict[int, tuple] = {}  # router 'task', inference: task -> (key, dense matrix)
 
     # ---- weights derived per forward -------------------------------------------------------------
     def _cache_key(self) -> tuple:
@@ -228,11 +231,25 @@ class MoORELinear(nn.Module):
         xc = xin @ self.router_in.to(xin.dtype).t() if self.config.uses_sample else None
         return z, xc
 
+    def _merged_for(self, task: int) -> torch.Tensor:
+        """Inference with router 'task': one dense matrix per task, cached (dense cost per token)."""
+        key = (task, self._cache_key(), self.task_router._version, self.task_embedding._version)
+        hit = self._merged.get(task)
+        if hit is None or hit[0] != key:
+            hit = (key, self.merged_weight(task).to(self.Vh.dtype))  # residual included
+            self._merged[task] = hit
+        return hit[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = tuple(x.shape[:-1])
         xin = x.to(self.Vh.dtype)
-        z, xc = self._expert_inputs(xin)
         task_ids = self.state.current(lead[0], x.device) if self.config.uses_task else None
+        if self.config.router == "task" and not (self.training or torch.is_grad_enabled()):
+            first = int(task_ids[0])
+            if bool((task_ids == first).all()):
+                y = xin @ self._merged_for(first).t()
+                return (y if self.bias is None else y + self.bias).to(x.dtype)
+        z, xc = self._expert_inputs(xin)
         g = self.gate(xc, task_ids, lead)
         y = (z.float() * g).to(self.U.dtype) @ self.U.t()
         if self.residual is not None:

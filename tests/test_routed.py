@@ -178,6 +178,14 @@ def test_tasks_route_differently_and_task_mode_merges_exactly(tmp_path):
     ids = _inputs(model)
     outs = [_out(model, ids, task_ids=torch.tensor([t, t])) for t in range(3)]
     assert (outs[0] - outs[1]).abs().max() > 1e-3 and (outs[1] - outs[2]).abs().max() > 1e-3
+    # inference with one task per batch runs the cached merged matrix; mixed batches the routed path
+    with torch.no_grad():
+        mixed = model(input_ids=ids, task_ids=torch.tensor([0, 1])).logits
+    assert (mixed[0] - outs[0][0]).abs().max() < 1e-5 and (mixed[1] - outs[1][1]).abs().max() < 1e-5
+    assert all(len(layer._merged) == 3 for layer in moore_layers(model).values())
+    with torch.enable_grad():  # gradients on: the routed (unmerged) path, same numbers
+        routed_path = model(input_ids=ids, task_ids=torch.tensor([1, 1])).logits.detach()
+    assert (routed_path - outs[1]).abs().max() < 1e-5
     moorize.save_adapter(model, tmp_path / "adapter")
     dest = moorize.merge(factored, tmp_path / "adapter", "beta", tmp_path / "merged")
     dense = transformers.GPT2LMHeadModel.from_pretrained(dest).eval()
