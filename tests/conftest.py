@@ -81,3 +81,18 @@ def smollm2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_full(smollm2_dir, tmp_path_factory):
+    """SmolLM2 converted once per session at full rank: (OUT_DIR, ConvertReport)."""
+    import moorize
+
+    out = tmp_path_factory.mktemp("smollm2-full") / "factored"
+    return out, moorize.convert(smollm2_dir, out)
+
+
+@pytest.fixture(scope="session")
+def smollm2_original(smollm2_dir):
+    """The original SmolLM2 model (float32, eval), loaded once per session."""
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

@@ -51,12 +51,6 @@ def outputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smol_full(smollm2_dir, outputs):
-    out = outputs / "smol-full"
-    return out, convert(smollm2_dir, out)
-
-
-@pytest.fixture(scope="module")
 def smol_keep(smollm2_dir, outputs):
     out = outputs / "smol-keep"
     return out, convert(smollm2_dir, out, rank="energy:0.9", residual="keep")
@@ -69,17 +63,10 @@ def smol_drop(smollm2_dir, outputs):
 
 
 @pytest.fixture(scope="module")
-def smol_original(smollm2_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer(smol_full):
+def smol_tokenizer(smollm2_full):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smol_full[0])
+    tok = AutoTokenizer.from_pretrained(smollm2_full[0])
     assert tok.chat_template, "the factored directory lost the chat template"
     return tok
 
@@ -95,11 +82,11 @@ def smol_ids(smol_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def smol_reference(smol_original, smol_tokenizer, smol_ids):
+def smol_reference(smollm2_original, smol_tokenizer, smol_ids):
     """The original model's logits on smol_ids and its greedy continuations of PROMPTS."""
     with torch.no_grad():
-        logits = smol_original(smol_ids).logits
-    gens = [greedy(smol_original, smol_tokenizer, p, NEW_TOKENS) for p in PROMPTS]
+        logits = smollm2_original(smol_ids).logits
+    gens = [greedy(smollm2_original, smol_tokenizer, p, NEW_TOKENS) for p in PROMPTS]
     return logits, gens
 
 
@@ -122,8 +109,8 @@ def _assert_logits_close(got: torch.Tensor, ref: torch.Tensor) -> None:
 
 # ---- 1. SmolLM2, full rank ----------------------------------------------------------------------
 
-def test_smollm2_full_rank_layers(smol_full):
-    out, report = smol_full
+def test_smollm2_full_rank_layers(smollm2_full):
+    out, report = smollm2_full
     with FactoredCheckpoint(out) as ckpt:
         layers = ckpt.layers
     assert len(layers) == 210 == len(report.layers)
@@ -136,9 +123,9 @@ def test_smollm2_full_rank_layers(smol_full):
     assert worst < 1e-5
 
 
-def test_smollm2_full_rank_exact(smol_full, smol_tokenizer, smol_ids, smol_reference):
+def test_smollm2_full_rank_exact(smollm2_full, smol_tokenizer, smol_ids, smol_reference):
     ref_logits, ref_gens = smol_reference
-    model = _rebuilt(smol_full[0])
+    model = _rebuilt(smollm2_full[0])
     logits = _logits(model, smol_ids, ref_logits)
     print(f"\nSmolLM2 full rank: max |logit diff| {(logits - ref_logits).abs().max().item():.2e} "
           f"(max |logit| {ref_logits.abs().max().item():.1f})")
@@ -185,7 +172,7 @@ def test_smollm2_energy_keep_is_truncated_and_exact(smol_keep, smol_tokenizer, s
 
 # ---- 3. SmolLM2, energy:0.9 with the residual dropped -------------------------------------------
 
-def test_smollm2_energy_drop_reports_truncation_error(smol_drop, smol_full, smol_ids, smol_reference):
+def test_smollm2_energy_drop_reports_truncation_error(smol_drop, smollm2_full, smol_ids, smol_reference):
     out, report = smol_drop
     with FactoredCheckpoint(out) as ckpt:
         layers = ckpt.layers
@@ -200,24 +187,24 @@ def test_smollm2_energy_drop_reports_truncation_error(smol_drop, smol_full, smol
         assert r.rel_error == pytest.approx(r.factor_rel_error, abs=1e-12)
     errs = [r.rel_error for r in layers.values()]
     ranks = [r.rank for r in layers.values()]
-    full_size, drop_size = _dir_size(smol_full[0]), _dir_size(out)
+    full_size, drop_size = _dir_size(smollm2_full[0]), _dir_size(out)
     diff = (_logits(model, smol_ids, smol_reference[0]) - smol_reference[0]).abs().max().item()
     print(f"\nSmolLM2 energy:0.9 drop: mean rank {sum(ranks) / len(ranks):.1f}, rel_error mean "
           f"{sum(errs) / len(errs):.4f} worst {max(errs):.4f}; size {drop_size} B vs full {full_size} B "
           f"({drop_size / full_size:.2f}x); max |logit diff| {diff:.3f}")
     assert max(errs) < 0.35  # 1 - 0.9 energy -> about 0.32
     assert drop_size < full_size
-    assert report.bytes_out < smol_full[1].bytes_out
+    assert report.bytes_out < smollm2_full[1].bytes_out
     assert math.isfinite(diff) and diff > 0
 
 
 # ---- 4. straight from the GGUF file -------------------------------------------------------------
 
-def test_smollm2_from_gguf(outputs, smol_full):
+def test_smollm2_from_gguf(outputs, smollm2_full):
     out = outputs / "smol-gguf"
     report = convert(smollm2_gguf(), out)
     manifest = json.loads((out / MANIFEST).read_text())
-    dir_manifest = json.loads((smol_full[0] / MANIFEST).read_text())
+    dir_manifest = json.loads((smollm2_full[0] / MANIFEST).read_text())
     assert report.source_kind == "gguf" and manifest["source"]["kind"] == "gguf"
     assert manifest["source"]["fingerprint"] == report.fingerprint
     assert manifest["source"]["fingerprint"] != dir_manifest["source"]["fingerprint"]
@@ -281,9 +268,9 @@ def test_minilm_full_rank(minilm_path, outputs):
 
 # ---- 6. moorize inspect --plot ------------------------------------------------------------------
 
-def test_inspect_plot_cli(smol_full, tmp_path):
+def test_inspect_plot_cli(smollm2_full, tmp_path):
     png = tmp_path / "f.png"
-    res = subprocess.run([sys.executable, "-m", "moorize", "inspect", str(smol_full[0]), "--plot", str(png)],
+    res = subprocess.run([sys.executable, "-m", "moorize", "inspect", str(smollm2_full[0]), "--plot", str(png)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "self_attn.q_proj" in res.stdout and "mlp.down_proj" in res.stdout

@@ -49,29 +49,15 @@ def outputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smol_full(smollm2_dir, outputs):
-    out = outputs / "smol-full"
-    moorize.convert(smollm2_dir, out)
-    return out
+def smol_routed(smollm2_full):
+    return moorize.load(smollm2_full[0], router="task+sample", tasks=TASKS)
 
 
 @pytest.fixture(scope="module")
-def smol_original(smollm2_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def smol_routed(smol_full):
-    return moorize.load(smol_full, router="task+sample", tasks=TASKS)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smol_full):
+def tokenizer(smollm2_full):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smol_full)
+    tok = AutoTokenizer.from_pretrained(smollm2_full[0])
     assert tok.chat_template, "the factored directory lost the chat template"
     return tok
 
@@ -89,9 +75,9 @@ def smol_ids(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def ref_logits(smol_original, smol_ids):
+def ref_logits(smollm2_original, smol_ids):
     with torch.no_grad():
-        return smol_original(smol_ids).logits
+        return smollm2_original(smol_ids).logits
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +125,7 @@ def _check_float32_logits(got: torch.Tensor, ref: torch.Tensor, exact: torch.Ten
 
 # ---- 1. SmolLM2 full rank, routed: logits and greedy generation ----------------------------------
 
-def test_smollm2_routed_logits_equal_original(smol_routed, smol_full, smol_ids, ref_logits, exact_logits):
+def test_smollm2_routed_logits_equal_original(smol_routed, smollm2_full, smol_ids, ref_logits, exact_logits):
     assert type(smol_routed).__name__ == "LlamaForCausalLM"
     layers = moore_layers(smol_routed)
     assert len(layers) == 210 and all(isinstance(m, moorize.MoORELinear) for m in layers.values())
@@ -153,7 +139,7 @@ def test_smollm2_routed_logits_equal_original(smol_routed, smol_full, smol_ids, 
               f"original {err_original:.2e}")
     assert smol_routed.moore_state.task_ids is None
     # free of float32 rounding, the routed model is the original
-    model64 = moorize.load(smol_full, router="task+sample", tasks=TASKS, dtype=torch.float64)
+    model64 = moorize.load(smollm2_full[0], router="task+sample", tasks=TASKS, dtype=torch.float64)
     diffs = []
     for t in range(len(TASKS)):
         logits = _logits(model64, smol_ids, task_ids=torch.tensor([t]))
@@ -163,9 +149,9 @@ def test_smollm2_routed_logits_equal_original(smol_routed, smol_full, smol_ids, 
     assert max(diffs) < ATOL
 
 
-def test_smollm2_routed_greedy_generation_equals_original(smol_routed, smol_original, tokenizer):
+def test_smollm2_routed_greedy_generation_equals_original(smol_routed, smollm2_original, tokenizer):
     for prompt in PROMPTS:
-        want = _greedy(smol_original, tokenizer, prompt)
+        want = _greedy(smollm2_original, tokenizer, prompt)
         assert len(want) > 0
         for t, name in enumerate(TASKS):
             got = _greedy(smol_routed, tokenizer, prompt, task_ids=torch.tensor([t]))
@@ -175,17 +161,17 @@ def test_smollm2_routed_greedy_generation_equals_original(smol_routed, smol_orig
     assert smol_routed.moore_state.task_ids is None and smol_routed.moore_state.sticky is None
 
 
-def test_smollm2_routed_batched_generation_mixed_tasks(smol_routed, smol_original, smol_full):
+def test_smollm2_routed_batched_generation_mixed_tasks(smol_routed, smollm2_original, smollm2_full):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smol_full, padding_side="left")
+    tok = AutoTokenizer.from_pretrained(smollm2_full[0], padding_side="left")
     texts = [_chat(tok, PROMPTS[0]), _chat(tok, PROMPTS[2])]
     batch = tok(texts, return_tensors="pt", padding=True)
     assert (batch.attention_mask == 0).any()  # the two prompts differ in length: left padding is in play
     assert (batch.attention_mask[:, -1] == 1).all()
     kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=_pad_id(tok))
     with torch.no_grad():
-        want = smol_original.generate(**batch, **kw)
+        want = smollm2_original.generate(**batch, **kw)
         got = smol_routed.generate(**batch, task_ids=torch.tensor([0, 1]), **kw)
     assert want.shape == got.shape and want.shape[1] > batch.input_ids.shape[1]
     assert torch.equal(got, want)
@@ -238,7 +224,7 @@ def test_minilm_routed_hidden_states_equal_original(minilm_path, outputs):
 
 # ---- 4. a non-trivial adapter on SmolLM2 ---------------------------------------------------------
 
-def test_smollm2_adapter_roundtrip(smol_routed, smol_full, smollm2_dir, smol_ids, ref_logits, tmp_path):
+def test_smollm2_adapter_roundtrip(smol_routed, smollm2_full, smollm2_dir, smol_ids, ref_logits, tmp_path):
     """Perturbs the shared routed model like training would, and puts it back afterwards."""
     params = [p for layer in moore_layers(smol_routed).values() for p in layer.parameters()]
     saved = [p.detach().clone() for p in params]
@@ -258,14 +244,14 @@ def test_smollm2_adapter_roundtrip(smol_routed, smol_full, smollm2_dir, smol_ids
     assert task_gap > 1e-2, "the two tasks give the same logits"
     assert moved > 1e-2, "the perturbed adapter did not change the model"
 
-    again = moorize.load(smol_full, adapter)
+    again = moorize.load(smollm2_full[0], adapter)
     assert again.moore_tasks == {"a": 0, "b": 1} and again.moore_config.router == "task+sample"
     for t in range(len(TASKS)):
         assert torch.equal(_logits(again, smol_ids, task_ids=torch.tensor([t])), before[t]), f"task {t}"
 
     n_params = sum(p.numel() for p in params)
     adapter_size = (adapter / WEIGHTS_NAME).stat().st_size
-    base_size, dense_size = _safetensors_size(smol_full), _safetensors_size(smollm2_dir)
+    base_size, dense_size = _safetensors_size(smollm2_full[0]), _safetensors_size(smollm2_dir)
     mib = 2**20
     print(f"\nSmolLM2 adapter: {n_params} parameters, {WEIGHTS_NAME} {adapter_size / mib:.1f} MiB vs factored base "
           f"{base_size / mib:.1f} MiB ({adapter_size / base_size:.3f}x; dense original {dense_size / mib:.1f} MiB); "
@@ -295,17 +281,17 @@ LOAD_SNIPPET = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc (Linux)")
-def test_load_peak_memory_is_factors_not_dense(smol_full, smollm2_dir):
+def test_load_peak_memory_is_factors_not_dense(smollm2_full, smollm2_dir):
     """Loading holds the factors (and the MoORE parameters), never the dense weights beside them.
 
     The peak is VmHWM of a fresh interpreter, measured after its imports and after the load:
     ru_maxrss of a child of this (large) pytest process starts at this process's peak.
     """
-    res = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, str(smol_full)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, str(smollm2_full[0])], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
     base, peak, b_max, a_max = (int(v) for v in res.stdout.split()[-4:])
-    factors, dense = _safetensors_size(smol_full), _safetensors_size(smollm2_dir)
+    factors, dense = _safetensors_size(smollm2_full[0]), _safetensors_size(smollm2_dir)
     mib = 2**20
     print(f"\nmoorize.load peak RSS {peak / mib:.0f} MiB, after imports {base / mib:.0f} MiB: "
           f"+{(peak - base) / mib:.0f} MiB (bound +{1.5 * factors / mib:.0f} MiB = 1.5 x factored safetensors "
