@@ -287,3 +287,46 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "measure-rss":
         sys.exit(_measure_main(sys.argv[2:]))
     sys.exit(__doc__)
+
+
+def git_rev() -> str:
+    """Short commit of the repository, marked when the working tree has uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def run_benchmark(title: str, prefix: str, args, parts: Sequence[Callable[[Path], Any]], footer: str = "") -> int:
+    """The frame every benchmark shares: a fresh work dir under --out-dir, a header naming the
+    commit and the machine, the parts in order (a part returning False marks a failure), and
+    the work dir removed at the end unless --keep. Returns the exit code."""
+    import datetime as dt
+    import tempfile
+
+    import moorize
+
+    base = Path(args.out_dir) if args.out_dir else Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    print(f"# {title}{' (--quick)' if args.quick else ''}\n")
+    print(f"moorize {moorize.__version__} at {git_rev()}, {now}; data in {work}\n")
+    print(table(["Machine", ""], machine_rows(), align="ll"), flush=True)
+    ok = True
+    t0 = time.perf_counter()
+    try:
+        for part in parts:
+            ok &= part(work) is not False
+    finally:
+        if args.keep:
+            print(f"\nGenerated data kept in {work}")
+        else:
+            rmtree(work)
+    print(f"\nBenchmark finished in {fmt_s(time.perf_counter() - t0)}.{footer}")
+    return 0 if ok else 1

@@ -22,15 +22,11 @@ temp dir) and is deleted at the end unless --keep.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -360,17 +356,6 @@ def part_b(work: Path, args) -> bool:
 
 # ---- main --------------------------------------------------------------------------------------
 
-def _git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,30 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="part A: best of N runs of each timed thing (default 2)")
     args = ap.parse_args(argv)
 
-    import moorize
-
-    base = args.out_dir or Path(tempfile.gettempdir())
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="moorize-bench-", dir=base))
-    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    print(f"# moorize convert benchmark{' (--quick)' if args.quick else ''}\n")
-    print(f"moorize {moorize.__version__} at {_git_rev()}, {now}; data in {work}\n")
-    print(U.table(["Machine", ""], U.machine_rows(), align="ll"), flush=True)
-    ok = True
-    t0 = time.perf_counter()
-    try:
-        if not args.skip_speed:
-            part_a(work, args)
-        if not args.skip_memory:
-            ok = part_b(work, args)
-    finally:
-        if args.keep:
-            print(f"\nGenerated data kept in {work}")
-        else:
-            U.rmtree(work)
-    print(f"\nBenchmark finished in {U.fmt_s(time.perf_counter() - t0)}. "
-          "Sizes in decimal units (1 GB = 10^9 bytes).")
-    return 0 if ok else 1
+    parts = ([] if args.skip_speed else [lambda work: part_a(work, args)]) + \
+        ([] if args.skip_memory else [lambda work: part_b(work, args)])
+    return U.run_benchmark("moorize convert benchmark", "moorize-bench-", args, parts,
+                           " Sizes in decimal units (1 GB = 10^9 bytes).")
 
 
 if __name__ == "__main__":

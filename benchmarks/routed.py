@@ -27,20 +27,18 @@ load affects them alike. Generated data goes into a fresh directory under --out-
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _util as U  # noqa: E402
-from convert import _git_rev, _prepare_smollm2, _run_in_child  # noqa: E402  (shared with the convert benchmark)
+from convert import _prepare_smollm2, _run_in_child  # noqa: E402  (shared with the convert benchmark)
 
 SEQ_LEN = 128
 GOALS = {"full": 1.5, "r64": 1.25}  # routed task+sample latency / dense latency, at most
@@ -410,33 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    import moorize
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
 
-    base = args.out_dir or Path(tempfile.gettempdir())
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="moorize-bench-routed-", dir=base))
-    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    print(f"# moorize routed-model benchmark{' (--quick)' if args.quick else ''}\n")
-    print(f"moorize {moorize.__version__} at {_git_rev()}, {now}; data in {work}\n")
-    print(U.table(["Machine", ""], U.machine_rows(), align="ll"), flush=True)
-    ok = True
-    t0 = time.perf_counter()
-    try:
-        if not args.skip_model:
-            part_a(work, args)
-        if not args.skip_layer:
-            ok &= part_b(args)
-    finally:
-        if args.keep:
-            print(f"\nGenerated data kept in {work}")
-        else:
-            U.rmtree(work)
-    print(f"\nBenchmark finished in {U.fmt_s(time.perf_counter() - t0)}.")
-    return 0 if ok else 1
+    parts = ([] if args.skip_model else [lambda work: part_a(work, args)]) + \
+        ([] if args.skip_layer else [lambda work: part_b(args)])
+    return U.run_benchmark("moorize routed-model benchmark", "moorize-bench-routed-", args, parts)
 
 
 if __name__ == "__main__":
