@@ -71,9 +71,6 @@ class TensorInfo:
     def load(self) -> torch.Tensor:
         return self.source.load(self.name)
 
-    def load_bytes(self) -> bytes | bytearray | memoryview:
-        return self.source.load_bytes(self.name)
-
 
 class TensorSource:
     """A file holding tensors: safetensors (lazy) or a pickled state dict (eager)."""
@@ -473,7 +470,12 @@ class ShardFile:
         self._f.close()
         return 8 + self.header_room + self._offset
 
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
     def abort(self) -> None:
+        """Close without a header (the partial directory is removed by the caller)."""
         self._f.close()
 
 

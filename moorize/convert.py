@@ -297,7 +297,7 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, t
     finally:
         writer.shutdown(wait=True)
         for f in files.values():
-            if not f._f.closed:
+            if not f.closed:
                 f.abort()
     return parts, records, svd_seconds
 

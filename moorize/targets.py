@@ -11,7 +11,6 @@ linear, so they never are. ``--targets`` patterns override the default.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -191,10 +190,3 @@ def find_targets(model_dir: Path, tensors: dict, patterns: list[str] | None = No
     chosen = [t for t in candidates if any(pattern_matches(p, t.name) for p in patterns)]
     return chosen
 
-
-def model_summary(model_dir: Path) -> dict:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return {
-        "model_type": cfg.get("model_type"),
-        "architectures": cfg.get("architectures"),
-    }
