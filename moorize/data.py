@@ -1,0 +1,230 @@
+"""Multi-task training data: JSONL/CSV readers, tokenisation, collation, length-grouped batches.
+
+Every example names its ``task`` and is either causal-LM (``prompt`` + ``response``:
+the loss is on the response tokens only) or classification (``text`` + ``label``: a
+head per task). Bad data fails with the file and line it came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import MoorizeError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value the loss skips (prompt and padding tokens)
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    where: str  # "file:line", for error messages
+    prompt: str | None = None
+    response: str | None = None
+    text: str | None = None
+    label: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "causal" if self.prompt is not None else "classification"
+
+
+def _example(record: object, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise MoorizeError(f"{where}: expected an object with 'task' and prompt/response or text/label fields")
+    task = record.get("task")
+    if task is None or str(task).strip() == "":
+        raise MoorizeError(f"{where}: missing field 'task'")
+    has_causal = "prompt" in record or "response" in record
+    has_cls = "text" in record or "label" in record
+    if has_causal == has_cls:
+        raise MoorizeError(f"{where}: needs either 'prompt' and 'response' (language modelling) "
+                           "or 'text' and 'label' (classification)")
+    fields = ("prompt", "response") if has_causal else ("text", "label")
+    for f in fields:
+        if record.get(f) is None or (f != "label" and str(record[f]) == ""):
+            raise MoorizeError(f"{where}: missing field {f!r}")
+    values = {f: str(record[f]) for f in fields}
+    return Example(task=str(task), where=where, **values)
+
+
+def _read_jsonl(path: Path) -> Iterator[Example]:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoorizeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            yield _example(record, f"{path}:{lineno}")
+
+
+def _read_csv(path: Path) -> Iterator[Example]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames:
+            return
+        for record in reader:
+            clean = {k: v for k, v in record.items() if k is not None and v not in (None, "")}
+            yield _example(clean, f"{path}:{reader.line_num}")
+
+
+def read_examples(paths: list[str | Path] | str | Path) -> list[Example]:
+    """Read one or more JSONL (``.jsonl``/``.json``) or CSV (``.csv``) files; all of one kind."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    examples: list[Example] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise MoorizeError(f"data file {p} does not exist")
+        reader = _read_csv if p.suffix.lower() == ".csv" else _read_jsonl
+        try:
+            got = list(reader(p))
+        except UnicodeDecodeError:
+            raise MoorizeError(f"{p} is not UTF-8 text") from None
+        if not got:
+            raise MoorizeError(f"{p} has no examples")
+        examples.extend(got)
+    kinds = {e.kind for e in examples}
+    if len(kinds) > 1:
+        first = next(e for e in examples if e.kind != examples[0].kind)
+        raise MoorizeError(f"{first.where}: mixes classification and language-modelling examples; "
+                           "use one kind per training run")
+    return examples
+
+
+@dataclass
+class TaskTable:
+    """Task names -> ids (order of first appearance) and, for classification, label names -> ids per task."""
+
+    tasks: list[str]
+    labels: dict[str, list[str]]
+
+    @classmethod
+    def from_examples(cls, examples: list[Example]) -> "TaskTable":
+        tasks: dict[str, None] = {}
+        labels: dict[str, dict[str, None]] = {}
+        for e in examples:
+            tasks.setdefault(e.task, None)
+            if e.label is not None:
+                labels.setdefault(e.task, {}).setdefault(e.label, None)
+        return cls(list(tasks), {t: sorted(ls, key=_label_order) for t, ls in labels.items()})
+
+    def task_id(self, e: Example) -> int:
+        if e.task not in self.tasks:
+            raise MoorizeError(f"{e.where}: unknown task {e.task!r}; the model knows: {', '.join(self.tasks)}")
+        return self.tasks.index(e.task)
+
+    def label_id(self, e: Example) -> int:
+        known = self.labels.get(e.task, [])
+        if e.label not in known:
+            raise MoorizeError(f"{e.where}: label {e.label!r} is outside the {e.task!r} head "
+                               f"({len(known)} labels: {', '.join(known[:10])})")
+        return known.index(e.label)
+
+
+def _label_order(label: str) -> tuple:
+    """Numeric labels in numeric order ("2" < "10"), others alphabetically after them."""
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def _prompt_text(tokenizer, prompt: str, chat_template: bool) -> str:
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MoorizeError("--chat-template: this checkpoint's tokenizer has no chat template")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def encode(examples: list[Example], tokenizer, table: TaskTable, max_length: int, truncate: bool = True,
+           chat_template: bool = False) -> list[dict]:
+    """Tokenise examples into dicts of ``input_ids``, ``labels`` (causal) or ``label`` (classification), ``task_id``.
+
+    Causal LM: labels are the response tokens (plus EOS); prompt tokens get IGNORE_INDEX.
+    Over ``max_length``: truncated with a warning when ``truncate``, else an error.
+    """
+    out: list[dict] = []
+    truncated = 0
+    for e in examples:
+        task_id = table.task_id(e)
+        if e.kind == "causal":
+            p = tokenizer(_prompt_text(tokenizer, e.prompt, chat_template), add_special_tokens=not chat_template)
+            r = tokenizer(e.response, add_special_tokens=False)
+            p_ids, r_ids = list(p["input_ids"]), list(r["input_ids"])
+            if tokenizer.eos_token_id is not None:
+                r_ids.append(tokenizer.eos_token_id)
+            ids = p_ids + r_ids
+            labels = [IGNORE_INDEX] * len(p_ids) + r_ids
+            item = {"input_ids": ids, "labels": labels, "task_id": task_id}
+        else:
+            ids = list(tokenizer(e.text)["input_ids"])
+            item = {"input_ids": ids, "label": table.label_id(e), "task_id": task_id}
+        if len(ids) > max_length:
+            if not truncate:
+                raise MoorizeError(f"{e.where}: {len(ids)} tokens exceed the maximum of {max_length} "
+                                   "(raise --max-length or pass --truncate)")
+            truncated += 1
+            item["input_ids"] = ids[:max_length]
+            if "labels" in item:
+                item["labels"] = item["labels"][:max_length]
+        if "labels" in item and all(x == IGNORE_INDEX for x in item["labels"]):
+            raise MoorizeError(f"{e.where}: the prompt fills all {max_length} tokens, no response is left to learn")
+        out.append(item)
+    if truncated:
+        log.warning("truncated %d of %d examples to %d tokens", truncated, len(examples), max_length)
+    return out
+
+
+def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids/attention_mask, labels (padded with IGNORE_INDEX) or label, task_ids."""
+    n = max(len(i["input_ids"]) for i in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), n), dtype=torch.long)
+    for row, item in enumerate(items):
+        k = len(item["input_ids"])
+        ids[row, :k] = torch.tensor(item["input_ids"])
+        mask[row, :k] = 1
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "task_ids": torch.tensor([i["task_id"] for i in items], dtype=torch.long)}
+    if "labels" in items[0]:
+        labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
+        for row, item in enumerate(items):
+            labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
+        batch["labels"] = labels
+    else:
+        batch["label"] = torch.tensor([i["label"] for i in items], dtype=torch.long)
+    return batch
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 50) -> list[list[int]]:
+    """Batches of indices with similar lengths (less padding), in a seeded random order.
+
+    Indices are shuffled, cut into mega-batches of ``group`` batches, sorted by length
+    inside each, split into batches, and the batches shuffled again.
+    """
+    if batch_size < 1:
+        raise MoorizeError(f"batch size must be positive, got {batch_size}")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * group
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
