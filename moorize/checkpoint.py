@@ -430,34 +430,34 @@ class ShardFile:
         self.names: list[str] = []
 
     def add(self, name: str, st_dtype: str, shape: tuple[int, ...], buf: bytes | bytearray | memoryview) -> None:
-        n = buf.nbytes if isinstance(buf, memoryview) else len(buf)
-        self._f.write(buf)
-        self._entries[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [self._offset, self._offset + n]}
-        self._offset += n
-        self.names.append(name)
+        start = self._offset
+        self._write_raw(buf)
+        self._record(name, st_dtype, shape, start)
 
     def add_copy(self, info: "TensorInfo") -> None:
         """Copy a source tensor's bytes unchanged, streamed from its file."""
-        before = self._offset
+        start = self._offset
         info.source.copy_to(info.name, self._write_raw)
-        if self._offset - before != info.nbytes:
-            raise MoorizeError(f"{info.source.path}: {info.name!r} has {self._offset - before} bytes, "
+        if self._offset - start != info.nbytes:
+            raise MoorizeError(f"{info.source.path}: {info.name!r} has {self._offset - start} bytes, "
                                f"expected {info.nbytes}")
-        self._entries[info.name] = {"dtype": info.dtype, "shape": list(info.shape),
-                                    "data_offsets": [before, self._offset]}
-        self.names.append(info.name)
+        self._record(info.name, info.dtype, info.shape, start)
 
-    def _write_raw(self, buf: memoryview) -> None:
+    def _write_raw(self, buf: bytes | bytearray | memoryview) -> None:
         self._f.write(buf)
-        self._offset += buf.nbytes
+        self._offset += memoryview(buf).nbytes
+
+    def _record(self, name: str, st_dtype: str, shape: tuple[int, ...], start: int) -> None:
+        self._entries[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [start, self._offset]}
+        self.names.append(name)
 
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
         if t.dtype not in TORCH_TO_ST:
             raise MoorizeError(f"cannot store {name!r}: dtype {t.dtype} is not supported by safetensors")
         self.add(name, TORCH_TO_ST[t.dtype], tuple(t.shape), tensor_bytes(t))
 
-    def close(self) -> int:
-        """Write the header, sync, close; returns the file size."""
+    def close(self) -> "ShardPart":
+        """Write the header, sync, close; returns what was written (to name the shard later)."""
         header = {"__metadata__": {"format": "pt"}, **self._entries}
         hb = json.dumps(header, separators=(",", ":")).encode()
         if len(hb) > self.header_room:  # a planning bug, never user input
@@ -468,7 +468,7 @@ class ShardFile:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        return 8 + self.header_room + self._offset
+        return ShardPart(self.path, list(self.names), 8 + self.header_room + self._offset)
 
     @property
     def closed(self) -> bool:

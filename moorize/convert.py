@@ -247,16 +247,14 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, t
             pending.pop(0).result()
         pending.append(writer.submit(fn, *args))
 
-    def write_item(sf: ShardFile, entries: list, close: ShardFile | None) -> None:
+    def write_item(sf: ShardFile, entries: list, last_of_shard: bool) -> None:
         for entry in entries:
             if isinstance(entry, TensorInfo):
                 sf.add_copy(entry)
             else:
                 sf.add_tensor(*entry)
-        if close is not None:
-            part = ShardPart(close.path, close.names, 0)
-            part.nbytes = close.close()
-            parts.append(part)
+        if last_of_shard:
+            parts.append(sf.close())
 
     trim_heap = _heap_trimmer()
     try:
@@ -286,8 +284,7 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, t
                         f.residual is not None, t.has_bias, dtype_name(f.U.dtype), dtype_name(sd), f.solver))
                     bytes_done += w.numel() * w.element_size()
                 layers_done += len(item.targets)
-            last_of_shard = item is shards[si][-1]
-            submit(write_item, sf, entries, sf if last_of_shard else None)
+            submit(write_item, sf, entries, item is shards[si][-1])
             del data, entries
             trim_heap()
             if progress is not None:

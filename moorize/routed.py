@@ -221,7 +221,7 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
             nonlocal shard, size
             nbytes = tensor.numel() * tensor.element_size()
             if shard is not None and size + nbytes > max_shard_size:
-                parts.append(ShardPart(shard.path, shard.names, shard.close()))
+                parts.append(shard.close())
                 shard = None
             if shard is None:
                 shard, size = ShardFile(tmp / f"part-{len(parts):05d}.safetensors", names), 0
@@ -238,7 +238,7 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
                 W = W.t()
             add(f"{name}.weight", W.to(getattr(torch, rec.source_dtype)).contiguous())
         if shard is not None:
-            parts.append(ShardPart(shard.path, shard.names, shard.close()))
+            parts.append(shard.close())
         finalize_shards(tmp, parts)
         copy_aux_files(ckpt.directory, tmp)
         (tmp / "moorize.json").unlink(missing_ok=True)  # a dense checkpoint, not a factored one
