@@ -133,15 +133,6 @@ def householder_wy(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u.t(), T
 
 
-def apply_householder(M: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """M · H_k ⋯ H_1 for H_i = I − 2 u_i u_iᵀ / ‖u_i‖² (rows of ``vectors`` are u_1..u_k), in float32+."""
-    dt = torch.promote_types(M.dtype, torch.float32)
-    M = M.to(dt)
-    for u in reversed(vectors.to(dt)):
-        M = M - (M @ u).unsqueeze(-1) * (u * (2.0 / (u @ u))).unsqueeze(0)
-    return M
-
-
 class MoORELinear(nn.Module):
     """A linear layer as a mixture of orthogonal rank-one experts (see the module docstring)."""
 
@@ -187,12 +178,13 @@ class MoORELinear(nn.Module):
         ps = [p for p in (self.householder, getattr(self, "router_in", None)) if p is not None]
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps) + (self.Vh.dtype, self.Vh.device)
 
-    def rotated_vh(self) -> torch.Tensor:
-        """Vh H = Vh − ((Vh Y) Tᵀ) Yᵀ, computed in float32 or wider."""
+    def rotated_vh(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Vh H = Vh − ((Vh Y) Tᵀ) Yᵀ, in ``dtype`` (default: float32 or wider)."""
+        dt = dtype or torch.promote_types(self.Vh.dtype, torch.float32)
+        vh = self.Vh.to(dt)
         if self.householder is None:
-            return self.Vh
-        Y, T = householder_wy(self.householder)
-        vh = self.Vh.to(Y.dtype)
+            return vh
+        Y, T = householder_wy(self.householder.to(dt))
         return vh - ((vh @ Y) @ T.t()) @ Y.t()
 
     def input_weight(self) -> torch.Tensor:
@@ -289,9 +281,7 @@ class MoORELinear(nn.Module):
         g = self.sigma.double()
         if self.config.uses_task:
             g = g + self.task_router.double() @ self.task_embedding.double()[task]
-        vh = self.Vh.double() if self.householder is None else apply_householder(self.Vh.double(),
-                                                                                 self.householder.double())
-        W = (self.U.double() * torch.relu(g)) @ vh
+        W = (self.U.double() * torch.relu(g)) @ self.rotated_vh(torch.float64)
         if self.residual is not None:
             W = W + self.residual.double()
         return W

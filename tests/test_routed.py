@@ -11,7 +11,7 @@ import transformers
 
 import moorize
 from moorize import MoOREConfig, MoORELinear, MoorizeError, moore_layers
-from moorize.modeling import RoutingState, apply_householder
+from moorize.modeling import RoutingState
 
 from conftest import ARCHS, build_tiny
 
@@ -28,6 +28,13 @@ def _convert(arch, tmp_path, **kw):
 def _inputs(model, batch=2, seq=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, model.config.vocab_size, (batch, seq), generator=g)
+
+
+def apply_householder(M: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Independent reference: M · H_k ⋯ H_1, one reflection H_i = I − 2 u_i u_iᵀ / ‖u_i‖² at a time."""
+    for u in reversed(vectors):
+        M = M - (M @ u).unsqueeze(-1) * (u * (2.0 / (u @ u))).unsqueeze(0)
+    return M
 
 
 def _out(model, ids, **kw):
@@ -102,8 +109,10 @@ def test_layer_matches_published_per_token_formulation():
     with torch.no_grad():
         cached = layer(x)
     assert ((cached - ref).norm() / ref.norm()).item() < 1e-5
-    # H stays orthogonal, so the rotated experts stay orthonormal
+    # the WY rotation equals the reflections applied one by one; H stays orthogonal, so the rotated
+    # experts stay orthonormal
     vh_rot = apply_householder(Vh, layer.householder.detach())
+    assert torch.allclose(layer.rotated_vh().detach(), vh_rot, atol=1e-6)
     assert torch.allclose(vh_rot @ vh_rot.t(), torch.eye(r), atol=1e-5)
 
 
