@@ -115,6 +115,11 @@ class FactoredCheckpoint:
     def tensor_names(self) -> list[str]:
         return list(self.weight_map)
 
+    def passthrough_names(self) -> list[str]:
+        """Tensors stored as in the source (everything but the factors), in checkpoint order."""
+        factors = {factor_key(n, p) for n in self.layers for p in FACTOR_NAMES}
+        return [k for k in self.weight_map if k not in factors]
+
     # ---- tensors --------------------------------------------------------------------------------
     def tensor(self, key: str) -> torch.Tensor:
         if key not in self.weight_map:
@@ -155,10 +160,8 @@ class FactoredCheckpoint:
 
     def dense_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor of the original model, targets rebuilt from their factors."""
-        factored = {factor_key(n, p) for n in self.layers for p in FACTOR_NAMES}
-        for key in self.weight_map:
-            if key not in factored:
-                yield key, self.tensor(key)
+        for key in self.passthrough_names():
+            yield key, self.tensor(key)
         for name in self.layers:
             yield f"{name}.weight", self.reconstruct_weight(name)
 

@@ -21,7 +21,7 @@ from torch import nn
 from .adapter import read_adapter
 from .checkpoint import ShardFile, ShardPart, copy_aux_files, finalize_shards
 from .errors import MoorizeError
-from .format import FACTOR_NAMES, FactoredCheckpoint, factor_key
+from .format import FactoredCheckpoint
 from .modeling import MoOREConfig, MoORELinear, RoutingState
 from .outdir import atomic_output_dir
 from .targets import checkpoint_name, model_class
@@ -80,8 +80,8 @@ def load(directory, adapter=None, *, router: str = "task+sample", tasks: list[st
         bias = ckpt.tensor(f"{name}.bias") if rec.bias else None
         _set_submodule(model, path, MoORELinear(U, S, Vh, R, bias, config, state, generator=gen))
 
-    factored = {factor_key(n, p) for n in ckpt.layers for p in FACTOR_NAMES}
-    factored |= {f"{n}.bias" for n, r in ckpt.layers.items() if r.bias}
+    target_biases = {f"{n}.bias" for n, r in ckpt.layers.items() if r.bias}  # held by the MoORE layers
+    passthrough = set(ckpt.passthrough_names()) - target_biases
     rest = {}
     moore_paths = set(placed.values())
     for key in model.state_dict(keep_vars=True):
@@ -89,7 +89,7 @@ def load(directory, adapter=None, *, router: str = "task+sample", tasks: list[st
         if module_path in moore_paths:
             continue
         src = checkpoint_name(key, prefix, ckpt.weight_map)
-        if src is not None and src not in factored:
+        if src is not None and src in passthrough:
             rest[key] = ckpt.tensor(src)
     model.load_state_dict(rest, strict=False, assign=True)
     model.tie_weights()
@@ -207,17 +207,16 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
         raise MoorizeError(f"router mode {config.router!r} has a sample router: each token gets its own weights, "
                            "so no single dense matrix reproduces it; merge needs router mode 'task'")
     task_id = model.moore_state.task_id(task)
-    ckpt = FactoredCheckpoint(directory)
     dest = Path(dest)
     layers = moore_layers(model)
-    factored = {factor_key(n, p) for n in ckpt.layers for p in FACTOR_NAMES}
-    names = [k for k in ckpt.weight_map if k not in factored] + [f"{n}.weight" for n in ckpt.layers]
-    with atomic_output_dir(dest, overwrite, protect=[ckpt.directory]) as tmp:
+    with FactoredCheckpoint(directory) as ckpt, atomic_output_dir(dest, overwrite, protect=[ckpt.directory]) as tmp:
+        passthrough = ckpt.passthrough_names()
+        names = passthrough + [f"{n}.weight" for n in ckpt.layers]
         parts: list[ShardPart] = []
         shard: ShardFile | None = None
         size = 0
 
-        def add(name: str, tensor: torch.Tensor | None = None) -> None:
+        def add(name: str, tensor: torch.Tensor) -> None:
             nonlocal shard, size
             nbytes = tensor.numel() * tensor.element_size()
             if shard is not None and size + nbytes > max_shard_size:
@@ -228,9 +227,8 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
             shard.add_tensor(name, tensor)
             size += nbytes
 
-        for key in ckpt.weight_map:
-            if key not in factored:
-                add(key, ckpt.tensor(key))
+        for key in passthrough:
+            add(key, ckpt.tensor(key))
         for name, layer in layers.items():
             rec = ckpt.layers[name]
             W = layer.merged_weight(task_id)
@@ -242,5 +240,4 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
         finalize_shards(tmp, parts)
         copy_aux_files(ckpt.directory, tmp)
         (tmp / "moorize.json").unlink(missing_ok=True)  # a dense checkpoint, not a factored one
-    ckpt.close()
     return dest
