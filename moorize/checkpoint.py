@@ -200,10 +200,10 @@ class SafetensorsFile(TensorSource):
         """Up to three ``chunk``-byte windows (start, middle, end) of a tensor's data, for fingerprints."""
         _, _, start, end = self._entries[name]
         n = end - start
-        offsets = sorted({0, max(0, n // 2 - chunk // 2), max(0, n - chunk)}) if n > 3 * chunk else [0]
+        windows = [(0, n)] if n <= 3 * chunk else [(0, chunk), (n // 2 - chunk // 2, chunk), (n - chunk, chunk)]
         out = bytearray()
-        for off in offsets:
-            piece = memoryview(bytearray(min(chunk, n - off) if n > 3 * chunk else n))
+        for off, size in windows:
+            piece = memoryview(bytearray(size))
             self._read_into(piece, start + off, name)
             out += piece
         return bytes(out)
