@@ -34,7 +34,8 @@ from .checkpoint import (ST_TO_TORCH, ShardFile, ShardPart, SourceCheckpoint, Te
 from .errors import MoorizeError
 from .outdir import check_out_dir, partial_dir, publish, raise_for_os_error
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, factor_key
-from .svd import SVD_DTYPES, RankRules, SVDOptions, decompose_group, resolve_device, resolve_solver
+from .svd import (SVD_DTYPES, RankRules, SVDOptions, check_solver_supports, decompose_group, resolve_device,
+                  resolve_solver)
 from .targets import Target, find_targets
 
 log = logging.getLogger(__name__)
@@ -405,8 +406,7 @@ def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
             if pol.kind == "fixed" and pol.value > min(t.shape):
                 raise MoorizeError(f"--rank {int(pol.value)} exceeds min(m, n) = {min(t.shape)} for {t.name} "
                                    f"{list(t.shape)}")
-            if opts.solver == "randomized" and pol.needs_spectrum:
-                raise MoorizeError("--solver randomized needs a fixed rank (N or ratio:x), not energy:x")
+            check_solver_supports(opts.solver, [pol])
         items = _plan(ckpt, tlist, rules, opts.residual, job.store_dtype, job.batch_bytes)
         mine = _assign_ranks(items, world)[rank_id]
         shards = _shard_plan(mine, job.max_shard)

@@ -250,6 +250,12 @@ class SVDOptions:
     seed: int = 0
 
 
+def check_solver_supports(solver: str, policies) -> None:
+    """The randomized solver needs the rank before it sees the spectrum."""
+    if solver == "randomized" and any(p.needs_spectrum for p in policies):
+        raise MoorizeError("--solver randomized needs a fixed rank (N or ratio:x), not energy:x")
+
+
 def decompose_group(weights: list[torch.Tensor], policies: list[RankPolicy], store_dtypes: list[torch.dtype],
                     opts: SVDOptions, names: list[str] | None = None) -> list[LayerFactors]:
     """Factor same-shaped matrices ([out, in] each); truncate and check each.
@@ -263,8 +269,7 @@ def decompose_group(weights: list[torch.Tensor], policies: list[RankPolicy], sto
     for name, w in zip(names, weights):
         if not torch.isfinite(w).all():
             raise MoorizeError(f"{name}: weight contains NaN or Inf; refusing to factor it")
-    if opts.solver == "randomized" and any(p.needs_spectrum for p in policies):
-        raise MoorizeError("--solver randomized needs a fixed rank (N or ratio:x), not energy:x")
+    check_solver_supports(opts.solver, policies)
     if opts.device.type != "cpu":
         return _factor_and_check(torch.stack(weights).to(opts.device), policies, store_dtypes, opts, names)
 
