@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import moorize
+from moorize.quickstart import greedy
 from moorize import moore_layers
 from moorize.adapter import WEIGHTS_NAME
 
@@ -94,15 +95,6 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _greedy(model, tokenizer, prompt: str, **task) -> list[int]:
-    """moorize.quickstart.greedy, with task_ids passed through to generate when given."""
-    ids = tokenizer(_chat(tokenizer, prompt), return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=_pad_id(tokenizer),
-                             **task)
-    return out[0, ids.shape[1]:].tolist()
-
-
 def _logits(model, ids, **task) -> torch.Tensor:
     with torch.no_grad():
         logits = model(input_ids=ids, **task).logits
@@ -151,10 +143,10 @@ def test_smollm2_routed_logits_equal_original(smol_routed, smollm2_full, smol_id
 
 def test_smollm2_routed_greedy_generation_equals_original(smol_routed, smollm2_original, tokenizer):
     for prompt in PROMPTS:
-        want = _greedy(smollm2_original, tokenizer, prompt)
+        want = greedy(smollm2_original, tokenizer, prompt, NEW_TOKENS)
         assert len(want) > 0
         for t, name in enumerate(TASKS):
-            got = _greedy(smol_routed, tokenizer, prompt, task_ids=torch.tensor([t]))
+            got = greedy(smol_routed, tokenizer, prompt, NEW_TOKENS, task_ids=torch.tensor([t]))
             assert got == want, f"task {name!r}: generation differs for {prompt!r}"
     print(f"\nSmolLM2 routed: {len(PROMPTS)} prompts x {len(TASKS)} tasks x {NEW_TOKENS} tokens identical; "
           f"e.g. {tokenizer.decode(want, skip_special_tokens=True)!r}")
