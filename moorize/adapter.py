@@ -26,12 +26,15 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def save_adapter(model, directory, *, overwrite: bool = True, extra: dict | None = None) -> Path:
-    """Write the MoORE parameters of a model returned by ``moorize.load`` to ``directory``."""
+def save_adapter(model, directory, *, heads=None, overwrite: bool = True, extra: dict | None = None) -> Path:
+    """Write the MoORE parameters of a model returned by ``moorize.load`` (and its task heads) to ``directory``."""
     from .routed import trainable_parameters
 
     config: MoOREConfig = model.moore_config
-    params = {k: p.detach().cpu().contiguous() for k, p in trainable_parameters(model).items()}
+    params = dict(trainable_parameters(model))
+    if heads is not None:
+        params.update(heads.state_tensors())
+    params = {k: p.detach().cpu().contiguous() for k, p in params.items()}
     directory = Path(directory)
     with atomic_output_dir(directory, overwrite) as tmp:
         shard = ShardFile(tmp / WEIGHTS_NAME, list(params))
@@ -45,15 +48,15 @@ def save_adapter(model, directory, *, overwrite: bool = True, extra: dict | None
             "moore": config.to_dict(),
             "task_ids": {name: i for i, name in enumerate(config.tasks)},
             "layers": sorted(model.moore_layer_paths),
+            **({"heads": heads.describe()} if heads is not None else {}),
             **(extra or {}),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
-def read_adapter(directory: str | os.PathLike, base_fingerprint: str | None = None
-                 ) -> tuple[MoOREConfig, dict[str, torch.Tensor]]:
-    """(config, tensors) of an adapter; refuses one trained on a different base."""
+def read_adapter_config(directory: str | os.PathLike, base_fingerprint: str | None = None) -> dict:
+    """adapter_config.json of an adapter directory, checked; refuses one trained on a different base."""
     d = Path(directory)
     cfg_path, weights_path = d / CONFIG_NAME, d / WEIGHTS_NAME
     if not d.is_dir():
@@ -72,9 +75,15 @@ def read_adapter(directory: str | os.PathLike, base_fingerprint: str | None = No
             f"adapter {d} was trained on a different base checkpoint ({str(meta.get('base_fingerprint'))[:19]}...) "
             f"than this one ({base_fingerprint[:19]}...)"
         )
-    moore = dict(meta["moore"])
-    config = MoOREConfig(**moore)
-    f = SafetensorsFile(weights_path)
+    return meta
+
+
+def read_adapter(directory: str | os.PathLike, base_fingerprint: str | None = None
+                 ) -> tuple[MoOREConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter; refuses one trained on a different base."""
+    meta = read_adapter_config(directory, base_fingerprint)
+    config = MoOREConfig(**dict(meta["moore"]))
+    f = SafetensorsFile(Path(directory) / WEIGHTS_NAME)
     try:
         tensors = {info.name: f.load(info.name) for info in f.infos()}
     finally:

@@ -22,6 +22,7 @@ from .adapter import read_adapter
 from .checkpoint import ShardFile, ShardPart, copy_aux_files, finalize_shards
 from .errors import MoorizeError
 from .format import FactoredCheckpoint
+from .heads import HEADS_PREFIX
 from .modeling import MoOREConfig, MoORELinear, RoutingState
 from .outdir import atomic_output_dir
 from .targets import checkpoint_name, model_class
@@ -97,8 +98,8 @@ def load(directory, adapter=None, *, router: str = "task+sample", tasks: list[st
     if still_meta:
         raise MoorizeError(f"{ckpt.directory} lacks tensors the architecture needs: {still_meta[:3]}")
     ckpt.close()
-    if adapter_state is not None:
-        _load_adapter_state(model, placed, adapter_state)
+    if adapter_state is not None:  # task heads, when present, are loaded by moorize.load_classifier
+        _load_adapter_state(model, placed, {k: v for k, v in adapter_state.items() if not k.startswith(HEADS_PREFIX)})
     if dtype is not None:
         model.to(dtype)
     _install_routing(model, state, config, ckpt.fingerprint, placed)
