@@ -28,6 +28,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 def save_adapter(model, directory, *, heads=None, overwrite: bool = True, extra: dict | None = None) -> Path:
     """Write the MoORE parameters of a model returned by ``moorize.load`` (and its task heads) to ``directory``."""
+    directory = Path(directory)
+    with atomic_output_dir(directory, overwrite) as tmp:
+        write_adapter_files(model, tmp, heads=heads, extra=extra)
+    return directory
+
+
+def write_adapter_files(model, directory: Path, *, heads=None, extra: dict | None = None) -> None:
+    """The two adapter files inside an existing directory; the config goes last, so it marks them complete."""
     from .routed import trainable_parameters
 
     config: MoOREConfig = model.moore_config
@@ -35,24 +43,23 @@ def save_adapter(model, directory, *, heads=None, overwrite: bool = True, extra:
     if heads is not None:
         params.update(heads.state_tensors())
     params = {k: p.detach().cpu().contiguous() for k, p in params.items()}
-    directory = Path(directory)
-    with atomic_output_dir(directory, overwrite) as tmp:
-        shard = ShardFile(tmp / WEIGHTS_NAME, list(params))
-        for k, t in params.items():
-            shard.add_tensor(k, t)
-        shard.close()
-        meta = {
-            "format": ADAPTER_FORMAT,
-            "format_version": ADAPTER_VERSION,
-            "base_fingerprint": model.moore_base_fingerprint,
-            "moore": config.to_dict(),
-            "task_ids": {name: i for i, name in enumerate(config.tasks)},
-            "layers": sorted(model.moore_layer_paths),
-            **({"heads": heads.describe()} if heads is not None else {}),
-            **(extra or {}),
-        }
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
+    shard = ShardFile(directory / WEIGHTS_NAME, list(params))
+    for k, t in params.items():
+        shard.add_tensor(k, t)
+    shard.close()
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_VERSION,
+        "base_fingerprint": model.moore_base_fingerprint,
+        "moore": config.to_dict(),
+        "task_ids": {name: i for i, name in enumerate(config.tasks)},
+        "layers": sorted(model.moore_layer_paths),
+        **({"heads": heads.describe()} if heads is not None else {}),
+        **(extra or {}),
+    }
+    tmp = directory / f".{CONFIG_NAME}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, directory / CONFIG_NAME)
 
 
 def read_adapter_config(directory: str | os.PathLike, base_fingerprint: str | None = None) -> dict:

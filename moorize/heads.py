@@ -69,8 +69,12 @@ class TaskHeads(nn.Module):
         """What adapter_config.json records of the heads."""
         return {"pooling": self.pooling, "hidden_size": self.weight.shape[2], "labels": self.labels}
 
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Adapter key -> parameter."""
+        return {f"{HEADS_PREFIX}weight": self.weight, f"{HEADS_PREFIX}bias": self.bias}
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{HEADS_PREFIX}weight": self.weight.detach(), f"{HEADS_PREFIX}bias": self.bias.detach()}
+        return {k: p.detach() for k, p in self.adapter_parameters().items()}
 
     @classmethod
     def from_adapter(cls, meta: dict, tensors: dict[str, torch.Tensor], tasks: list[str]) -> "TaskHeads":

@@ -1,0 +1,601 @@
+"""Multi-task fine-tuning of the MoORE parameters on a factored checkpoint (``moorize train``).
+
+Read it top to bottom: options → data → model → optimizer and schedule → the loop
+(accumulate, clip, step, log, evaluate, checkpoint) → the final adapter. Only the
+MoORE parameters train (routers, Householder vectors, σ when asked, task heads); the
+factored base is only read.
+
+Engine: Hugging Face ``accelerate``, so the same code runs on the CPU, one GPU, or
+several processes (``accelerate launch -m moorize train ...``, DDP). Batches are
+planned up front from the seed (length-grouped, per epoch), so a step's data is a
+pure function of (seed, step): that, the optimizer, scheduler and RNG states in each
+checkpoint make ``resume`` continue exactly where the run stopped. The loss of a step
+is normalised by the label tokens of the whole step (all micro-batches, all ranks),
+so gradient accumulation and data parallelism give the gradient of one big batch.
+
+The run lives in the hidden sibling ``.<output>.moorize-partial`` (metrics.jsonl,
+checkpoints/) until it finishes; then the adapter files are written and the directory
+is renamed to ``output``: an interrupted run leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import write_adapter_files
+from .checkpoint import SafetensorsFile, ShardFile
+from .data import IGNORE_INDEX, Example, TaskTable, collate, encode, length_grouped_batches, read_examples
+from .errors import MoorizeError
+from .format import FactoredCheckpoint
+from .heads import MoOREClassifier, TaskHeads, default_pooling
+from .outdir import check_out_dir, partial_dir, publish, raise_for_os_error
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "train_config.json"
+# options that change only logging and saving: free to differ when resuming
+BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "log_every",
+               "tensorboard", "eval_max_examples"}
+
+
+@dataclass
+class TrainOptions:
+    """Every knob of a run (saved as train_config.json and checked on resume)."""
+
+    # MoORE layers
+    router: str = "task+sample"
+    householder: int = 8
+    task_dim: int = 64
+    router_experts: int = 128
+    train_sigma: bool = False
+    pooling: str | None = None  # classification: mean/cls/last (default by architecture)
+    # optimisation
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
+    decay: float = 0.2  # wsd: fraction of the steps spent decaying at the end
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    batch_size: int = 8  # examples per micro-batch and process
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    precision: str = "auto"  # autocast: bf16 where the GPU has it, none on the CPU
+    seed: int = 0
+    # data
+    max_length: int = 512
+    truncate: bool = True  # over max_length: truncate with a warning, or refuse
+    chat_template: bool = False
+    eval_split: float = 0.0  # held-out share per task when no eval data is given
+    eval_max_examples: int | None = None  # per task
+    # bookkeeping
+    eval_every: int = 0  # steps; 0: only at the end
+    save_every: int = 0  # steps; 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    keep_checkpoints_at_end: bool = False
+    log_every: int = 1
+    tensorboard: bool = False
+    cpu: bool = False  # train on the CPU even when a GPU is present
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise MoorizeError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise MoorizeError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "grad_accum", "max_length", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise MoorizeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise MoorizeError(f"max-steps must be at least 1, got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise MoorizeError(f"epochs must be positive, got {self.epochs}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise MoorizeError(f"eval-split must be in [0, 1), got {self.eval_split}")
+        if self.lr <= 0:
+            raise MoorizeError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainReport:
+    """What ``train`` returns: where the adapter went and how the run went."""
+
+    adapter: Path
+    steps: int
+    tasks: list[str]
+    kind: str  # "causal" or "classification"
+    train_loss: float | None  # mean over the last logged window
+    eval: dict[str, dict[str, float]]  # task -> metrics of the final evaluation
+    history: list[dict] = field(default_factory=list)  # every metrics.jsonl record of this process
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    resumed_from: int | None = None
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+def _split_eval(examples: list[Example], share: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``share`` of every task (at least one example each), seeded."""
+    rng = random.Random(seed)
+    by_task: dict[str, list[Example]] = {}
+    for e in examples:
+        by_task.setdefault(e.task, []).append(e)
+    train, held = [], []
+    for task, items in by_task.items():
+        items = items[:]
+        rng.shuffle(items)
+        k = max(1, round(share * len(items)))
+        if k >= len(items):
+            raise MoorizeError(f"task {task!r} has {len(items)} example(s): too few to hold out {share:.0%} for eval")
+        held += items[:k]
+        train += items[k:]
+    return train, held
+
+
+@dataclass
+class _Data:
+    kind: str
+    table: TaskTable
+    train: list[dict]
+    eval: list[dict]
+
+
+def _load_data(data, eval_data, tokenizer, opts: TrainOptions) -> _Data:
+    examples = read_examples(data)
+    if eval_data is not None:
+        held = read_examples(eval_data)
+        if held[0].kind != examples[0].kind:
+            raise MoorizeError(f"{held[0].where}: eval data is {held[0].kind}, training data is {examples[0].kind}")
+    elif opts.eval_split > 0:
+        examples, held = _split_eval(examples, opts.eval_split, opts.seed)
+    else:
+        held = []
+    table = TaskTable.from_examples(examples)  # unknown tasks/labels in eval data fail with their file:line
+    enc = dict(tokenizer=tokenizer, table=table, max_length=opts.max_length, truncate=opts.truncate,
+               chat_template=opts.chat_template)
+    if opts.eval_max_examples:
+        held = _first_per_task(held, opts.eval_max_examples)
+    return _Data(examples[0].kind, table, encode(examples, **enc), encode(held, **enc))
+
+
+def _first_per_task(examples: list[Example], cap: int) -> list[Example]:
+    seen: dict[str, int] = {}
+    out = []
+    for e in examples:
+        if seen.get(e.task, 0) < cap:
+            seen[e.task] = seen.get(e.task, 0) + 1
+            out.append(e)
+    return out
+
+
+def _item_weight(item: dict) -> int:
+    """What the loss of an item is averaged over: its label tokens (causal) or 1 (classification)."""
+    labels = item.get("labels")
+    return 1 if labels is None else sum(1 for x in labels[1:] if x != IGNORE_INDEX)
+
+
+class _Plan:
+    """Which items every micro-batch of every step holds: a pure function of (seed, step)."""
+
+    def __init__(self, items: list[dict], opts: TrainOptions, world: int):
+        self.items, self.opts, self.world = items, opts, world
+        self.lengths = [len(i["input_ids"]) for i in items]
+        self.per_step = opts.grad_accum * world  # micro-batches per optimizer step, all ranks
+        self.steps_per_epoch = len(self._epoch(0)) // self.per_step
+        if self.steps_per_epoch == 0:
+            raise MoorizeError(f"{len(items)} training examples make less than one step of {self.per_step} "
+                               f"micro-batches of {opts.batch_size}: lower --batch-size or --grad-accum")
+        self.total = opts.max_steps or max(1, math.ceil(opts.epochs * self.steps_per_epoch))
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        return length_grouped_batches(self.lengths, self.opts.batch_size, self.opts.seed + epoch)
+
+    def step(self, step: int, rank: int) -> tuple[list[list[int]], int]:
+        """(this rank's micro-batches, loss normaliser of the whole step across ranks)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: self._epoch(epoch)}
+        chunk = self._cache[epoch][k * self.per_step:(k + 1) * self.per_step]
+        denom = sum(_item_weight(self.items[i]) for b in chunk for i in b)
+        return chunk[rank::self.world], max(denom, 1)
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+# ---- model -------------------------------------------------------------------------------------------------------
+
+def _build_model(factored_dir: Path, table: TaskTable, kind: str, opts: TrainOptions):
+    """(module to train, routed model, task heads or None)."""
+    from .routed import load, prepare_for_training
+
+    model = load(factored_dir, router=opts.router, tasks=table.tasks, householder=opts.householder,
+                 task_dim=opts.task_dim, router_experts=opts.router_experts, train_sigma=opts.train_sigma,
+                 seed=opts.seed)
+    prepare_for_training(model)
+    if kind == "causal":
+        if not hasattr(model, "generate") or getattr(model, "get_output_embeddings", lambda: None)() is None:
+            raise MoorizeError(f"{factored_dir} is not a language model ({type(model).__name__}): "
+                               "prompt/response data needs one; use text/label data for classification")
+        return model, model, None
+    heads = TaskHeads(model.config.hidden_size, table.tasks, table.labels,
+                      opts.pooling or default_pooling(model), seed=opts.seed)
+    return MoOREClassifier(model, heads), model, heads
+
+
+def _forward(module, batch: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: summed loss, what it is averaged over, and whether the row is right.
+
+    Causal: a row is right when the arg-max at every response position is the label.
+    That is exactly "greedy decoding from the prompt reproduces the response and its
+    EOS", so exact match needs no generation loop.
+    """
+    if kind == "causal":
+        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        task_ids=batch["task_ids"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="none").view_as(labels)
+        right = ((logits.argmax(-1) == labels) | ~mask).all(1)
+        return loss.sum(1), mask.sum(1), right
+    logits = module(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
+    loss = F.cross_entropy(logits.float(), batch["label"], reduction="none")
+    return loss, torch.ones_like(loss), logits.argmax(-1) == batch["label"]
+
+
+def _lr_lambda(opts: TrainOptions, total: int) -> Callable[[int], float]:
+    warm = int(opts.warmup) if opts.warmup >= 1 else round(opts.warmup * total)
+    decay_steps = max(1, round(opts.decay * total))
+    lo = opts.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = (step - warm) / max(1, total - warm)
+        if opts.schedule == "cosine":
+            return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if opts.schedule == "linear":
+            return lo + (1 - lo) * max(0.0, 1 - progress)
+        if opts.schedule == "wsd":  # warmup, stable, then a linear decay over the last `decay` share
+            left = total - step
+            return 1.0 if left > decay_steps else lo + (1 - lo) * max(0.0, left / decay_steps)
+        return 1.0
+
+    return factor
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(module, items: list[dict], table: TaskTable, kind: str, batch_size: int, pad_id: int,
+             device, accelerator=None) -> dict[str, dict[str, float]]:
+    """Per task: ``loss`` (per token / per example) and ``exact_match`` (causal) or ``accuracy``."""
+    was_training = module.training
+    module.eval()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = sorted(items[rank::world], key=lambda i: len(i["input_ids"]))
+    sums = torch.zeros(len(table.tasks), 4, dtype=torch.float64, device=device)  # loss, weight, right, rows
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
+        loss, weight, right = _forward(module, batch, kind)
+        rows = torch.stack([loss.double(), weight.double(), right.double(), torch.ones_like(loss).double()], 1)
+        sums.index_add_(0, batch["task_ids"], rows)
+    if accelerator is not None and world > 1:
+        sums = accelerator.reduce(sums, "sum")
+    module.train(was_training)
+    score = "exact_match" if kind == "causal" else "accuracy"
+    return {task: {"loss": float(s[0] / s[1]), score: float(s[2] / s[3]), "examples": int(s[3])}
+            for task, s in zip(table.tasks, sums.cpu()) if s[3] > 0}
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+
+def _checkpoint_dirs(run: Path) -> list[Path]:
+    root = run / "checkpoints"
+    done = [d for d in root.glob("step-*") if (d / "state.json").is_file()] if root.is_dir() else []
+    return sorted(done, key=lambda d: int(d.name.split("-")[1]))
+
+
+def _save_checkpoint(run: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                     accelerator, keep: int, position: dict) -> None:
+    """Routers + optimizer + scheduler + RNG (per rank) + data position; state.json last marks it whole."""
+    final = run / "checkpoints" / f"step-{step:07d}"
+    tmp = run / "checkpoints" / f".step-{step:07d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        tensors = {k: p.detach().cpu().contiguous() for k, p in trainable.items()}
+        shard = ShardFile(tmp / "trainable.safetensors", list(tensors))
+        for k, t in tensors.items():
+            shard.add_tensor(k, t)
+        shard.close()
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **position}, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoint_dirs(run)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(ckpt: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, rank: int) -> dict:
+    f = SafetensorsFile(ckpt / "trainable.safetensors")
+    try:
+        with torch.no_grad():
+            for k, p in trainable.items():
+                p.copy_(f.load(k))
+    finally:
+        f.close()
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    rng_file = ckpt / f"rng-{rank}.pt"
+    if not rng_file.is_file():
+        raise MoorizeError(f"{ckpt} was saved by fewer processes than this run has; resume with the same count")
+    rng = torch.load(rng_file, weights_only=False)  # our own file: a python tuple and byte tensors
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+class _MetricsLog:
+    """metrics.jsonl (main process), optional TensorBoard, callbacks, and the in-memory history."""
+
+    def __init__(self, run: Path, main: bool, tensorboard: bool, callbacks, keep_until: int | None):
+        self.path, self.main, self.history, self.callbacks = run / METRICS_NAME, main, [], list(callbacks)
+        if main and keep_until is not None and self.path.exists():  # resume: drop records past the checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if tensorboard and main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MoorizeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.history.append(record)
+        if self.main:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                for key, value in _flatten(record).items():
+                    if isinstance(value, (int, float)) and key not in ("step", "kind"):
+                        self.tb.add_scalar(key, value, record["step"])
+        for cb in self.callbacks:
+            cb(record)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _accelerator(opts: TrainOptions):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    precision = opts.precision
+    if precision == "auto":
+        precision = "bf16" if (not opts.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) \
+            else "no"
+    # the frozen factors are buffers: broadcasting them every step would move the whole model
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(mixed_precision=precision, cpu=opts.cpu, kwargs_handlers=[ddp])
+
+
+def _tokenizer(factored_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(factored_dir)
+    except (OSError, ValueError) as e:
+        raise MoorizeError(f"{factored_dir} has no usable tokenizer: {str(e).splitlines()[0]}") from None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise MoorizeError(f"{factored_dir}: the tokenizer has neither a pad nor an EOS token")
+    return tok, pad
+
+
+def _prepare_run_dir(output: Path, factored_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from)."""
+    run = partial_dir(output)
+    if resume:
+        if (output / "adapter_config.json").is_file() and not run.exists():
+            raise MoorizeError(f"{output} is a finished run: nothing to resume")
+        found = _checkpoint_dirs(run)
+        if not found:
+            raise MoorizeError(f"no checkpoint to resume in {run} (save them with --save-every N)")
+        return run, found[-1]
+    check_out_dir(output, overwrite, protect=[factored_dir])
+    if run.exists():
+        if _checkpoint_dirs(run) and not overwrite:
+            raise MoorizeError(f"an interrupted run left checkpoints in {run}: pass --resume to continue it "
+                               "or --overwrite to start over")
+        shutil.rmtree(run)
+    return run, None
+
+
+def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, overwrite: bool = False,
+          callbacks: tuple[Callable[[dict], None], ...] = (), progress: bool | None = None,
+          options: TrainOptions | None = None, **overrides) -> TrainReport:
+    """Train the MoORE parameters of a factored checkpoint on multi-task data; write the adapter to ``output``.
+
+    ``data``/``eval_data``: one path or a list (JSONL or CSV). Options are the fields of
+    ``TrainOptions``, given as ``options=`` or as keywords (``lr=3e-4, max_steps=200``).
+    ``callbacks`` get every metrics record (a dict) as it is logged.
+    """
+    opts = options or TrainOptions()
+    if overrides:
+        unknown = set(overrides) - {f.name for f in fields(TrainOptions)}
+        if unknown:
+            raise MoorizeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        opts = TrainOptions(**{**asdict(opts), **overrides})
+    factored_dir, output = Path(factored_dir), Path(output)
+    FactoredCheckpoint(factored_dir).close()  # a clear error if it is not a factored checkpoint
+    run, resume_from = _prepare_run_dir(output, factored_dir, resume, overwrite)
+
+    accelerator = _accelerator(opts)
+    from accelerate.utils import set_seed
+
+    set_seed(opts.seed)
+    tokenizer, pad_id = _tokenizer(factored_dir)
+    ds = _load_data(data, eval_data, tokenizer, opts)
+    module, routed, heads = _build_model(factored_dir, ds.table, ds.kind, opts)
+    trainable = _trainable(routed, heads)
+    plan = _Plan(ds.train, opts, accelerator.num_processes)
+    run_config = {"options": {k: v for k, v in asdict(opts).items() if k not in BOOKKEEPING},
+                  "base_fingerprint": routed.moore_base_fingerprint,
+                  "tasks": ds.table.tasks, "kind": ds.kind, "train_examples": len(ds.train),
+                  "total_steps": plan.total}
+
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(opts, plan.total))
+    module, optimizer = accelerator.prepare(module, optimizer)  # the scheduler is stepped by hand, once a step
+    device = accelerator.device
+
+    start = 0
+    if resume_from is not None:
+        saved = json.loads((run / CONFIG_NAME).read_text())
+        if saved != run_config:
+            changed = sorted({k for k in run_config if k != "options" and saved.get(k) != run_config[k]}
+                             | {k for k, v in run_config["options"].items() if saved["options"].get(k) != v})
+            raise MoorizeError(f"cannot resume: the run was started with different {', '.join(changed)}")
+        start = _load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator.process_index)["step"]
+        log.info("resuming from %s (step %d)", resume_from, start)
+    elif accelerator.is_main_process:
+        try:
+            run.mkdir()
+            (run / CONFIG_NAME).write_text(json.dumps(run_config, indent=2) + "\n")
+        except OSError as e:
+            raise_for_os_error(e, output)
+    accelerator.wait_for_everyone()
+
+    metrics = _MetricsLog(run, accelerator.is_main_process, opts.tensorboard, callbacks,
+                          keep_until=start if resume_from is not None else None)
+    show = accelerator.is_main_process and (progress if progress is not None else sys.stderr.isatty())
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=plan.total, initial=start, disable=not show, desc="train", unit="step")
+    world = accelerator.num_processes
+    t0, tokens, window, last_eval = time.perf_counter(), 0, [], None
+    module.train()
+
+    def run_eval(step: int) -> None:
+        nonlocal last_eval
+        if not ds.eval:
+            return
+        last_eval = evaluate(module, ds.eval, ds.table, ds.kind, opts.batch_size * 2, pad_id, device, accelerator)
+        metrics.write({"kind": "eval", "step": step, "eval": last_eval})
+
+    try:
+        for step in range(start, plan.total):
+            micro, denom = plan.step(step, accelerator.process_index)
+            step_loss = torch.zeros((), device=device, dtype=torch.float64)
+            for i, idx in enumerate(micro):
+                batch = {k: v.to(device) for k, v in collate([ds.train[j] for j in idx], pad_id).items()}
+                tokens += int(batch["attention_mask"].sum())
+                sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(module)
+                with sync:
+                    loss_rows, _, _ = _forward(module, batch, ds.kind)
+                    loss = loss_rows.sum() / denom
+                    accelerator.backward(loss * world)  # DDP averages over ranks; the step's mean is a sum
+                step_loss += loss.detach().double()
+            grad_norm = (accelerator.clip_grad_norm_(list(trainable.values()), opts.max_grad_norm)
+                         if opts.max_grad_norm > 0 else None)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                step_loss = accelerator.reduce(step_loss, "sum")
+            done = step + 1
+            window.append(float(step_loss))
+            bar.update(1)
+            if done % opts.log_every == 0 or done == plan.total:
+                elapsed = time.perf_counter() - t0
+                record = {"kind": "train", "step": done, "epoch": round(plan.epoch_of(done), 4),
+                          "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                          "tokens_per_s": tokens * world / elapsed, "elapsed_s": round(elapsed, 3)}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window = []
+            if opts.eval_every and done % opts.eval_every == 0 and done != plan.total:
+                run_eval(done)
+            if opts.save_every and done % opts.save_every == 0 and done != plan.total:
+                _save_checkpoint(run, done, trainable, optimizer, scheduler, accelerator, opts.keep_checkpoints,
+                                 {"epoch": plan.epoch_of(done)})
+        run_eval(plan.total)
+    finally:
+        bar.close()
+        metrics.close()
+
+    seconds = time.perf_counter() - t0
+    if accelerator.is_main_process:
+        try:
+            write_adapter_files(routed, run, heads=heads,
+                                extra={"training": {"options": asdict(opts), "steps": plan.total,
+                                                    "kind": ds.kind, "final_eval": last_eval}})
+            if not opts.keep_checkpoints_at_end:
+                shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            publish(run, output)
+        except OSError as e:
+            raise_for_os_error(e, output)
+    accelerator.wait_for_everyone()
+    train_records = [r for r in metrics.history if r["kind"] == "train"]
+    return TrainReport(adapter=output, steps=plan.total, tasks=ds.table.tasks, kind=ds.kind,
+                       train_loss=train_records[-1]["loss"] if train_records else None, eval=last_eval or {},
+                       history=metrics.history, seconds=seconds,
+                       tokens_per_s=tokens * world / seconds if seconds else 0.0,
+                       resumed_from=start if resume_from is not None else None)
+
+
+def _trainable(routed, heads) -> dict[str, torch.nn.Parameter]:
+    """Adapter key -> parameter, for the MoORE layers and the task heads."""
+    from .routed import trainable_parameters
+
+    out = dict(trainable_parameters(routed))
+    if heads is not None:
+        out.update(heads.adapter_parameters())
+    return out

@@ -1,0 +1,305 @@
+"""moorize train on tiny models: learning, frozen base, exact resume, bad data, the CLI.
+
+The tiny models get a character-level tokenizer (built locally, no download) so the
+toy tasks are learnable: the same prompts, different answers per task, so the
+task routing has to carry the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import moorize
+from moorize.cli import cli
+from moorize.format import FactoredCheckpoint
+from moorize.heads import PAD_LOGIT
+from moorize.data import collate
+from moorize.training import TrainOptions, _forward, _load_data, _lr_lambda, _Plan, _tokenizer
+
+from conftest import TINY, tiny_config, tree_digest
+
+CHARS = string.digits + string.ascii_letters + string.punctuation + " "
+
+
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def factored_tiny(tmp_path, arch: str, seed: int = 0):
+    """A tiny model with a char tokenizer, converted at full rank: the factored directory."""
+    tok = char_tokenizer()
+    cfg = tiny_config(arch)
+    cfg.vocab_size = len(tok)
+    cfg.initializer_range = 0.2  # weights that matter, as a pretrained model's do (0.02 leaves the layers inert)
+    torch.manual_seed(seed)
+    model = TINY[arch][1](cfg).eval()
+    src = tmp_path / f"src-{arch}"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    out = tmp_path / f"factored-{arch}"
+    moorize.convert(src, out)
+    return out
+
+
+def toy_causal(n_per_task: int, seed: int = 0) -> list[dict]:
+    """Two tasks on the same prompts: 'first' answers the first letter, 'last' the last one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_per_task):
+        word = "".join(rng.choice("abcdef") for _ in range(4))
+        rows.append({"task": "first", "prompt": word + "=", "response": word[0]})
+        rows.append({"task": "last", "prompt": word + "=", "response": word[-1]})
+    return rows
+
+
+def toy_classification(n_per_task: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_per_task):
+        word = "".join(rng.choice("abcdef") for _ in range(5))
+        rows.append({"task": "has_a", "text": word, "label": "yes" if "a" in word else "no"})
+        rows.append({"task": "count_b", "text": word, "label": str(min(word.count("b"), 2))})
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return factored_tiny(tmp_path_factory.mktemp("train-llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return factored_tiny(tmp_path_factory.mktemp("train-bert"), "bert")
+
+
+FAST = dict(batch_size=8, lr=3e-2, warmup=2, seed=0, router_experts=16, task_dim=8)
+
+
+def test_loss_falls_and_base_is_untouched(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(48))
+    before = tree_digest(tiny_llama)
+    report = moorize.train(tiny_llama, data, tmp_path / "adapter", max_steps=40, eval_split=0.25, **FAST)
+    losses = [r["loss"] for r in report.history if r["kind"] == "train"]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert set(report.eval) == {"first", "last"} and all(m["examples"] == 12 for m in report.eval.values())
+    assert tree_digest(tiny_llama) == before  # the factored base is read-only
+
+    # the adapter reproduces the trained model; U, σ, Vh, residuals are the checkpoint's own
+    model = moorize.load(tiny_llama, tmp_path / "adapter")
+    with FactoredCheckpoint(tiny_llama) as ckpt:
+        for name, layer in moorize.moore_layers(model).items():
+            U, S, Vh, _ = ckpt.factors(name)
+            assert torch.equal(layer.U, U) and torch.equal(layer.sigma, S) and torch.equal(layer.Vh, Vh)
+            assert layer.router_out.abs().max() > 0 and layer.task_router.abs().max() > 0
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["task_ids"] == {"first": 0, "last": 1} and cfg["training"]["steps"] == 40
+    lines = [json.loads(x) for x in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(1, 41))
+    assert lines[-1]["kind"] == "eval" and lines[-1]["eval"] == report.eval
+
+
+def test_tasks_learn_different_answers(tiny_llama, tmp_path):
+    """Same prompts, different answers: the trained model must tell the tasks apart, on unseen words too."""
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(64))
+    report = moorize.train(tiny_llama, data, tmp_path / "a", max_steps=120, router="task", eval_split=0.2, **FAST)
+    assert report.eval["first"]["exact_match"] >= 0.7 and report.eval["last"]["exact_match"] >= 0.7
+    model = moorize.load(tiny_llama, tmp_path / "a")
+    tok = char_tokenizer()
+    ids = torch.tensor([tok("abcd=")["input_ids"]] * 2)
+    out = model.generate(ids, task_ids=["first", "last"], max_new_tokens=2, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    assert tok.batch_decode(out[:, ids.shape[1]:]) == ["a</s>", "d</s>"]
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(24))
+    opts = dict(max_steps=12, save_every=4, eval_split=0.2, **FAST)
+    full = moorize.train(tiny_llama, data, tmp_path / "full", **opts)
+
+    def interrupt(record):
+        if record["kind"] == "train" and record["step"] == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        moorize.train(tiny_llama, data, tmp_path / "cut", callbacks=(interrupt,), **opts)
+    assert not (tmp_path / "cut").exists()  # nothing that looks complete
+    partial = tmp_path / ".cut.moorize-partial"
+    assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
+    with pytest.raises(moorize.MoorizeError, match="--resume"):
+        moorize.train(tiny_llama, data, tmp_path / "cut", **opts)
+    resumed = moorize.train(tiny_llama, data, tmp_path / "cut", resume=True, **opts)
+    assert resumed.resumed_from == 8
+    a, b = moorize.read_adapter(tmp_path / "full")[1], moorize.read_adapter(tmp_path / "cut")[1]
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    for task in full.eval:
+        assert resumed.eval[task] == pytest.approx(full.eval[task], abs=1e-6)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == list(range(1, 13))  # records past the checkpoint were dropped, none repeated
+
+
+def test_resume_refuses_changed_settings(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(16))
+
+    def interrupt(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        moorize.train(tiny_llama, data, tmp_path / "a", max_steps=6, save_every=2, callbacks=(interrupt,), **FAST)
+    with pytest.raises(moorize.MoorizeError, match="different lr"):
+        moorize.train(tiny_llama, data, tmp_path / "a", max_steps=6, resume=True, **{**FAST, "lr": 1e-3})
+
+
+def test_accumulated_loss_is_the_token_mean_of_the_whole_step(tiny_llama, tmp_path):
+    """2 micro-batches of 4 are normalised by the label tokens of all 8 examples: one big batch's loss."""
+    rng = random.Random(1)
+    rows = [{"task": t, "prompt": w + "=", "response": w[: rng.randint(1, 4)]}
+            for w in ("".join(rng.choice("abcdef") for _ in range(4)) for _ in range(16)) for t in ("first", "last")]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    opts = TrainOptions(**{**FAST, "max_steps": 1, "batch_size": 4, "grad_accum": 2})
+    report = moorize.train(tiny_llama, data, tmp_path / "acc", options=opts)
+
+    tok, pad = _tokenizer(tiny_llama)
+    ds = _load_data(data, None, tok, opts)
+    micro, denom = _Plan(ds.train, opts, world=1).step(0, rank=0)
+    assert len(micro) == 2 and sum(map(len, micro)) == 8
+    model = moorize.load(tiny_llama, router=opts.router, tasks=ds.table.tasks, householder=opts.householder,
+                         task_dim=opts.task_dim, router_experts=opts.router_experts, seed=opts.seed)
+    batch = collate([ds.train[i] for b in micro for i in b], pad)
+    with torch.no_grad():
+        loss, count, _ = _forward(model, batch, "causal")
+    assert int(count.sum()) == denom
+    assert report.history[0]["loss"] == pytest.approx(float(loss.sum() / count.sum()), abs=1e-6)
+
+
+def test_classification_heads_on_an_encoder(tiny_bert, tmp_path):
+    rows = toy_classification(64)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    report = moorize.train(tiny_bert, data, tmp_path / "clf", max_steps=60, eval_split=0.2, **FAST)
+    assert set(report.eval) == {"has_a", "count_b"} and "accuracy" in report.eval["has_a"]
+    losses = [r["loss"] for r in report.history if r["kind"] == "train"]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    clf = moorize.load_classifier(tiny_bert, tmp_path / "clf")
+    assert clf.labels == {"has_a": ["no", "yes"], "count_b": ["0", "1", "2"]}
+    tok = char_tokenizer()
+    enc = tok(["abcde", "ffffb"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = clf(enc["input_ids"], enc["attention_mask"], ["has_a", "has_a"])
+    assert (logits[:, 2] == PAD_LOGIT).all()  # has_a has two labels: the third slot is never chosen
+    assert clf.predict(enc["input_ids"], enc["attention_mask"], ["has_a", "count_b"])[0] in ("no", "yes")
+
+
+def test_schedules():
+    total = 100
+    cos = _lr_lambda(TrainOptions(schedule="cosine", warmup=10), total)
+    assert cos(0) < cos(5) < cos(9) < 1.0 and cos(10) == pytest.approx(1.0) and cos(99) < 0.01
+    wsd = _lr_lambda(TrainOptions(schedule="wsd", warmup=0.1, decay=0.2), total)
+    assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5) and wsd(99) < 0.1
+    const = _lr_lambda(TrainOptions(schedule="constant", warmup=0), total)
+    assert const(0) == const(99) == 1.0
+
+
+# ---- bad data and bad options: one clear line each --------------------------------------------------------------
+
+BAD_CASES = {
+    "invalid JSON": ('{"task": "a", "prompt": "x", "response": "y"}\n{"task": "a", "prompt": \n', ":2: invalid JSON"),
+    "missing field": ('{"task": "a", "prompt": "x"}\n', ":1: missing field 'response'"),
+    "missing task": ('{"prompt": "x", "response": "y"}\n', ":1: missing field 'task'"),
+    "empty file": ("", "has no examples"),
+    "mixed kinds": ('{"task": "a", "prompt": "x", "response": "y"}\n{"task": "a", "text": "x", "label": "y"}\n',
+                    ":2: mixes classification and language-modelling"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_training_data(tiny_llama, tmp_path, case):
+    text, message = BAD_CASES[case]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    result = CliRunner().invoke(cli, ["train", str(tiny_llama), "--data", str(path), "--output",
+                                      str(tmp_path / "out"), "--max-steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.moorize-partial").exists()
+
+
+def test_unknown_task_at_eval(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(8))
+    ev = write_jsonl(tmp_path / "eval.jsonl", [{"task": "first", "prompt": "ab=", "response": "a"},
+                                               {"task": "middle", "prompt": "abc=", "response": "b"}])
+    with pytest.raises(moorize.MoorizeError, match=r"eval.jsonl:2: unknown task 'middle'"):
+        moorize.train(tiny_llama, data, tmp_path / "out", eval_data=ev, max_steps=1, **FAST)
+
+
+def test_label_outside_the_head(tiny_bert, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_classification(8))
+    ev = write_jsonl(tmp_path / "eval.jsonl", [{"task": "has_a", "text": "abc", "label": "maybe"}])
+    with pytest.raises(moorize.MoorizeError, match=r"eval.jsonl:1: label 'maybe' is outside the 'has_a' head"):
+        moorize.train(tiny_bert, data, tmp_path / "out", eval_data=ev, max_steps=1, **FAST)
+
+
+def test_too_long_sequences(tiny_llama, tmp_path, caplog):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(8) + [{"task": "first", "prompt": "x" * 40,
+                                                                    "response": "y"}])
+    with pytest.raises(moorize.MoorizeError, match=r"train.jsonl:17: .* exceed the maximum of 16"):
+        moorize.train(tiny_llama, data, tmp_path / "out", max_length=16, truncate=False, max_steps=1, **FAST)
+    # --truncate keeps the response when it can and warns; a prompt that fills everything is refused
+    with pytest.raises(moorize.MoorizeError, match=r"train.jsonl:17: the prompt fills all 16 tokens"):
+        moorize.train(tiny_llama, data, tmp_path / "out", max_length=16, truncate=True, max_steps=1, **FAST)
+
+
+def test_bad_options_and_paths(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(4))
+    runner = CliRunner()
+    cases = [
+        (["train", str(tmp_path / "nope"), "--data", data, "--output", str(tmp_path / "o")], "is not a factored checkpoint"),
+        (["train", str(tiny_llama), "--data", data, "--output", str(tmp_path / "o"), "--batch-size", "0"],
+         "batch-size must be at least 1"),
+        (["train", str(tiny_llama), "--data", data, "--output", str(tmp_path / "o"), "--resume"],
+         "no checkpoint to resume"),
+        (["train", str(tiny_llama), "--data", data, "--output", str(tmp_path / "o"), "--grad-accum", "4"],
+         "less than one step"),
+        (["train", str(tiny_llama), "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")],
+         "missing.jsonl does not exist"),
+        (["train", str(tiny_llama), "--data", data, "--output", str(tiny_llama)], "OUT_DIR"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_train_writes_an_adapter(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(16))
+    result = CliRunner().invoke(cli, ["train", str(tiny_llama), "--data", data, "--output", str(tmp_path / "ad"),
+                                      "--max-steps", "4", "--eval-split", "0.25", "--router-experts", "8",
+                                      "--schedule", "wsd", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["steps"] == 4 and set(report["eval"]) == {"first", "last"}
+    model = moorize.load(tiny_llama, tmp_path / "ad")
+    assert model.moore_config.router_experts == 8 and model.moore_tasks == {"first": 0, "last": 1}
