@@ -181,6 +181,11 @@ class SafetensorsFile(TensorSource):
                 raise MoorizeError(f"{self.path} is truncated: short read for {name!r}")
             done += got
 
+    def data_range(self, name: str) -> tuple[str, tuple[int, ...], int, int]:
+        """(dtype, shape, offset in the file, length) of a tensor's bytes: for readers that map the file."""
+        dt, shape, start, end = self._entries[name]
+        return dt, shape, self._data_start + start, end - start
+
     def load_bytes(self, name: str) -> bytearray:
         _, _, start, end = self._entries[name]
         buf = bytearray(end - start)

@@ -1,0 +1,355 @@
+"""ONNX export of a routed model: one ai.moorize::MoORELinear node per MoORE layer, validated with ONNX Runtime.
+
+The graph is traced with the torch.export-based exporter (``torch.onnx.export(...,
+dynamo=True)``) while every MoORELinear is swapped for the ``moorize::moore_linear``
+op, which translates to an opaque custom node; the op's function bodies are attached
+afterwards (``ops.attach_functions``) or inlined (``decompose``). Weights go to
+``model.onnx_data``, or with ``weights="reference"`` stay in the factored shards,
+which are hard-linked into the export directory: ONNX Runtime and the onnx checker
+only read external data inside the model's directory, and a hard link is the same
+file, not a copy. The directory is self-describing (``moorize_export.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checkpoint import SafetensorsFile, copy_aux_files, dtype_name
+from ..errors import MoorizeError
+from ..format import FactoredCheckpoint, factor_key
+from ..outdir import atomic_output_dir
+from . import ops
+from .graphs import ExportGraph, Routed, kv_layout, load_routed, past_names, sample_inputs, tokenizer_or_none
+from .validate import Validation, default_atol, validate
+
+log = logging.getLogger(__name__)
+
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
+META_FILE = "moorize_export.json"
+EXPORT_FORMAT = "moorize.export"
+EXPORT_VERSION = 1
+DEFAULT_OPSET = 20
+DTYPES = ("float32", "float16")
+WEIGHTS = ("copy", "reference")
+INLINE_BYTES = 1024  # smaller initializers stay inside the graph file
+ALIGN = 64
+
+
+@dataclass
+class ExportReport:
+    dest: Path
+    kind: str
+    tasks: list[str]
+    with_past: bool
+    decompose: bool
+    weights: str
+    dtype: str
+    opset: int
+    moore_nodes: int
+    graph_bytes: int = 0
+    data_bytes: int = 0  # written to model.onnx_data
+    referenced_bytes: int = 0  # read from the hard-linked factored shards
+    validation: Validation | None = None
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+
+def check_options(weights: str, dtype: str, opset: int) -> None:
+    import onnx
+
+    if weights not in WEIGHTS:
+        raise MoorizeError(f"unknown --weights {weights!r}: use copy or reference")
+    if dtype not in DTYPES:
+        raise MoorizeError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if opset < ops.MIN_OPSET:
+        raise MoorizeError(f"opset {opset} is too old for the {ops.OP_DOMAIN}::{ops.OP_NAME} op and the exporter: "
+                           f"use --opset {ops.MIN_OPSET} or newer (default {DEFAULT_OPSET})")
+    if opset > onnx.defs.onnx_opset_version():
+        raise MoorizeError(f"opset {opset} is newer than this onnx ({onnx.__version__}) knows: "
+                           f"use at most {onnx.defs.onnx_opset_version()}")
+
+
+def export_onnx(factored_dir, dest, adapter=None, *, with_past: bool = False, decompose: bool = False,
+                weights: str = "copy", dtype: str = "float32", opset: int = DEFAULT_OPSET, validate_export: bool = True,
+                atol: float | None = None, overwrite: bool = False) -> ExportReport:
+    """Export the routed model of ``factored_dir`` (+ ``adapter``) to the directory ``dest``."""
+    t0 = time.perf_counter()
+    check_options(weights, dtype, opset)
+    factored_dir, dest = Path(factored_dir), Path(dest)
+    if weights == "reference" and dtype != "float32":
+        raise MoorizeError("--weights reference serves the checkpoint's own bytes, so it needs --dtype float32")
+    routed = load_routed(factored_dir, adapter)
+    exported = load_routed(factored_dir, adapter) if dtype != "float32" else routed
+    if dtype != "float32":
+        exported.model.to(getattr(torch, dtype))
+        if exported.heads is not None:
+            exported.heads.to(getattr(torch, dtype))
+    tokenizer = tokenizer_or_none(factored_dir)
+    holder = ops.TaskIds()
+    graph = ExportGraph(exported, with_past, holder)
+    report = ExportReport(dest, routed.kind, routed.tasks, with_past, decompose, weights, dtype, opset, 0)
+    protect = [factored_dir] + ([Path(adapter)] if adapter is not None else [])
+    with atomic_output_dir(dest, overwrite, protect=protect) as tmp:
+        model = _trace(graph, exported, tokenizer, holder, dtype, opset, tmp, fold_rotation=weights == "copy")
+        report.moore_nodes = ops.attach_functions(model, opset)
+        if report.moore_nodes != len(routed.model.moore_layer_paths):
+            raise MoorizeError(f"internal: {report.moore_nodes} {ops.OP_NAME} nodes for "
+                               f"{len(routed.model.moore_layer_paths)} MoORE layers")
+        if decompose:
+            model = _inline(model)
+        refs = _reference_map(factored_dir, graph, exported) if weights == "reference" else {}
+        report.data_bytes, report.referenced_bytes = _place_weights(model, tmp, refs, factored_dir)
+        import onnx
+
+        onnx.save_model(model, tmp / GRAPH_FILE)
+        (tmp / "trace.onnx").unlink(missing_ok=True)
+        for f in tmp.glob("trace.onnx*"):
+            f.unlink()
+        check_graph(tmp / GRAPH_FILE, model, weights)
+        copy_aux_files(factored_dir, tmp)
+        (tmp / "moorize.json").unlink(missing_ok=True)  # an export, not a factored checkpoint
+        meta = export_metadata(routed, graph, dtype, opset, decompose, weights, factored_dir, adapter)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if validate_export:
+            report.validation = validate_onnx(tmp / GRAPH_FILE, graph, routed, tokenizer, dtype,
+                                              atol if atol is not None else default_atol(dtype))
+        report.graph_bytes = (tmp / GRAPH_FILE).stat().st_size
+        report.files = sorted(p.name for p in tmp.iterdir())
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _trace(graph: ExportGraph, routed: Routed, tokenizer, holder, dtype: str, opset: int, tmp: Path,
+           fold_rotation: bool):
+    """torch.onnx.export with the MoORE op as a custom node; returns the ModelProto (weights left external)."""
+    import onnx
+
+    args = sample_inputs(routed, tokenizer, graph.with_past, past=3, dtype=getattr(torch, dtype))
+    names = graph.input_names
+    with ops.export_layers(routed.model, holder, getattr(torch, dtype), fold_rotation), torch.no_grad():
+        try:
+            # torch.export first: given Dim objects, torch.onnx.export loses their equalities (it renames them).
+            # No optimiser when the rotation stays in the graph: constant folding would store Vh H again.
+            program = torch.export.export(graph, args, dynamic_shapes=graph.dynamic_shapes())
+            prog = torch.onnx.export(program, dynamo=True, custom_translation_table=ops.onnx_translation(),
+                                     input_names=names, output_names=graph.output_names, opset_version=opset,
+                                     optimize=fold_rotation, verbose=False)
+        except Exception as e:  # the exporter's own message is pages long: keep its summary line
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            at = next((i for i, ln in enumerate(lines) if ln.startswith("## Exception summary")), None)
+            first = lines[at + 1] if at is not None and at + 1 < len(lines) else (lines or [type(e).__name__])[0]
+            raise MoorizeError(f"torch.onnx.export failed: {first} (rerun with --debug for details)") from e
+    prog.save(tmp / "trace.onnx", external_data=True)  # onnx_ir writes the weights: no 2 GB proto limit
+    model = onnx.load(str(tmp / "trace.onnx"), load_external_data=False)
+    _name_dims(model, graph)
+    return model
+
+
+def _name_dims(model, graph: ExportGraph) -> None:
+    """Symbolic dims get the names of graph.dynamic_shapes (batch, sequence, ...) instead of s53, s70."""
+    spec = graph.dynamic_shapes()
+    flat = [spec["input_ids"], spec["attention_mask"], spec["task_ids"], *spec.get("past", ())]
+    rename = {}
+    for inp, dims in zip(model.graph.input, flat):
+        for axis, dim in dims.items():
+            param = inp.type.tensor_type.shape.dim[axis].dim_param
+            if param:
+                rename[param] = dim.__name__
+    values = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
+    for v in values:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+
+
+def check_graph(path: Path, model, weights: str) -> None:
+    """onnx.checker with full checking (strict shape inference). The checker refuses external data in a
+    file with several hard links ("potential hardlink attack"), so a ``reference`` graph is checked with its
+    weights declared as typed graph inputs instead: everything but where the bytes live."""
+    import onnx
+
+    if weights == "reference":
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        decls = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer]
+        del model.graph.initializer[:]
+        model.graph.input.extend(decls)
+    try:
+        onnx.checker.check_model(str(path) if weights == "copy" else model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise MoorizeError(f"internal: the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+
+
+def _inline(model):
+    """--decompose: the function bodies inlined, so the graph uses standard ops only."""
+    import onnx.inliner
+
+    out = onnx.inliner.inline_local_functions(model)
+    keep = [o for o in out.opset_import if o.domain != ops.OP_DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
+
+
+def _reference_map(factored_dir: Path, graph: ExportGraph, routed: Routed) -> dict[str, str]:
+    """Initializer name -> checkpoint tensor name, for every exported weight the shards hold as is."""
+    from ..targets import checkpoint_name
+
+    model = routed.model
+    ckpt = FactoredCheckpoint(factored_dir)
+    try:
+        out = {}
+        wrapper_prefix = "model."  # ExportGraph.model
+        layer_of = {path: name for name, path in model.moore_layer_paths.items()}
+        parts = {"U": "U", "Vh": "Vh", "vh": "Vh", "residual": "residual"}
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        for key, _ in list(model.named_parameters()) + list(model.named_buffers()):
+            path, _, leaf = key.rpartition(".")
+            if path in layer_of:
+                continue  # the MoORE layers' export buffers are added below
+            src = checkpoint_name(key, prefix, ckpt.weight_map)
+            if src is not None:
+                out[wrapper_prefix + key] = src
+        for path, name in layer_of.items():
+            for leaf, part in parts.items():
+                out[f"{wrapper_prefix}{path}.{leaf}"] = factor_key(name, part)
+            out[f"{wrapper_prefix}{path}.bias"] = f"{name}.bias"
+        return {k: v for k, v in out.items() if v in ckpt.weight_map}
+    finally:
+        ckpt.close()
+
+
+def _place_weights(model, tmp: Path, refs: dict[str, str], factored_dir: Path) -> tuple[int, int]:
+    """Move every large initializer to model.onnx_data, or point it into a hard-linked shard; returns bytes."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    ckpt = FactoredCheckpoint(factored_dir) if refs else None
+    shards: dict[str, SafetensorsFile] = {}
+    written = referenced = 0
+    try:
+        with open(tmp / DATA_FILE, "wb") as data:
+            for t in model.graph.initializer:
+                if t.data_location != onnx.TensorProto.EXTERNAL:
+                    if len(t.raw_data) < INLINE_BYTES:
+                        continue
+                    buf = t.raw_data
+                else:
+                    info = ExternalDataInfo(t)
+                    with open(tmp / info.location, "rb") as f:
+                        f.seek(info.offset or 0)
+                        buf = f.read(info.length) if info.length else f.read()
+                src = refs.get(t.name)
+                if src is not None and ckpt is not None:
+                    loc = _shard_location(ckpt, src, t, buf, shards, tmp)
+                    if loc is not None:
+                        _set_external(t, *loc)
+                        referenced += len(buf)
+                        continue
+                pad = (-data.tell()) % ALIGN
+                data.write(b"\0" * pad)
+                _set_external(t, DATA_FILE, data.tell(), len(buf))
+                data.write(buf)
+                written += len(buf)
+    finally:
+        for f in shards.values():
+            f.close()
+        if ckpt is not None:
+            ckpt.close()
+    if not written:
+        (tmp / DATA_FILE).unlink()
+    return written, referenced
+
+
+def _shard_location(ckpt: FactoredCheckpoint, src: str, tensor, buf: bytes, shards: dict, tmp: Path):
+    """(file, offset, length) of ``src`` inside its hard-linked shard when its bytes equal ``buf``; else None."""
+    fname = ckpt.weight_map[src]
+    if fname not in shards:
+        shards[fname] = SafetensorsFile(ckpt.directory / fname)
+        try:
+            os.link(ckpt.directory / fname, tmp / fname)
+        except OSError as e:
+            raise MoorizeError(f"--weights reference hard-links the factored shards into the export, which needs "
+                               f"DEST on the same filesystem as {ckpt.directory} ({e.strerror}); "
+                               "use --weights copy") from None
+    f = shards[fname]
+    _, shape, offset, length = f.data_range(src)
+    if length != len(buf) or tuple(shape) != tuple(tensor.dims):
+        return None
+    fd = f._fh.fileno()
+    if os.pread(fd, length, offset) != bytes(buf):  # e.g. a transposed or converted copy: keep it in the data file
+        return None
+    return fname, offset, length
+
+
+def _set_external(tensor, location: str, offset: int, length: int) -> None:
+    import onnx
+
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = tensor.external_data.add()
+        e.key, e.value = k, v
+
+
+def export_metadata(routed: Routed, graph: ExportGraph, dtype: str, opset: int, decompose: bool, weights: str,
+                    factored_dir: Path, adapter) -> dict:
+    """moorize_export.json: everything a runtime needs besides the graph (docs/FORMAT.md)."""
+    cfg = routed.model.config
+    meta = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "moorize_version": __version__,
+        "kind": routed.kind,
+        "model_type": cfg.model_type,
+        "graph": GRAPH_FILE,
+        "tasks": {t: i for i, t in enumerate(routed.tasks)},
+        "labels": routed.labels,
+        "router": routed.model.moore_config.router,
+        "inputs": graph.input_names,
+        "outputs": graph.output_names,
+        "with_past": graph.with_past,
+        "dtype": dtype,
+        "opset": opset,
+        "op": None if decompose else {"domain": ops.OP_DOMAIN, "name": ops.OP_NAME, "version": ops.OP_VERSION},
+        "weights": weights,
+        "base_fingerprint": routed.model.moore_base_fingerprint,
+        "adapter": str(adapter) if adapter is not None else None,
+        "source": str(factored_dir),
+    }
+    if routed.kind == "decoder":
+        meta["kv"] = kv_layout(cfg)
+        gen = getattr(routed.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) or cfg.eos_token_id
+        meta["eos_token_id"] = eos if isinstance(eos, list) or eos is None else [eos]
+        meta["pad_token_id"] = getattr(gen, "pad_token_id", None) or cfg.pad_token_id
+    return meta
+
+
+def ort_runner(session, input_names: list[str]):
+    """Feeds tensors to an ONNX Runtime session by position, returns its outputs."""
+
+    def run(tensors):
+        return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(input_names, tensors)})
+
+    return run
+
+
+def validate_onnx(path: Path, graph: ExportGraph, routed: Routed, tokenizer, dtype: str, atol: float) -> Validation:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return validate(graph, routed, tokenizer, ort_runner(session, graph.input_names), "ONNX Runtime", atol, dtype)
+
+
+__all__ = ["export_onnx", "ExportReport", "GRAPH_FILE", "DATA_FILE", "META_FILE", "DEFAULT_OPSET", "past_names",
+           "dtype_name"]
