@@ -139,7 +139,8 @@ def tokenizer_or_none(directory: Path):
         return None
 
 
-SAMPLE_TEXTS = ("The capital of France is", "Write a short poem about the sea and the wind.")
+SAMPLE_TEXTS = ("The capital of France is", "Write a short poem about the sea and the wind.",
+                "List three prime numbers:")
 
 
 def sample_inputs(routed: Routed, tokenizer, with_past: bool, past: int = 0, batch: int = 2, seq: int = 8,

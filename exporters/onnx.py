@@ -22,21 +22,19 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoint import SafetensorsFile, copy_aux_files, dtype_name
+from ..checkpoint import SafetensorsFile, copy_aux_files
 from ..errors import MoorizeError
 from ..format import FactoredCheckpoint, factor_key
 from ..outdir import atomic_output_dir
 from . import ops
-from .graphs import ExportGraph, Routed, kv_layout, load_routed, past_names, sample_inputs, tokenizer_or_none
+from .ort import EXPORT_FORMAT, EXPORT_VERSION, META_FILE
+from .graphs import ExportGraph, Routed, kv_layout, load_routed, sample_inputs, tokenizer_or_none
 from .validate import Validation, default_atol, validate
 
 log = logging.getLogger(__name__)
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
-META_FILE = "moorize_export.json"
-EXPORT_FORMAT = "moorize.export"
-EXPORT_VERSION = 1
 DEFAULT_OPSET = 20
 DTYPES = ("float32", "float16")
 WEIGHTS = ("copy", "reference")
@@ -350,6 +348,3 @@ def validate_onnx(path: Path, graph: ExportGraph, routed: Routed, tokenizer, dty
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return validate(graph, routed, tokenizer, ort_runner(session, graph.input_names), "ONNX Runtime", atol, dtype)
 
-
-__all__ = ["export_onnx", "ExportReport", "GRAPH_FILE", "DATA_FILE", "META_FILE", "DEFAULT_OPSET", "past_names",
-           "dtype_name"]

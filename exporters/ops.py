@@ -35,11 +35,13 @@ OP_INPUTS = (("X", False), ("task_ids", False), ("gate_table", False), ("U", Fal
 
 # ---- PyTorch -------------------------------------------------------------------------------------
 
-@torch.library.custom_op("moorize::moore_linear", mutates_args=())
-def moore_linear(x: torch.Tensor, task_ids: torch.Tensor, gate_table: torch.Tensor, U: torch.Tensor,
-                 vh: torch.Tensor, router_in: Optional[torch.Tensor], router_out: Optional[torch.Tensor],
-                 residual: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """y = U (ReLU(gate_table[t] + B (C x)) ⊙ (vh x)) (+ R x) (+ b), x [batch, seq, n]; in x's dtype."""
+def moore_linear_math(x: torch.Tensor, task_ids: torch.Tensor, gate_table: torch.Tensor, U: torch.Tensor,
+                      vh: torch.Tensor, router_in: Optional[torch.Tensor], router_out: Optional[torch.Tensor],
+                      residual: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = U (ReLU(gate_table[t] + B (C x)) ⊙ (vh x)) (+ R x) (+ b), x [batch, seq, n]; in x's dtype.
+
+    Plain aten ops: the custom op's kernel, and what TorchScript and .pt2 exports contain (they then
+    load without moorize installed)."""
     z = x @ vh.t()
     g = gate_table[task_ids].unsqueeze(1)
     if router_in is not None:
@@ -52,6 +54,14 @@ def moore_linear(x: torch.Tensor, task_ids: torch.Tensor, gate_table: torch.Tens
     return y
 
 
+@torch.library.custom_op("moorize::moore_linear", mutates_args=())
+def moore_linear(x: torch.Tensor, task_ids: torch.Tensor, gate_table: torch.Tensor, U: torch.Tensor,
+                 vh: torch.Tensor, router_in: Optional[torch.Tensor], router_out: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The MoORE layer as one op (see ``moore_linear_math``); the ONNX export maps it to ai.moorize."""
+    return moore_linear_math(x, task_ids, gate_table, U, vh, router_in, router_out, residual, bias)
+
+
 @moore_linear.register_fake
 def _moore_linear_fake(x, task_ids, gate_table, U, vh, router_in, router_out, residual, bias):
     return x.new_empty(*x.shape[:-1], U.shape[0])
@@ -60,12 +70,13 @@ def _moore_linear_fake(x, task_ids, gate_table, U, vh, router_in, router_out, re
 class ExportMoORELinear(nn.Module):
     """What a MoORELinear becomes for export: the op's constant inputs as buffers, task ids from the wrapper."""
 
-    def __init__(self, layer: MoORELinear, holder: "TaskIds", dtype: torch.dtype, fold_rotation: bool = True):
+    def __init__(self, layer: MoORELinear, holder: "TaskIds", dtype: torch.dtype, fold_rotation: bool = True,
+                 use_op: bool = True):
         """``fold_rotation=False`` keeps the stored Vh and the chain's WY factors (Y [n, k], T [k, k]) and
         rotates in the graph, so Vh can be the checkpoint's own bytes (``--weights reference``); a runtime
         folds that constant subgraph when it loads the model."""
         super().__init__()
-        self.holder = holder
+        self.holder, self.use_op = holder, use_op
         cfg = layer.config
         self.rotate = not fold_rotation and layer.householder is not None
         with torch.no_grad():
@@ -89,7 +100,8 @@ class ExportMoORELinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vh = self.Vh - ((self.Vh @ self.wy_y) @ self.wy_t) @ self.wy_y.t() if self.rotate else self.vh
-        return torch.ops.moorize.moore_linear(x.to(self.U.dtype), self.holder.ids, self.gate_table, self.U, vh, self.router_in, self.router_out, self.residual,
+        op = torch.ops.moorize.moore_linear if self.use_op else moore_linear_math
+        return op(x.to(self.U.dtype), self.holder.ids, self.gate_table, self.U, vh, self.router_in, self.router_out, self.residual,
                                               self.bias).to(x.dtype)
 
 
@@ -100,13 +112,14 @@ class TaskIds:
 
 
 @contextlib.contextmanager
-def export_layers(model: nn.Module, holder: TaskIds, dtype: torch.dtype, fold_rotation: bool = True):
+def export_layers(model: nn.Module, holder: TaskIds, dtype: torch.dtype, fold_rotation: bool = True,
+                  use_op: bool = True):
     """Swap every MoORELinear of ``model`` for an ExportMoORELinear for the duration of the block."""
     originals = {}
     for path in model.moore_layer_paths.values():
         layer = model.get_submodule(path)
         originals[path] = layer
-        _set(model, path, ExportMoORELinear(layer, holder, dtype, fold_rotation))
+        _set(model, path, ExportMoORELinear(layer, holder, dtype, fold_rotation, use_op))
     try:
         yield
     finally:

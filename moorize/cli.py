@@ -295,6 +295,12 @@ def quickstart(out_dir: Path, prompts, max_new_tokens: int) -> None:
     run_quickstart(out_dir, list(prompts) or None, max_new_tokens, echo=click.echo)
 
 
+from .exporters.commands import export as _export_command, run as _run_command  # noqa: E402
+
+cli.add_command(_export_command)
+cli.add_command(_run_command)
+
+
 def main() -> None:
     cli(prog_name="moorize")
 

@@ -85,3 +85,29 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, protect: Iterable[Path] = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_output_file(dest: Path, overwrite: bool, protect: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a hidden sibling path to write; renamed to ``dest`` on success, deleted on any failure."""
+    dest = Path(dest)
+    if dest.exists() and (dest.is_dir() or not overwrite):
+        raise MoorizeError(f"{dest} exists" + ("" if dest.is_dir() else "; pass --overwrite to replace it"))
+    for src in protect:
+        if dest.resolve() == Path(src).resolve() or Path(src).resolve() in dest.resolve().parents:
+            raise MoorizeError(f"{dest} would be written inside the source {src}; choose a path elsewhere")
+    parent = dest.parent
+    if not parent.is_dir():
+        raise MoorizeError(f"the parent directory of {dest} ({parent}) does not exist")
+    if not os.access(parent, os.W_OK):
+        raise MoorizeError(f"cannot write into {parent}: permission denied")
+    tmp = parent / f".{dest.name}.moorize-partial"
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise_for_os_error(e, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,263 @@
+"""Serving an export with ONNX Runtime: ``MoOREOrtModel`` (generate, classify) for ``moorize run``.
+
+One InferenceSession serves every task of the model, since the task is a graph
+input. A ``--with-past`` decoder export generates one token per step: the prefill
+starts from an empty cache and each step feeds the previous ``present`` tensors
+back as ``past_key_values``. Everything comes from the export directory
+(``moorize_export.json``, tokenizer, graph and its weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MoorizeError
+
+log = logging.getLogger(__name__)
+
+META_FILE = "moorize_export.json"
+EXPORT_FORMAT = "moorize.export"
+EXPORT_VERSION = 1
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime has it and a GPU is visible, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        except ImportError:
+            pass
+    return ["CPUExecutionProvider"]
+
+
+def read_export_meta(directory: Path) -> dict:
+    path = directory / META_FILE
+    if not directory.is_dir():
+        raise MoorizeError(f"export directory {directory} does not exist")
+    if not path.is_file():
+        raise MoorizeError(f"{directory} is not a moorize export: {META_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MoorizeError(f"{path} is unreadable: {e}") from None
+    if meta.get("format") != EXPORT_FORMAT or meta.get("format_version") != EXPORT_VERSION:
+        raise MoorizeError(f"{path} is not a moorize export (version {EXPORT_VERSION})")
+    return meta
+
+
+@dataclass
+class GenerationTimes:
+    """Wall-clock seconds of the last generate call: the prefill and every decoding step."""
+
+    prefill: float = 0.0
+    steps: list[float] = field(default_factory=list)
+    new_tokens: int = 0  # generated tokens over the batch (finished rows excluded)
+
+    @property
+    def total(self) -> float:
+        return self.prefill + sum(self.steps)
+
+
+class MoOREOrtModel:
+    """An exported routed model in an ONNX Runtime session."""
+
+    def __init__(self, directory: Path, meta: dict, session, tokenizer):
+        self.directory, self.meta, self.session, self.tokenizer = directory, meta, session, tokenizer
+        self.tasks: dict[str, int] = dict(meta["tasks"])
+        self.labels: dict[str, list[str]] | None = meta.get("labels")
+        self.kind: str = meta["kind"]
+        self.with_past: bool = bool(meta.get("with_past"))
+        self.float_dtype = np.float16 if meta.get("dtype") == "float16" else np.float32
+        self.last_times = GenerationTimes()
+
+    @classmethod
+    def from_export(cls, directory, providers: list[str] | None = None, session_options=None) -> "MoOREOrtModel":
+        """Load DIR written by ``moorize export --onnx DIR``; providers default to CUDA when usable, else CPU."""
+        import onnxruntime as ort
+
+        directory = Path(directory)
+        meta = read_export_meta(directory)
+        graph = directory / meta.get("graph", "model.onnx")
+        if not graph.is_file():
+            raise MoorizeError(f"{directory} lacks its graph {graph.name}")
+        try:
+            session = ort.InferenceSession(str(graph), sess_options=session_options,
+                                           providers=providers or default_providers())
+        except Exception as e:  # a missing weights file, an unknown provider, ...
+            raise MoorizeError(f"ONNX Runtime cannot load {graph}: {str(e).splitlines()[0]}") from None
+        tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except Exception:
+            log.info("no tokenizer in %s: pass token ids", directory)
+        return cls(directory, meta, session, tokenizer)
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the session actually runs on first (e.g. CUDAExecutionProvider)."""
+        return self.session.get_providers()[0]
+
+    # ---- tasks and raw forward -------------------------------------------------------------------
+    def task_id(self, task) -> int:
+        if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
+            if not 0 <= int(task) < len(self.tasks):
+                raise MoorizeError(f"task id {int(task)} out of range: the model has {len(self.tasks)} task(s) "
+                                   f"({', '.join(self.tasks)})")
+            return int(task)
+        if task not in self.tasks:
+            raise MoorizeError(f"unknown task {task!r}; tasks are: {', '.join(self.tasks)}")
+        return self.tasks[task]
+
+    def task_ids(self, task, batch: int) -> np.ndarray:
+        """[batch] int64 ids from one task (name or id) or one per row."""
+        if task is None:
+            if len(self.tasks) != 1:
+                raise MoorizeError(f"this model has several tasks: choose one of {', '.join(self.tasks)}")
+            task = 0
+        rows = list(task) if isinstance(task, (list, tuple, np.ndarray)) else [task] * batch
+        if len(rows) != batch:
+            raise MoorizeError(f"{len(rows)} tasks for a batch of {batch}")
+        return np.array([self.task_id(t) for t in rows], dtype=np.int64)
+
+    def run(self, input_ids, attention_mask, task_ids, past: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """One session call; ``task_ids`` is checked here, so a bad id is a clear error, not a Gather fault."""
+        task_ids = np.asarray(task_ids, dtype=np.int64)
+        if task_ids.size and (task_ids.min() < 0 or task_ids.max() >= len(self.tasks)):
+            raise MoorizeError(f"task id out of range in {task_ids.tolist()}: the model has {len(self.tasks)} "
+                               f"task(s) ({', '.join(self.tasks)})")
+        names = self.meta["inputs"]
+        values = [np.asarray(input_ids, dtype=np.int64), np.asarray(attention_mask, dtype=np.int64), task_ids]
+        if self.with_past:
+            values += past if past is not None else self.empty_past(values[0].shape[0])
+        return self.session.run(None, dict(zip(names, values)))
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        kv = self.meta["kv"]
+        shape = (batch, kv["num_kv_heads"], 0, kv["head_dim"])
+        return [np.zeros(shape, dtype=self.float_dtype) for _ in range(2 * kv["num_layers"])]
+
+    # ---- text ------------------------------------------------------------------------------------
+    def _encode(self, texts: list[str], left_pad: bool):
+        if self.tokenizer is None:
+            raise MoorizeError(f"{self.directory} has no tokenizer: pass token ids to run()")
+        tok = self.tokenizer
+        tok.padding_side = "left" if left_pad else "right"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        enc = tok(texts, return_tensors="np", padding=True)
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+    def generate(self, prompts, task=None, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
+        """Continue each prompt (batched, left-padded); returns the new text of each."""
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        ids, mask = self._encode(prompts, left_pad=True)
+        new = self.generate_ids(ids, mask, task, max_new_tokens, do_sample, temperature, top_p, seed)
+        eos = set(self.meta.get("eos_token_id") or [])
+        texts = []
+        for row in new:
+            keep = []
+            for t in row.tolist():
+                if t in eos:
+                    break
+                keep.append(t)
+            texts.append(self.tokenizer.decode(keep, skip_special_tokens=True))
+        return texts[0] if single else texts
+
+    def generate_ids(self, input_ids, attention_mask=None, task=None, max_new_tokens: int = 32,
+                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     seed: int | None = None) -> np.ndarray:
+        """[batch, max_new_tokens] new token ids; rows that met EOS continue with the pad token."""
+        if self.kind != "decoder":
+            raise MoorizeError("generate() needs a decoder export; this one is an encoder (use classify())")
+        if max_new_tokens < 1:
+            raise MoorizeError("max_new_tokens must be at least 1")
+        if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+            raise MoorizeError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        batch = ids.shape[0]
+        tids = self.task_ids(task, batch)
+        eos = np.array(self.meta.get("eos_token_id") or [], dtype=np.int64)
+        pad = self.meta.get("pad_token_id")
+        pad = int(pad) if pad is not None else (int(eos[0]) if eos.size else 0)
+        rng = np.random.default_rng(seed)
+        done = np.zeros(batch, dtype=bool)
+        out = np.full((batch, max_new_tokens), pad, dtype=np.int64)
+        times = GenerationTimes()
+        past, step_ids, seq = None, ids, ids
+        for i in range(max_new_tokens):
+            t0 = time.perf_counter()
+            outputs = self.run(step_ids, mask, tids, past)
+            logits = outputs[0][:, -1].astype(np.float32)
+            nxt = _sample(logits, rng, temperature, top_p) if do_sample else logits.argmax(-1)
+            nxt = np.where(done, pad, nxt)
+            dt = time.perf_counter() - t0
+            if i == 0:
+                times.prefill = dt
+            else:
+                times.steps.append(dt)
+            times.new_tokens += int((~done).sum())
+            out[:, i] = nxt
+            done |= np.isin(nxt, eos)
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
+            if self.with_past:
+                past, step_ids = list(outputs[1:]), nxt[:, None]
+            else:  # no cache in the graph: recompute the whole sequence
+                seq = np.concatenate([seq, nxt[:, None]], 1)
+                step_ids = seq
+            if done.all():
+                out = out[:, : i + 1]
+                break
+        self.last_times = times
+        return out
+
+    def classify(self, texts, task=None) -> list[str]:
+        """The arg-max label of each text under ``task`` (an encoder exported with its task heads)."""
+        scores = self.scores(texts, task)
+        name = self._task_name(task)
+        return [self.labels[name][int(k)] for k in scores.argmax(-1)]
+
+    def scores(self, texts, task=None) -> np.ndarray:
+        """[batch, labels of the task] logits of the task heads."""
+        if self.kind != "encoder" or not self.labels:
+            raise MoorizeError("classify() needs an encoder exported with an adapter that has task heads")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids, mask = self._encode(texts, left_pad=False)
+        logits = self.run(ids, mask, self.task_ids(task, len(texts)))[0]
+        return logits[:, : len(self.labels[self._task_name(task)])]
+
+    def _task_name(self, task) -> str:
+        tid = int(self.task_ids(task, 1)[0])
+        return next(name for name, i in self.tasks.items() if i == tid)
+
+
+def _sample(logits: np.ndarray, rng, temperature: float, top_p: float) -> np.ndarray:
+    """Nucleus sampling per row: the smallest set of tokens whose probability reaches top_p."""
+    z = logits / temperature
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    out = np.empty(p.shape[0], dtype=np.int64)
+    for r in range(p.shape[0]):
+        order = np.argsort(-p[r])
+        cum = np.cumsum(p[r, order])
+        keep = order[: int(np.searchsorted(cum, top_p)) + 1]
+        q = p[r, keep] / p[r, keep].sum()
+        out[r] = keep[rng.choice(len(keep), p=q)]
+    return out

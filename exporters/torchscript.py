@@ -1,0 +1,114 @@
+"""TorchScript (``torch.jit.trace``) and torch.export (``.pt2``) exports of a routed model.
+
+Both trace the same ``ExportGraph`` as the ONNX export, with the MoORE layers in
+plain aten ops (``ops.moore_linear_math``), so the files load with stock PyTorch and
+no moorize. The task table and input/output names travel inside the file
+(``moorize_export.json`` as an extra file). TorchScript is deprecated upstream in
+favour of torch.export; it is kept for runtimes that still need it. Both are
+validated against the routed model like the ONNX export.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import MoorizeError
+from ..outdir import atomic_output_file
+from . import ops
+from .graphs import ExportGraph, load_routed, sample_inputs, tokenizer_or_none
+from .validate import Validation, default_atol, validate
+
+TORCHSCRIPT_NOTE = ("TorchScript (torch.jit) is deprecated upstream: prefer --pt2 (torch.export), "
+                    "or --onnx for ONNX Runtime")
+
+
+@dataclass
+class FileExportReport:
+    dest: Path
+    backend: str  # torchscript | pt2
+    kind: str
+    tasks: list[str]
+    with_past: bool
+    bytes: int = 0
+    validation: Validation | None = None
+    seconds: float = 0.0
+
+
+def _meta(graph: ExportGraph, routed, backend: str) -> str:
+    return json.dumps({"format": "moorize.export", "backend": backend, "kind": routed.kind,
+                       "tasks": {t: i for i, t in enumerate(routed.tasks)}, "labels": routed.labels,
+                       "inputs": graph.input_names, "outputs": graph.output_names, "with_past": graph.with_past,
+                       "base_fingerprint": routed.model.moore_base_fingerprint})
+
+
+def _export(backend: str, factored_dir, dest, adapter, with_past: bool, validate_export: bool, atol, overwrite):
+    t0 = time.perf_counter()
+    routed = load_routed(factored_dir, adapter)
+    tokenizer = tokenizer_or_none(Path(factored_dir))
+    holder = ops.TaskIds()
+    graph = ExportGraph(routed, with_past, holder)
+    args = sample_inputs(routed, tokenizer, with_past, past=3)
+    report = FileExportReport(Path(dest), backend, routed.kind, routed.tasks, with_past)
+    protect = [Path(factored_dir)] + ([Path(adapter)] if adapter is not None else [])
+    with atomic_output_file(Path(dest), overwrite, protect) as tmp:
+        meta = _meta(graph, routed, backend)
+        with ops.export_layers(routed.model, holder, torch.float32, use_op=False), torch.no_grad():
+            if backend == "torchscript":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # tracer warnings about Python values in HF code
+                    traced = torch.jit.trace(graph, args, check_trace=False, strict=False)
+                torch.jit.save(traced, str(tmp), _extra_files={"moorize_export.json": meta})
+            else:
+                program = torch.export.export(graph, args, dynamic_shapes=graph.dynamic_shapes())
+                torch.export.save(program, str(tmp), extra_files={"moorize_export.json": meta})
+        if validate_export:
+            loaded = load_file(tmp, backend, with_past)
+            report.validation = validate(graph, routed, tokenizer, _runner(loaded), backend_title(backend),
+                                         atol if atol is not None else default_atol("float32"))
+        report.bytes = tmp.stat().st_size
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def backend_title(backend: str) -> str:
+    return {"torchscript": "TorchScript", "pt2": "torch.export (.pt2)"}[backend]
+
+
+def load_file(path: Path, backend: str, with_past: bool = False):
+    """The callable module of a saved TorchScript or .pt2 export.
+
+    A .pt2 traced with a cache carries the tracer's guard "cache length > 0"; the program is exact for an
+    empty cache too (validation runs the prefill from one), so with a cache its guards are not checked."""
+    if backend == "torchscript":
+        return torch.jit.load(str(path))
+    return torch.export.load(str(path)).module(check_guards=not with_past)
+
+
+def _runner(module):
+    def run(tensors):
+        with torch.no_grad():
+            out = module(*tensors)
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        return [o.numpy() for o in out]
+
+    return run
+
+
+def export_torchscript(factored_dir, dest, adapter=None, *, with_past: bool = False, validate_export: bool = True,
+                       atol: float | None = None, overwrite: bool = False) -> FileExportReport:
+    """``torch.jit.trace`` of the routed model to ``dest`` (a .pt file). Deprecated upstream: see ``export_pt2``."""
+    return _export("torchscript", factored_dir, dest, adapter, with_past, validate_export, atol, overwrite)
+
+
+def export_pt2(factored_dir, dest, adapter=None, *, with_past: bool = False, validate_export: bool = True,
+               atol: float | None = None, overwrite: bool = False) -> FileExportReport:
+    """``torch.export`` ExportedProgram of the routed model to ``dest`` (a .pt2 file), dynamic batch and length."""
+    if Path(dest).suffix != ".pt2":
+        raise MoorizeError(f"{dest}: torch.export files end in .pt2")
+    return _export("pt2", factored_dir, dest, adapter, with_past, validate_export, atol, overwrite)
