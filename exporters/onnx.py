@@ -78,7 +78,7 @@ def check_options(weights: str, dtype: str, opset: int) -> None:
 
 def export_onnx(factored_dir, dest, adapter=None, *, with_past: bool = False, decompose: bool = False,
                 weights: str = "copy", dtype: str = "float32", opset: int = DEFAULT_OPSET, validate_export: bool = True,
-                atol: float | None = None, overwrite: bool = False) -> ExportReport:
+                atol: float | None = None, rtol: float | None = None, overwrite: bool = False) -> ExportReport:
     """Export the routed model of ``factored_dir`` (+ ``adapter``) to the directory ``dest``."""
     t0 = time.perf_counter()
     check_options(weights, dtype, opset)
@@ -86,6 +86,7 @@ def export_onnx(factored_dir, dest, adapter=None, *, with_past: bool = False, de
     if weights == "reference" and dtype != "float32":
         raise MoorizeError("--weights reference serves the checkpoint's own bytes, so it needs --dtype float32")
     routed = load_routed(factored_dir, adapter)
+    log.info("loaded %s (%.1f s)", factored_dir, time.perf_counter() - t0)
     exported = load_routed(factored_dir, adapter) if dtype != "float32" else routed
     if dtype != "float32":
         exported.model.to(getattr(torch, dtype))
@@ -98,6 +99,7 @@ def export_onnx(factored_dir, dest, adapter=None, *, with_past: bool = False, de
     protect = [factored_dir] + ([Path(adapter)] if adapter is not None else [])
     with atomic_output_dir(dest, overwrite, protect=protect) as tmp:
         model = _trace(graph, exported, tokenizer, holder, dtype, opset, tmp, fold_rotation=weights == "copy")
+        log.info("traced (%.1f s)", time.perf_counter() - t0)
         report.moore_nodes = ops.attach_functions(model, opset)
         if report.moore_nodes != len(routed.model.moore_layer_paths):
             raise MoorizeError(f"internal: {report.moore_nodes} {ops.OP_NAME} nodes for "
@@ -112,14 +114,17 @@ def export_onnx(factored_dir, dest, adapter=None, *, with_past: bool = False, de
         (tmp / "trace.onnx").unlink(missing_ok=True)
         for f in tmp.glob("trace.onnx*"):
             f.unlink()
+        log.info("written (%.1f s)", time.perf_counter() - t0)
         check_graph(tmp / GRAPH_FILE, model, weights)
+        log.info("checked (%.1f s)", time.perf_counter() - t0)
         copy_aux_files(factored_dir, tmp)
         (tmp / "moorize.json").unlink(missing_ok=True)  # an export, not a factored checkpoint
         meta = export_metadata(routed, graph, dtype, opset, decompose, weights, factored_dir, adapter)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if validate_export:
             report.validation = validate_onnx(tmp / GRAPH_FILE, graph, routed, tokenizer, dtype,
-                                              atol if atol is not None else default_atol(dtype))
+                                              atol if atol is not None else default_atol(dtype), rtol)
+        log.info("validated (%.1f s)", time.perf_counter() - t0)
         report.graph_bytes = (tmp / GRAPH_FILE).stat().st_size
         report.files = sorted(p.name for p in tmp.iterdir())
     report.seconds = time.perf_counter() - t0
@@ -138,6 +143,7 @@ def _trace(graph: ExportGraph, routed: Routed, tokenizer, holder, dtype: str, op
             # torch.export first: given Dim objects, torch.onnx.export loses their equalities (it renames them).
             # No optimiser when the rotation stays in the graph: constant folding would store Vh H again.
             program = torch.export.export(graph, args, dynamic_shapes=graph.dynamic_shapes())
+            log.info("torch.export done")
             prog = torch.onnx.export(program, dynamo=True, custom_translation_table=ops.onnx_translation(),
                                      input_names=names, output_names=graph.output_names, opset_version=opset,
                                      optimize=fold_rotation, verbose=False)
@@ -342,9 +348,13 @@ def ort_runner(session, input_names: list[str]):
     return run
 
 
-def validate_onnx(path: Path, graph: ExportGraph, routed: Routed, tokenizer, dtype: str, atol: float) -> Validation:
+def validate_onnx(path: Path, graph: ExportGraph, routed: Routed, tokenizer, dtype: str, atol: float,
+                  rtol: float | None = None) -> Validation:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return validate(graph, routed, tokenizer, ort_runner(session, graph.input_names), "ONNX Runtime", atol, dtype)
+    options = ort.SessionOptions()
+    # ORT's idle threads spin after each run; alternating with PyTorch on few cores, that starves PyTorch
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return validate(graph, routed, tokenizer, ort_runner(session, graph.input_names), "ONNX Runtime", atol, dtype, rtol)
 

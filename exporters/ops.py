@@ -79,19 +79,19 @@ class ExportMoORELinear(nn.Module):
         self.holder, self.use_op = holder, use_op
         cfg = layer.config
         self.rotate = not fold_rotation and layer.householder is not None
-        with torch.no_grad():
-            gate = layer.sigma.double().expand(len(cfg.tasks), -1)
+        with torch.no_grad():  # the constants are computed as MoORELinear computes them, bit for bit
+            gate = layer.sigma.float().expand(len(cfg.tasks), -1)
             if cfg.uses_task:
-                gate = gate + layer.task_embedding.double() @ layer.task_router.double().t()
+                gate = gate + (layer.task_embedding @ layer.task_router.t()).float()
             self.register_buffer("gate_table", gate.to(dtype).contiguous())
             self.register_buffer("U", layer.U.to(dtype))
             if self.rotate:
-                Y, T = householder_wy(layer.householder.detach().double())
+                Y, T = householder_wy(layer.householder.detach())
                 self.register_buffer("Vh", layer.Vh.to(dtype))
                 self.register_buffer("wy_y", Y.to(dtype).contiguous())
                 self.register_buffer("wy_t", T.t().to(dtype).contiguous())
             else:
-                self.register_buffer("vh", layer.rotated_vh(torch.float64).to(dtype).contiguous())
+                self.register_buffer("vh", layer.rotated_vh().to(layer.Vh.dtype).to(dtype).contiguous())
             for name, src in (("router_in", "router_in"), ("router_out", "router_out")):
                 t = getattr(layer, src, None) if cfg.uses_sample else None
                 self.register_buffer(name, None if t is None else t.detach().to(dtype).contiguous())

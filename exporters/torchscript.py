@@ -47,7 +47,7 @@ def _meta(graph: ExportGraph, routed, backend: str) -> str:
                        "base_fingerprint": routed.model.moore_base_fingerprint})
 
 
-def _export(backend: str, factored_dir, dest, adapter, with_past: bool, validate_export: bool, atol, overwrite):
+def _export(backend: str, factored_dir, dest, adapter, with_past: bool, validate_export: bool, atol, rtol, overwrite):
     t0 = time.perf_counter()
     routed = load_routed(factored_dir, adapter)
     tokenizer = tokenizer_or_none(Path(factored_dir))
@@ -70,7 +70,7 @@ def _export(backend: str, factored_dir, dest, adapter, with_past: bool, validate
         if validate_export:
             loaded = load_file(tmp, backend, with_past)
             report.validation = validate(graph, routed, tokenizer, _runner(loaded), backend_title(backend),
-                                         atol if atol is not None else default_atol("float32"))
+                                         atol if atol is not None else default_atol("float32"), rtol=rtol)
         report.bytes = tmp.stat().st_size
     report.seconds = time.perf_counter() - t0
     return report
@@ -101,14 +101,15 @@ def _runner(module):
 
 
 def export_torchscript(factored_dir, dest, adapter=None, *, with_past: bool = False, validate_export: bool = True,
-                       atol: float | None = None, overwrite: bool = False) -> FileExportReport:
+                       atol: float | None = None, rtol: float | None = None, overwrite: bool = False
+                       ) -> FileExportReport:
     """``torch.jit.trace`` of the routed model to ``dest`` (a .pt file). Deprecated upstream: see ``export_pt2``."""
-    return _export("torchscript", factored_dir, dest, adapter, with_past, validate_export, atol, overwrite)
+    return _export("torchscript", factored_dir, dest, adapter, with_past, validate_export, atol, rtol, overwrite)
 
 
 def export_pt2(factored_dir, dest, adapter=None, *, with_past: bool = False, validate_export: bool = True,
-               atol: float | None = None, overwrite: bool = False) -> FileExportReport:
+               atol: float | None = None, rtol: float | None = None, overwrite: bool = False) -> FileExportReport:
     """``torch.export`` ExportedProgram of the routed model to ``dest`` (a .pt2 file), dynamic batch and length."""
     if Path(dest).suffix != ".pt2":
         raise MoorizeError(f"{dest}: torch.export files end in .pt2")
-    return _export("pt2", factored_dir, dest, adapter, with_past, validate_export, atol, overwrite)
+    return _export("pt2", factored_dir, dest, adapter, with_past, validate_export, atol, rtol, overwrite)
