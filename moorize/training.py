@@ -250,19 +250,25 @@ def _forward(module, batch: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor
     """
     if kind == "causal":
         logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        task_ids=batch["task_ids"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="none").view_as(labels)
-        right = ((logits.argmax(-1) == labels) | ~mask).all(1)
-        return loss.sum(1), mask.sum(1), right
+                        task_ids=batch["task_ids"]).logits
+        return causal_row_losses(logits, batch["labels"])
     logits = module(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
     loss = F.cross_entropy(logits.float(), batch["label"], reduction="none")
     return loss, torch.ones_like(loss), logits.argmax(-1) == batch["label"]
 
 
-def _lr_lambda(opts: TrainOptions, total: int) -> Callable[[int], float]:
+def causal_row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of a causal-LM batch: summed next-token loss on the labelled tokens, their count, exact match."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view_as(labels)
+    right = ((logits.argmax(-1) == labels) | ~mask).all(1)
+    return loss.sum(1), mask.sum(1), right
+
+
+def lr_factor(opts: TrainOptions, total: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of each step (warmup, then the schedule), for torch's LambdaLR."""
     warm = int(opts.warmup) if opts.warmup >= 1 else round(opts.warmup * total)
     decay_steps = max(1, round(opts.decay * total))
     lo = opts.min_lr_ratio
@@ -490,7 +496,7 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
                   "total_steps": plan.total}
 
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=opts.lr, weight_decay=opts.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(opts, plan.total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opts, plan.total))
     module, optimizer = accelerator.prepare(module, optimizer)  # the scheduler is stepped by hand, once a step
     device = accelerator.device
 
