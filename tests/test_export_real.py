@@ -1,0 +1,150 @@
+"""Export of the real checkpoints: SmolLM2-135M-Instruct (decoder, KV cache) and all-MiniLM-L6-v2
+(encoder with classification heads), routed, with routers set away from their initialisation."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import moorize
+from moorize.exporters import ops
+from moorize.exporters.onnx import export_onnx
+from moorize.exporters.ort import MoOREOrtModel
+from moorize.exporters.torchscript import export_pt2, export_torchscript
+from moorize.heads import TaskHeads
+from moorize.routed import moore_layers
+
+pytestmark = pytest.mark.slow
+
+SMOL_TASKS = ["math", "poem", "code"]
+PROMPTS = ["The capital of France is", "Write a haiku about autumn leaves:", "def fibonacci(n):"]
+
+
+def set_routers(model, seed: int = 0) -> None:
+    """Non-trivial routers: task router A, sample router B and the reflections all moved off identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in moore_layers(model).values():
+            layer.task_router.normal_(0, 0.02, generator=g)
+            layer.router_out.normal_(0, 0.002, generator=g)
+            layer.householder.add_(torch.randn(layer.householder.shape, generator=g) * 0.01)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_full, tmp_path_factory):
+    """(factored dir, adapter, ONNX export with past and the custom op, its report)."""
+    factored, _ = smollm2_full
+    root = tmp_path_factory.mktemp("smol-export")
+    model = moorize.load(factored, tasks=SMOL_TASKS)
+    set_routers(model)
+    moorize.save_adapter(model, root / "adapter")
+    report = export_onnx(factored, root / "onnx", root / "adapter", with_past=True)
+    return factored, root / "adapter", root / "onnx", report
+
+
+def test_smollm2_custom_op_logits_every_task(smol):
+    factored, adapter, dest, report = smol
+    model = onnx.load(str(dest / "model.onnx"), load_external_data=False)
+    assert report.moore_nodes == 210 == sum(n.domain == ops.OP_DOMAIN for n in model.graph.node)
+    v = report.validation
+    print("\n".join(v.lines()))
+    assert set(v.diffs) == set(SMOL_TASKS) and v.ok
+    assert max(v.diffs[t]["logits"] for t in SMOL_TASKS) < 5e-4  # logits reach ~30 in magnitude
+
+
+def test_smollm2_greedy_with_past_equals_pytorch(smol):
+    """32 new tokens, three prompts batched with left padding, one task per row and one task for all."""
+    factored, adapter, dest, _ = smol
+    ortm = MoOREOrtModel.from_export(dest)
+    pt = moorize.load(factored, adapter)
+    ids, mask = ortm._encode(PROMPTS, left_pad=True)
+    assert (mask == 0).any()  # the batch really is padded
+    outputs = {}
+    for tasks in (["math", "poem", "code"], ["poem"] * 3, ["code"] * 3):
+        got = ortm.generate_ids(ids, mask, tasks, max_new_tokens=32)
+        with torch.no_grad():
+            want = pt.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), task_ids=tasks,
+                               max_new_tokens=32, do_sample=False, pad_token_id=ortm.tokenizer.pad_token_id)
+        want = want[:, ids.shape[1]:].numpy()
+        assert got.shape == want.shape == (3, 32)  # nobody stopped early: 32 tokens compared per row
+        assert np.array_equal(got, want), tasks
+        outputs[tuple(tasks)] = got
+    assert len({o.tobytes() for o in outputs.values()}) > 1  # the routers make the tasks differ
+    text = ortm.generate(PROMPTS[0], task="math", max_new_tokens=8)
+    assert "Paris" in text
+
+
+def test_smollm2_decompose_every_task(smol, tmp_path):
+    factored, adapter, _, _ = smol
+    report = export_onnx(factored, tmp_path / "dec", adapter, decompose=True)
+    model = onnx.load(str(tmp_path / "dec" / "model.onnx"), load_external_data=False)
+    assert not model.functions and all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    print("\n".join(report.validation.lines()))
+    assert set(report.validation.diffs) == set(SMOL_TASKS) and report.validation.ok
+
+
+# ---- MiniLM: encoder with task heads -------------------------------------------------------------
+
+MINI_TASKS = ["sentiment", "topic"]
+LABELS = {"sentiment": ["negative", "positive"], "topic": ["sport", "politics", "science"]}
+TEXTS = ["The match ended two to one after extra time.", "Parliament voted on the budget.",
+         "What a wonderful, moving film."]
+
+
+@pytest.fixture(scope="module")
+def mini(minilm_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini-export")
+    moorize.convert(minilm_path, root / "factored")
+    model = moorize.load(root / "factored", tasks=MINI_TASKS)
+    set_routers(model, seed=1)
+    heads = TaskHeads(model.config.hidden_size, MINI_TASKS, LABELS)
+    with torch.no_grad():
+        heads.weight.mul_(20)  # confident heads, so argmax labels are stable
+    moorize.save_adapter(model, root / "adapter", heads=heads)
+    return root
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_minilm_classifier_every_task(mini, decompose):
+    dest = mini / f"onnx-{decompose}"
+    report = export_onnx(mini / "factored", dest, mini / "adapter", decompose=decompose)
+    assert report.kind == "encoder" and report.validation.ok and set(report.validation.diffs) == set(MINI_TASKS)
+    assert report.moore_nodes == 36
+    clf = moorize.load_classifier(mini / "factored", mini / "adapter")
+    ortm = MoOREOrtModel.from_export(dest)
+    for task in MINI_TASKS:
+        ids, mask = ortm._encode(TEXTS, left_pad=False)
+        with torch.no_grad():
+            want = clf(torch.from_numpy(ids), torch.from_numpy(mask), [task] * 3)[:, : len(LABELS[task])]
+        got = ortm.scores(TEXTS, task)
+        assert np.abs(got - want.numpy()).max() < 1e-4
+        assert ortm.classify(TEXTS, task) == [LABELS[task][int(k)] for k in want.argmax(-1)]
+
+
+def test_minilm_weights_reference(mini):
+    ref, copy = mini / "onnx-ref", mini / "onnx-False"
+    report = export_onnx(mini / "factored", ref, mini / "adapter", weights="reference")
+    shard = mini / "factored" / "model.safetensors"
+    assert os.stat(ref / "model.safetensors").st_ino == os.stat(shard).st_ino  # a link: no bytes copied
+    assert report.graph_bytes < 2e6  # the graph file holds no weights
+    assert report.referenced_bytes > 0.9 * (shard.stat().st_size - report.data_bytes)
+    # the only bytes written are the adapter's (routers; their folding into the graph is not a copy of W)
+    assert report.data_bytes < (mini / "adapter" / "adapter_model.safetensors").stat().st_size
+    if not copy.exists():
+        export_onnx(mini / "factored", copy, mini / "adapter")
+    a, b = MoOREOrtModel.from_export(ref), MoOREOrtModel.from_export(copy)
+    for task in MINI_TASKS:
+        assert np.abs(a.scores(TEXTS, task) - b.scores(TEXTS, task)).max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "pt2"])
+def test_minilm_torchscript_and_pt2(mini, backend):
+    dest = mini / ("clf.pt" if backend == "torchscript" else "clf.pt2")
+    fn = export_torchscript if backend == "torchscript" else export_pt2
+    report = fn(mini / "factored", dest, mini / "adapter")
+    print("\n".join(report.validation.lines()))
+    assert dest.is_file() and report.validation.ok and set(report.validation.diffs) == set(MINI_TASKS)
