@@ -332,12 +332,17 @@ def export_metadata(routed: Routed, graph: ExportGraph, dtype: str, opset: int, 
         "source": str(factored_dir),
     }
     if routed.kind == "decoder":
-        meta["kv"] = kv_layout(cfg)
-        gen = getattr(routed.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) or cfg.eos_token_id
-        meta["eos_token_id"] = eos if isinstance(eos, list) or eos is None else [eos]
-        meta["pad_token_id"] = getattr(gen, "pad_token_id", None) or cfg.pad_token_id
+        meta.update(decoder_meta(routed.model))
     return meta
+
+
+def decoder_meta(model) -> dict:
+    """What generation needs besides the graph: cache geometry, end-of-sequence and padding ids."""
+    cfg = model.config
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) or cfg.eos_token_id
+    return {"kv": kv_layout(cfg), "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
+            "pad_token_id": getattr(gen, "pad_token_id", None) or cfg.pad_token_id}
 
 
 def ort_runner(session, input_names: list[str]):
@@ -359,3 +364,41 @@ def validate_onnx(path: Path, graph: ExportGraph, routed: Routed, tokenizer, dty
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return validate(graph, routed, tokenizer, ort_runner(session, graph.input_names), "ONNX Runtime", atol, dtype, rtol)
 
+
+
+def export_dense_onnx(model_dir, dest, *, with_past: bool = False, opset: int = DEFAULT_OPSET,
+                      overwrite: bool = False) -> Path:
+    """The original (dense) decoder exported through the same graph wrapper, inputs and exporter as a routed
+    one, and readable by ``MoOREOrtModel``: the baseline deployment comparisons need. ``task_ids`` is
+    accepted and ignored (one task, 'dense')."""
+    from transformers import AutoModelForCausalLM
+
+    check_options("copy", "float32", opset)
+    model_dir, dest = Path(model_dir), Path(dest)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    except (OSError, ValueError) as e:
+        raise MoorizeError(f"cannot load {model_dir} as a causal LM: {str(e).splitlines()[0]}") from None
+    model.moore_layer_paths = {}  # nothing for ops.export_layers to swap
+    routed = Routed(model, None, "decoder", ["dense"], None)
+    holder = ops.TaskIds()
+    graph = ExportGraph(routed, with_past, holder)
+    with atomic_output_dir(dest, overwrite, protect=[model_dir]) as tmp:
+        proto = _trace(graph, routed, tokenizer_or_none(model_dir), holder, "float32", opset, tmp,
+                       fold_rotation=True)
+        _place_weights(proto, tmp, {}, model_dir)
+        import onnx
+
+        onnx.save_model(proto, tmp / GRAPH_FILE)
+        for f in tmp.glob("trace.onnx*"):
+            f.unlink()
+        check_graph(tmp / GRAPH_FILE, proto, "copy")
+        copy_aux_files(model_dir, tmp)
+        meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "moorize_version": __version__,
+                "kind": "decoder", "model_type": model.config.model_type, "graph": GRAPH_FILE,
+                "tasks": {"dense": 0}, "labels": None, "router": None,
+                "inputs": [i.name for i in proto.graph.input], "outputs": graph.output_names,
+                "with_past": with_past, "dtype": "float32", "opset": opset, "op": None, "weights": "copy",
+                "source": str(model_dir), "dense": True, **decoder_meta(model)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return dest

@@ -226,6 +226,8 @@ def merge(factored_dir: Path, dest: Path, adapter: Path, task: str, overwrite: b
 @click.option("--pooling", type=click.Choice(["mean", "cls", "last"]), default=None,
               help="Classification pooling [default: mean for encoders, last for decoders].")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--sample-router-lr", type=float, default=1.0, show_default=True,
+              help="Multiplier of --lr for the sample router (B, C); below 1 protects what the model knew.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "wsd", "linear", "constant"]), default="cosine",
               show_default=True, help="Learning-rate schedule after warmup (wsd: warmup-stable-decay).")

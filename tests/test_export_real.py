@@ -31,7 +31,7 @@ def set_routers(model, seed: int = 0) -> None:
         for layer in moore_layers(model).values():
             layer.task_router.normal_(0, 0.02, generator=g)
             layer.router_out.normal_(0, 0.002, generator=g)
-            layer.householder.add_(torch.randn(layer.householder.shape, generator=g) * 0.01)
+            layer.householder.add_(torch.randn(layer.householder.shape, generator=g) * 0.25)
 
 
 @pytest.fixture(scope="module")

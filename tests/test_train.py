@@ -121,7 +121,7 @@ def test_loss_falls_and_base_is_untouched(tiny_llama, tmp_path):
 def test_tasks_learn_different_answers(tiny_llama, tmp_path):
     """Same prompts, different answers: the trained model must tell the tasks apart, on unseen words too."""
     data = write_jsonl(tmp_path / "train.jsonl", toy_causal(64))
-    report = moorize.train(tiny_llama, data, tmp_path / "a", max_steps=120, router="task", eval_split=0.2, **FAST)
+    report = moorize.train(tiny_llama, data, tmp_path / "a", max_steps=200, router="task", eval_split=0.2, **FAST)
     assert report.eval["first"]["exact_match"] >= 0.7 and report.eval["last"]["exact_match"] >= 0.7
     model = moorize.load(tiny_llama, tmp_path / "a")
     tok = char_tokenizer()
@@ -326,3 +326,20 @@ def test_two_processes_match_gradient_accumulation(tiny_llama, tmp_path):
     init = moorize.routed.trainable_parameters(fresh)
     assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_sample_router_lr_scales_only_the_sample_router(tiny_llama, tmp_path):
+    """sample_router_lr=0 freezes B and C (B stays zero, so B C x adds nothing); the rest still trains."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(16))
+    moorize.train(tiny_llama, data, tmp_path / "a", max_steps=4, sample_router_lr=0.0, **FAST)
+    fresh = moorize.load(tiny_llama, tasks=["first", "last"], router_experts=16, task_dim=8)
+    start = moorize.routed.trainable_parameters(fresh)
+    trained = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    for key, value in trained.items():
+        if key.endswith((".router_out", ".router_in")):
+            assert torch.equal(value, start[key]), key
+    assert any(not torch.equal(v, start[k]) for k, v in trained.items() if k.endswith(".task_router"))
+    with pytest.raises(moorize.MoorizeError, match="sample_router_lr"):
+        moorize.train(tiny_llama, data, tmp_path / "b", sample_router_lr=-1.0, **FAST)
