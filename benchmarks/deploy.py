@@ -45,20 +45,6 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "compare identical copies of a text, which changed how knowledge was checked and shared. ")
 
 
-def set_routers(model, seed: int = 0) -> None:
-    """Move every router and reflection off its initialisation (a trained adapter's stand-in)."""
-    import torch
-
-    from moorize.routed import moore_layers
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in moore_layers(model).values():
-            layer.task_router.normal_(0, 0.02, generator=g)
-            layer.router_out.normal_(0, 0.002, generator=g)
-            layer.householder.add_(torch.randn(layer.householder.shape, generator=g) * 0.25)
-
-
 def prompt_ids(hf: Path):
     """[1, 128] token ids of real English text."""
     import torch
@@ -107,6 +93,7 @@ def torch_runner(model, ids, routed: bool):
                                  min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kwargs)
         return out[:, ids.shape[1]:].cpu().numpy()
 
+    run.model = model
     return run
 
 
@@ -126,6 +113,7 @@ def prepare(work: Path, args) -> dict:
     """HF dir, two factored checkpoints with adapters, three exports; returns paths and export reports."""
     import moorize
     from moorize.exporters.onnx import export_dense_onnx, export_onnx
+    from moorize.routed import randomize_routers
 
     hf = work / "smollm2-hf"
     with U.Timer() as t:
@@ -138,7 +126,7 @@ def prepare(work: Path, args) -> dict:
         factored, adapter = work / f"factored-{key}", work / f"adapter-{key}"
         moorize.convert(hf, factored, **kw)
         model = moorize.load(factored, tasks=TASKS)
-        set_routers(model, seed=len(key))
+        randomize_routers(model, seed=len(key))
         moorize.save_adapter(model, adapter)
         del model
         out["reports"][key] = export_onnx(factored, work / f"onnx-{key}", adapter, with_past=True)
@@ -165,6 +153,15 @@ def part_cpu(work: Path, args) -> bool:
         fns[("torch", key)] = torch_runner(moorize.load(*p[key]).eval(), ids, True)
     times, outs = interleaved(fns, args.repeat)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # float32 agreement of the prompt's logits, ORT vs PyTorch: the dense pair is the floor rounding sets
+    agree = {}
+    for key, model in (("dense", fns[("torch", "dense")].model), ("full", fns[("torch", "full")].model),
+                       ("r64", fns[("torch", "r64")].model)):
+        m = ort_models[key]
+        got = m.run(ids.numpy(), (ids * 0 + 1).numpy(), [0], m.empty_past(1))[0]
+        with torch.inference_mode():
+            want = model(ids, **({"task_ids": [0]} if key != "dense" else {})).logits.numpy()
+        agree[key] = (float(abs(got - want).max()), float(abs(want).max()))
 
     cfg = json.loads((p["hf"] / "config.json").read_text())
     U.note(f"SmolLM2-135M-Instruct, {cfg['num_hidden_layers']} layers{' (--quick)' if args.quick else ''}, "
@@ -186,6 +183,8 @@ def part_cpu(work: Path, args) -> bool:
                      U.fmt_x(t / o)])
     print(U.table(["model", "ORT latency", "ORT tokens/s", "ORT vs dense", "PyTorch latency", "PyTorch tokens/s",
                    "PyTorch vs dense", "ORT speed-up"], rows, align="lrrrrrrr"))
+    U.note("\nPrompt logits, ORT vs PyTorch (float32), max |Δ| / max |logit|: " + "; ".join(
+        f"{labels[k]} {d:.1e} / {mx:.1f}" for k, (d, mx) in agree.items()) + ".")
     ok = True
     lines = []
     for key in ("full", "r64"):

@@ -9,7 +9,6 @@ back as ``past_key_values``. Everything comes from the export directory
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MoorizeError
+from ..manifest import read_versioned_json
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,7 @@ def read_export_meta(directory: Path) -> dict:
         raise MoorizeError(f"export directory {directory} does not exist")
     if not path.is_file():
         raise MoorizeError(f"{directory} is not a moorize export: {META_FILE} is missing")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MoorizeError(f"{path} is unreadable: {e}") from None
-    if meta.get("format") != EXPORT_FORMAT or meta.get("format_version") != EXPORT_VERSION:
-        raise MoorizeError(f"{path} is not a moorize export (version {EXPORT_VERSION})")
-    return meta
+    return read_versioned_json(path, EXPORT_FORMAT, EXPORT_VERSION, "moorize export")
 
 
 @dataclass

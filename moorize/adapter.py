@@ -17,6 +17,7 @@ import torch
 
 from .checkpoint import SafetensorsFile, ShardFile
 from .errors import MoorizeError
+from .manifest import read_versioned_json
 from .modeling import MoOREConfig
 from .outdir import atomic_output_dir
 
@@ -71,12 +72,7 @@ def read_adapter_config(directory: str | os.PathLike, base_fingerprint: str | No
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise MoorizeError(f"adapter {d} is missing {p.name}")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MoorizeError(f"{cfg_path} is unreadable: {e}") from None
-    if meta.get("format") != ADAPTER_FORMAT or meta.get("format_version") != ADAPTER_VERSION:
-        raise MoorizeError(f"{cfg_path} is not a moorize adapter (version {ADAPTER_VERSION})")
+    meta = read_versioned_json(cfg_path, ADAPTER_FORMAT, ADAPTER_VERSION, "moorize adapter")
     if base_fingerprint is not None and meta.get("base_fingerprint") != base_fingerprint:
         raise MoorizeError(
             f"adapter {d} was trained on a different base checkpoint ({str(meta.get('base_fingerprint'))[:19]}...) "

@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import SafetensorsFile
 from .errors import MoorizeError
+from .manifest import read_versioned_json
 
 FORMAT_NAME = "moorize.factored"
 FORMAT_VERSION = 1
@@ -74,17 +75,7 @@ class FactoredCheckpoint:
         manifest_path = self.directory / MANIFEST
         if not manifest_path.is_file():
             raise MoorizeError(f"{self.directory} is not a factored checkpoint (no {MANIFEST}); run moorize convert")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise MoorizeError(f"{manifest_path} is unreadable: {e}") from None
-        if self.manifest.get("format") != FORMAT_NAME:
-            raise MoorizeError(f"{manifest_path} is not a moorize manifest")
-        version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise MoorizeError(
-                f"{manifest_path} has format version {version}; this moorize reads version {FORMAT_VERSION}"
-            )
+        self.manifest = read_versioned_json(manifest_path, FORMAT_NAME, FORMAT_VERSION, "moorize manifest")
         self.layers: dict[str, LayerRecord] = {
             n: LayerRecord.from_json(n, d) for n, d in self.manifest["layers"].items()
         }

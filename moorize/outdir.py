@@ -42,9 +42,16 @@ def check_out_dir(out_dir: Path, overwrite: bool, protect: Iterable[Path] = ()) 
             raise MoorizeError(f"cannot read OUT_DIR {out_dir}: {e.strerror}") from None
         if non_empty and not overwrite:
             raise MoorizeError(f"OUT_DIR {out_dir} is not empty; pass --overwrite to replace it")
-    parent = out_dir.parent
-    if not parent.exists():
-        raise MoorizeError(f"the parent directory of OUT_DIR ({parent}) does not exist")
+    check_parent_writable(out_dir, "OUT_DIR ")
+
+
+def check_parent_writable(path: Path, label: str = "") -> None:
+    """The directory ``path`` will be created in exists and may be written."""
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise MoorizeError(f"cannot write {label}{path}: {parent} is not a directory")
+    if not parent.is_dir():
+        raise MoorizeError(f"the parent directory of {label}{path} ({parent}) does not exist")
     if not os.access(parent, os.W_OK):
         raise MoorizeError(f"cannot write into {parent}: permission denied")
 
@@ -96,12 +103,8 @@ def atomic_output_file(dest: Path, overwrite: bool, protect: Iterable[Path] = ()
     for src in protect:
         if dest.resolve() == Path(src).resolve() or Path(src).resolve() in dest.resolve().parents:
             raise MoorizeError(f"{dest} would be written inside the source {src}; choose a path elsewhere")
-    parent = dest.parent
-    if not parent.is_dir():
-        raise MoorizeError(f"the parent directory of {dest} ({parent}) does not exist")
-    if not os.access(parent, os.W_OK):
-        raise MoorizeError(f"cannot write into {parent}: permission denied")
-    tmp = parent / f".{dest.name}.moorize-partial"
+    check_parent_writable(dest)
+    tmp = partial_dir(dest)
     try:
         yield tmp
         os.replace(tmp, dest)

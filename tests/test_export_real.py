@@ -16,22 +16,12 @@ from moorize.exporters.onnx import export_onnx
 from moorize.exporters.ort import MoOREOrtModel
 from moorize.exporters.torchscript import export_pt2, export_torchscript
 from moorize.heads import TaskHeads
-from moorize.routed import moore_layers
+from moorize.routed import randomize_routers
 
 pytestmark = pytest.mark.slow
 
 SMOL_TASKS = ["math", "poem", "code"]
 PROMPTS = ["The capital of France is", "Write a haiku about autumn leaves:", "def fibonacci(n):"]
-
-
-def set_routers(model, seed: int = 0) -> None:
-    """Non-trivial routers: task router A, sample router B and the reflections all moved off identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in moore_layers(model).values():
-            layer.task_router.normal_(0, 0.02, generator=g)
-            layer.router_out.normal_(0, 0.002, generator=g)
-            layer.householder.add_(torch.randn(layer.householder.shape, generator=g) * 0.25)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +30,7 @@ def smol(smollm2_full, tmp_path_factory):
     factored, _ = smollm2_full
     root = tmp_path_factory.mktemp("smol-export")
     model = moorize.load(factored, tasks=SMOL_TASKS)
-    set_routers(model)
+    randomize_routers(model)
     moorize.save_adapter(model, root / "adapter")
     report = export_onnx(factored, root / "onnx", root / "adapter", with_past=True)
     return factored, root / "adapter", root / "onnx", report
@@ -100,7 +90,7 @@ def mini(minilm_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("mini-export")
     moorize.convert(minilm_path, root / "factored")
     model = moorize.load(root / "factored", tasks=MINI_TASKS)
-    set_routers(model, seed=1)
+    randomize_routers(model, seed=1)
     heads = TaskHeads(model.config.hidden_size, MINI_TASKS, LABELS)
     with torch.no_grad():
         heads.weight.mul_(20)  # confident heads, so argmax labels are stable
