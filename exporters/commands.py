@@ -110,14 +110,10 @@ def _read_jsonl(path: Path) -> list[dict]:
     """Rows of {"prompt"|"text": str, optional "task"}; errors name file:line."""
     if not path.is_file():
         raise MoorizeError(f"input file {path} does not exist")
+    from ..data import jsonl_records
+
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MoorizeError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, row in jsonl_records(path):
         text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
         if not isinstance(text, str):
             raise MoorizeError(f'{path}:{n}: needs a "prompt" (or "text") string')

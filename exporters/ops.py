@@ -91,7 +91,7 @@ class ExportMoORELinear(nn.Module):
                 self.register_buffer("wy_y", Y.to(dtype).contiguous())
                 self.register_buffer("wy_t", T.t().to(dtype).contiguous())
             else:
-                self.register_buffer("vh", layer.rotated_vh().to(layer.Vh.dtype).to(dtype).contiguous())
+                self.register_buffer("vh", layer.inference_vh().to(dtype).contiguous())
             for name, src in (("router_in", "router_in"), ("router_out", "router_out")):
                 t = getattr(layer, src, None) if cfg.uses_sample else None
                 self.register_buffer(name, None if t is None else t.detach().to(dtype).contiguous())

@@ -57,16 +57,21 @@ def _example(record: object, where: str) -> Example:
     return Example(task=str(task), where=where, **values)
 
 
-def _read_jsonl(path: Path) -> Iterator[Example]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line; invalid JSON is an error naming file:line."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise MoorizeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            yield _example(record, f"{path}:{lineno}")
+
+
+def _read_jsonl(path: Path) -> Iterator[Example]:
+    for lineno, record in jsonl_records(path):
+        yield _example(record, f"{path}:{lineno}")
 
 
 def _read_csv(path: Path) -> Iterator[Example]:

@@ -193,11 +193,17 @@ class MoORELinear(nn.Module):
         Y, T = householder_wy(self.householder.to(dt))
         return vh - ((vh @ Y) @ T.t()) @ Y.t()
 
+    def inference_vh(self) -> torch.Tensor:
+        """Vh H for inference and export, rotated in float64 and rounded once to the factors' dtype: the
+        rotation's own float32 rounding (it cancels exactly at H = I) would otherwise add to every output."""
+        with torch.no_grad():
+            return self.rotated_vh(torch.float64).to(self.Vh.dtype)
+
     def input_weight(self) -> torch.Tensor:
         """[Vh H; C] in the factors' dtype: one matmul gives the expert inputs and the router inputs."""
         if self._inference and self._cache is not None and self._cache[0] == self._cache_key():
             return self._cache[1]
-        parts = [self.rotated_vh().to(self.Vh.dtype)]
+        parts = [self.inference_vh()]
         if self.config.uses_sample:
             parts.append(self.router_in.to(self.Vh.dtype))
         w = torch.cat(parts) if len(parts) > 1 else parts[0]

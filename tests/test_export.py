@@ -327,7 +327,7 @@ def test_run_generates_and_benches(tiny, llama_past):
     bad = tiny["root"] / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n')
     res = invoke("run", dest, "--task", "a", "--input", bad)
-    assert res.exit_code == 2 and "bad.jsonl:2: not JSON" in res.output
+    assert res.exit_code == 2 and "bad.jsonl:2: invalid JSON" in res.output
 
 
 def test_bad_inputs_are_one_line_errors(tiny, llama_past):

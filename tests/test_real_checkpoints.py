@@ -27,9 +27,10 @@ pytestmark = pytest.mark.slow  # every test here
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 NEW_TOKENS = 16
-# |logit diff| <= LOGIT_ATOL + LOGIT_RTOL * |logit| (torch.testing.assert_close's rule). The rebuilt
-# float32 weights differ from the source by float32 rounding of U diag(S) Vh (~3e-7 relative), which
-# after 30 layers moves logits of magnitude ~38 by ~1e-4 (about 25 float32 ulps at that magnitude).
+# max |logit diff| <= LOGIT_ATOL + LOGIT_RTOL * max |logit| (the export validation's rule). The rebuilt
+# float32 weights differ from the source by float32 rounding of U diag(S) Vh (+ R) (~3e-7 relative),
+# which after 30 layers moves logits of magnitude ~38 by 1e-4 to 2e-4 depending on the CPU's kernels
+# (about 25-50 float32 ulps at that magnitude): the error scales with the largest logit, not with each one.
 LOGIT_ATOL, LOGIT_RTOL = 1e-4, 1e-5
 SMOL_KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -104,7 +105,8 @@ def _logits(model, ids, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_logits_close(got: torch.Tensor, ref: torch.Tensor) -> None:
-    torch.testing.assert_close(got, ref, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+    diff, bound = (got - ref).abs().max().item(), LOGIT_ATOL + LOGIT_RTOL * ref.abs().max().item()
+    assert diff <= bound, f"max |logit diff| {diff:.2e} > {bound:.2e}"
 
 
 # ---- 1. SmolLM2, full rank ----------------------------------------------------------------------
