@@ -244,7 +244,7 @@ def run_lora(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moorize.data import TaskTable, collate, encode, length_grouped_batches, read_examples
-    from moorize.training import TrainOptions, causal_row_losses, lr_factor
+    from moorize.training import TrainOptions, causal_losses, lr_factor
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -268,8 +268,7 @@ def run_lora(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None
     t_train = time.perf_counter()
     for idx in batches[:steps]:
         batch = {k: v.to(device) for k, v in collate([items[i] for i in idx], tok.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_rows, count, _ = causal_row_losses(logits, batch["labels"])
+        loss_rows, count, _ = causal_losses(model, batch, keep_logits=True)  # as moorize.train computes it
         (loss_rows.sum() / count.sum()).backward()
         torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
         optimizer.step()

@@ -21,6 +21,7 @@ is renamed to ``output``: an interrupted run leaves nothing that looks complete.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -252,22 +253,47 @@ def _forward(module, batch: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor
     EOS", so exact match needs no generation loop.
     """
     if kind == "causal":
-        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        task_ids=batch["task_ids"]).logits
-        return causal_row_losses(logits, batch["labels"])
+        return causal_losses(module, batch, task_ids=batch["task_ids"])
     logits = module(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
     loss = F.cross_entropy(logits.float(), batch["label"], reduction="none")
     return loss, torch.ones_like(loss), logits.argmax(-1) == batch["label"]
 
 
-def causal_row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of a causal-LM batch: summed next-token loss on the labelled tokens, their count, exact match."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="none").view_as(labels)
-    right = ((logits.argmax(-1) == labels) | ~mask).all(1)
+def _keeps_logits(module) -> bool:
+    """Whether the (possibly DDP-wrapped) causal LM can compute logits for chosen positions only."""
+    inner = getattr(module, "module", module)
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+
+
+def causal_losses(model, batch: dict, keep_logits: bool | None = None, **extra):
+    """``row_losses`` of a causal-LM batch (``input_ids``, ``attention_mask``, ``labels``).
+
+    Only positions that predict a label go through the vocabulary projection and its softmax
+    (``logits_to_keep``; ``keep_logits=None``: when the model's forward takes it): with prompt masking
+    most positions predict none, and on a small model the projection is much of a step's time and memory.
+    """
+    labels = batch["labels"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **extra}
+    if not (_keeps_logits(model) if keep_logits is None else keep_logits):
+        return causal_row_losses(model(**inputs).logits, labels)
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    return row_losses(model(**inputs, logits_to_keep=keep).logits, labels[:, 1:][:, keep])
+
+
+def row_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, for logits aligned with their targets: summed loss on the labelled tokens, their count, and
+    whether the arg-max is right at every one of them."""
+    mask = targets != IGNORE_INDEX
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view_as(targets)
+    right = ((logits.argmax(-1) == targets) | ~mask).all(1)
     return loss.sum(1), mask.sum(1), right
+
+
+def causal_row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of a causal-LM batch (logits at every position): next-token loss on the labelled tokens,
+    their count, exact match."""
+    return row_losses(logits[:, :-1], labels[:, 1:])
 
 
 def lr_factor(opts: TrainOptions, total: int) -> Callable[[int], float]:

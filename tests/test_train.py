@@ -20,7 +20,7 @@ from moorize.cli import cli
 from moorize.format import FactoredCheckpoint
 from moorize.heads import PAD_LOGIT
 from moorize.data import collate
-from moorize.training import TrainOptions, _forward, _load_data, lr_factor, _Plan, _tokenizer
+from moorize.training import TrainOptions, _forward, _load_data, causal_row_losses, lr_factor, _Plan, _tokenizer
 
 from conftest import TINY, tiny_config, tree_digest
 
@@ -189,7 +189,10 @@ def test_accumulated_loss_is_the_token_mean_of_the_whole_step(tiny_llama, tmp_pa
                          task_dim=opts.task_dim, router_experts=opts.router_experts, seed=opts.seed)
     batch = collate([ds.train[i] for b in micro for i in b], pad)
     with torch.no_grad():
-        loss, count, _ = _forward(model, batch, "causal")
+        loss, count, right = _forward(model, batch, "causal")  # logits only where a label is predicted
+        full = causal_row_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       task_ids=batch["task_ids"]).logits, batch["labels"])
+    assert torch.allclose(loss, full[0], atol=1e-5) and torch.equal(count, full[1]) and torch.equal(right, full[2])
     assert int(count.sum()) == denom
     assert report.history[0]["loss"] == pytest.approx(float(loss.sum() / count.sum()), abs=1e-6)
 
