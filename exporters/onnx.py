@@ -107,16 +107,8 @@ def export_onnx(factored_dir, dest, adapter=None, *, with_past: bool = False, de
         if decompose:
             model = _inline(model)
         refs = _reference_map(factored_dir, graph, exported) if weights == "reference" else {}
-        report.data_bytes, report.referenced_bytes = _place_weights(model, tmp, refs, factored_dir)
-        import onnx
-
-        onnx.save_model(model, tmp / GRAPH_FILE)
-        (tmp / "trace.onnx").unlink(missing_ok=True)
-        for f in tmp.glob("trace.onnx*"):
-            f.unlink()
-        log.info("written (%.1f s)", time.perf_counter() - t0)
-        check_graph(tmp / GRAPH_FILE, model, weights)
-        log.info("checked (%.1f s)", time.perf_counter() - t0)
+        report.data_bytes, report.referenced_bytes = _write_graph(model, tmp, refs, factored_dir, weights)
+        log.info("written and checked (%.1f s)", time.perf_counter() - t0)
         copy_aux_files(factored_dir, tmp)
         (tmp / "moorize.json").unlink(missing_ok=True)  # an export, not a factored checkpoint
         meta = export_metadata(routed, graph, dtype, opset, decompose, weights, factored_dir, adapter)
@@ -157,6 +149,19 @@ def _trace(graph: ExportGraph, routed: Routed, tokenizer, holder, dtype: str, op
     model = onnx.load(str(tmp / "trace.onnx"), load_external_data=False)
     _name_dims(model, graph)
     return model
+
+
+def _write_graph(model, tmp: Path, refs: dict[str, str], source_dir: Path, weights: str) -> tuple[int, int]:
+    """Place the weights, save model.onnx, drop the tracer's files and run the checker; returns the bytes
+    written to and referenced from outside the graph."""
+    import onnx
+
+    written, referenced = _place_weights(model, tmp, refs, source_dir)
+    onnx.save_model(model, tmp / GRAPH_FILE)
+    for f in tmp.glob("trace.onnx*"):
+        f.unlink()
+    check_graph(tmp / GRAPH_FILE, model, weights)
+    return written, referenced
 
 
 def _name_dims(model, graph: ExportGraph) -> None:
@@ -309,27 +314,35 @@ def _set_external(tensor, location: str, offset: int, length: int) -> None:
 def export_metadata(routed: Routed, graph: ExportGraph, dtype: str, opset: int, decompose: bool, weights: str,
                     factored_dir: Path, adapter) -> dict:
     """moorize_export.json: everything a runtime needs besides the graph (docs/FORMAT.md)."""
-    cfg = routed.model.config
+    meta = _base_metadata(routed, graph, graph.input_names, dtype, opset, weights, factored_dir)
+    meta.update({
+        "router": routed.model.moore_config.router,
+        "op": None if decompose else {"domain": ops.OP_DOMAIN, "name": ops.OP_NAME, "version": ops.OP_VERSION},
+        "base_fingerprint": routed.model.moore_base_fingerprint,
+        "adapter": str(adapter) if adapter is not None else None,
+    })
+    return meta
+
+
+def _base_metadata(routed: Routed, graph: ExportGraph, inputs: list[str], dtype: str, opset: int, weights: str,
+                   source: Path) -> dict:
+    """The fields of moorize_export.json that routed and dense exports share."""
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
         "moorize_version": __version__,
         "kind": routed.kind,
-        "model_type": cfg.model_type,
+        "model_type": routed.model.config.model_type,
         "graph": GRAPH_FILE,
         "tasks": {t: i for i, t in enumerate(routed.tasks)},
         "labels": routed.labels,
-        "router": routed.model.moore_config.router,
-        "inputs": graph.input_names,
+        "inputs": inputs,
         "outputs": graph.output_names,
         "with_past": graph.with_past,
         "dtype": dtype,
         "opset": opset,
-        "op": None if decompose else {"domain": ops.OP_DOMAIN, "name": ops.OP_NAME, "version": ops.OP_VERSION},
         "weights": weights,
-        "base_fingerprint": routed.model.moore_base_fingerprint,
-        "adapter": str(adapter) if adapter is not None else None,
-        "source": str(factored_dir),
+        "source": str(source),
     }
     if routed.kind == "decoder":
         meta.update(decoder_meta(routed.model))
@@ -365,7 +378,6 @@ def validate_onnx(path: Path, graph: ExportGraph, routed: Routed, tokenizer, dty
     return validate(graph, routed, tokenizer, ort_runner(session, graph.input_names), "ONNX Runtime", atol, dtype, rtol)
 
 
-
 def export_dense_onnx(model_dir, dest, *, with_past: bool = False, opset: int = DEFAULT_OPSET,
                       overwrite: bool = False) -> Path:
     """The original (dense) decoder exported through the same graph wrapper, inputs and exporter as a routed
@@ -386,19 +398,10 @@ def export_dense_onnx(model_dir, dest, *, with_past: bool = False, opset: int = 
     with atomic_output_dir(dest, overwrite, protect=[model_dir]) as tmp:
         proto = _trace(graph, routed, tokenizer_or_none(model_dir), holder, "float32", opset, tmp,
                        fold_rotation=True)
-        _place_weights(proto, tmp, {}, model_dir)
-        import onnx
-
-        onnx.save_model(proto, tmp / GRAPH_FILE)
-        for f in tmp.glob("trace.onnx*"):
-            f.unlink()
-        check_graph(tmp / GRAPH_FILE, proto, "copy")
+        _write_graph(proto, tmp, {}, model_dir, "copy")
         copy_aux_files(model_dir, tmp)
-        meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "moorize_version": __version__,
-                "kind": "decoder", "model_type": model.config.model_type, "graph": GRAPH_FILE,
-                "tasks": {"dense": 0}, "labels": None, "router": None,
-                "inputs": [i.name for i in proto.graph.input], "outputs": graph.output_names,
-                "with_past": with_past, "dtype": "float32", "opset": opset, "op": None, "weights": "copy",
-                "source": str(model_dir), "dense": True, **decoder_meta(model)}
+        meta = _base_metadata(routed, graph, [i.name for i in proto.graph.input], "float32", opset, "copy",
+                              model_dir)
+        meta.update({"router": None, "op": None, "dense": True})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return dest
