@@ -21,6 +21,7 @@ is renamed to ``output``: an interrupted run leaves nothing that looks complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -261,8 +262,13 @@ def _forward(module, batch: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor
 
 def _keeps_logits(module) -> bool:
     """Whether the (possibly DDP-wrapped) causal LM can compute logits for chosen positions only."""
-    inner = getattr(module, "module", module)
-    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+    return _forward_takes_logits_to_keep(type(getattr(module, "module", module)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    """Per model class, inspected once rather than on every micro-batch."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def causal_losses(model, batch: dict, keep_logits: bool | None = None, **extra):
@@ -629,8 +635,9 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
 def param_groups(trainable: dict[str, torch.nn.Parameter], opts: TrainOptions) -> list[dict]:
     """AdamW groups: the sample router (B and C) at lr × sample_router_lr, everything else at lr. Adam moves
     every coordinate by about lr, so B C x moves with k_r · |C x| per step: far more than A e_t does."""
-    sample = [p for k, p in trainable.items() if k.endswith((".router_out", ".router_in"))]
-    rest = [p for k, p in trainable.items() if not k.endswith((".router_out", ".router_in"))]
+    sample, rest = [], []
+    for key, p in trainable.items():
+        (sample if key.endswith((".router_out", ".router_in")) else rest).append(p)
     groups = [{"params": rest, "lr": opts.lr}]
     if sample:
         groups.append({"params": sample, "lr": opts.lr * opts.sample_router_lr})
