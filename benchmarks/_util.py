@@ -42,6 +42,20 @@ def best_of(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
     return best_t, best_r
 
 
+def interleaved(fns: dict, repeat: int, warmup: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of ``repeat`` calls of each function, called round-robin after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 class Timer:
     """``with Timer() as t: ...`` then ``t.seconds``."""
 

@@ -27,15 +27,14 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _util as U  # noqa: E402
 from convert import _prepare_smollm2, _run_in_child  # noqa: E402  (shared with the convert benchmark)
+from routed import SEQ_LEN as PROMPT_TOKENS, _prompt_ids  # noqa: E402  (the same 128-token prompt builder)
 
-PROMPT_TOKENS = 128
 NEW_TOKENS = 32
 GOALS = {"full": 1.5, "r64": 1.25}  # routed ORT latency / dense ORT latency, at most
 TASKS = ["alpha", "beta"]
@@ -45,15 +44,9 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "compare identical copies of a text, which changed how knowledge was checked and shared. ")
 
 
-def prompt_ids(hf: Path):
-    """[1, 128] token ids of real English text."""
-    import torch
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(hf)
-    ids = tok(TEXT * 4, return_tensors="pt")["input_ids"][:, :PROMPT_TOKENS]
-    assert ids.shape[1] == PROMPT_TOKENS, ids.shape
-    return ids.to(torch.long)
+def prompt(hf: Path):
+    """[1, 128] token ids of TEXT (the routed benchmark's prompt builder)."""
+    return _prompt_ids(hf, json.loads((hf / "config.json").read_text())["vocab_size"], TEXT * 4)[0]
 
 
 def ort_session_options(threads: int):
@@ -97,16 +90,16 @@ def torch_runner(model, ids, routed: bool):
     return run
 
 
-def interleaved(fns: dict, repeat: int) -> tuple[dict[str, list[float]], dict]:
-    """Seconds of every run, round-robin after one warm-up round; and each function's last output."""
-    times, outs = {k: [] for k in fns}, {}
-    for r in range(repeat + 1):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            outs[k] = fn()
-            if r:
-                times[k].append(time.perf_counter() - t0)
-    return times, outs
+def timed_with_outputs(fns: dict, repeat: int) -> tuple[dict[str, list[float]], dict]:
+    """``U.interleaved`` after one warm-up round, keeping each function's last output."""
+    outs = {}
+
+    def keeping(key, fn):
+        def run():
+            outs[key] = fn()
+        return run
+
+    return U.interleaved({k: keeping(k, fn) for k, fn in fns.items()}, repeat, warmup=1), outs
 
 
 def prepare(work: Path, args) -> dict:
@@ -143,7 +136,7 @@ def part_cpu(work: Path, args) -> bool:
     torch.set_num_threads(args.threads)
     U.heading("A. CPU: ONNX Runtime and PyTorch eager, dense vs routed")
     p = prepare(work, args)
-    ids = prompt_ids(p["hf"])
+    ids = prompt(p["hf"])
     labels = {"dense": "dense original", "full": "routed, full rank", "r64": "routed, rank 64 + residual"}
     fns, ort_models = {}, {}
     for key in labels:
@@ -151,7 +144,7 @@ def part_cpu(work: Path, args) -> bool:
     fns[("torch", "dense")] = torch_runner(AutoModelForCausalLM.from_pretrained(p["hf"]).eval(), ids, False)
     for key in ("full", "r64"):
         fns[("torch", key)] = torch_runner(moorize.load(*p[key]).eval(), ids, True)
-    times, outs = interleaved(fns, args.repeat)
+    times, outs = timed_with_outputs(fns, args.repeat)
     med = {k: statistics.median(v) for k, v in times.items()}
     # float32 agreement of the prompt's logits, ORT vs PyTorch: the dense pair is the floor rounding sets
     agree = {}
@@ -223,7 +216,7 @@ def part_gpu(work: Path, args) -> bool:
 
     factored, adapter = work / "factored-full", work / "adapter-full"
     export_onnx(factored, work / "onnx-full-fp16", adapter, with_past=True, dtype="float16")
-    ids = prompt_ids(work / "smollm2-hf")
+    ids = prompt(work / "smollm2-hf")
     run_ort, m = ort_runner(work / "onnx-full-fp16", ids, args.threads,
                             providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     model = moorize.load(factored, adapter, dtype=torch.float16).to("cuda").eval()
@@ -236,7 +229,7 @@ def part_gpu(work: Path, args) -> bool:
             return out
         return run
 
-    times, outs = interleaved({"ort": synced(run_ort), "torch": synced(run_pt)}, args.repeat)
+    times, outs = timed_with_outputs({"ort": synced(run_ort), "torch": synced(run_pt)}, args.repeat)
     med = {k: statistics.median(v) for k, v in times.items()}
     same = float((outs["ort"] == outs["torch"]).mean())
     print(U.table(["routed full rank, float16", "latency", "tokens/s"],

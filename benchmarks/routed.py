@@ -32,7 +32,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +67,7 @@ def verdict(ok: bool) -> str:
 
 # ---- part A --------------------------------------------------------------------------------------
 
-def _prompt_ids(hf: Path, vocab: int):
+def _prompt_ids(hf: Path, vocab: int, text: str = PROMPT * 8):
     """[1, 128] token ids of an English prompt (random ids when the tokenizer is unavailable)."""
     import torch
 
@@ -76,7 +75,7 @@ def _prompt_ids(hf: Path, vocab: int):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(hf)
-        ids = tok(PROMPT * 8, return_tensors="pt").input_ids[:, :SEQ_LEN]
+        ids = tok(text, return_tensors="pt").input_ids[:, :SEQ_LEN]
         if ids.shape[1] == SEQ_LEN:
             return ids, "an English prompt tokenized by the model's tokenizer"
     except Exception:
@@ -121,20 +120,6 @@ def _other_macs(cfg) -> dict[str, float]:
     hd = getattr(cfg, "head_dim", None) or h // heads
     avg_ctx = (SEQ_LEN + 1) / 2  # causal prompt: token i attends to i keys
     return {"lm_head": cfg.vocab_size * h, "attention": cfg.num_hidden_layers * 2 * avg_ctx * heads * hd}
-
-
-def _interleaved(fns: dict, repeat: int, warmup: int) -> dict[str, list[float]]:
-    """Wall-clock seconds of ``repeat`` calls of each function, called round-robin after ``warmup`` rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def _profile(label: str, fn, rows: int = 14) -> None:
@@ -209,7 +194,7 @@ def part_a(work: Path, args) -> None:
     fns = {k: call(k) for k in models}
     with torch.inference_mode():
         outs = {k: fn() for k, fn in fns.items()}
-        times = _interleaved(fns, args.repeat, args.warmup)
+        times = U.interleaved(fns, args.repeat, args.warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = outs["dense"]
     scale = ref.abs().max().item()
@@ -358,7 +343,7 @@ def part_b(args) -> bool:
         d_grad = max(_rel(a, b) for a, b in zip(g_fast, g_ref))
         gate_on = (torch.relu(layer.sigma + layer.task_embedding[1] @ layer.task_router.t()
                               + (x @ layer.router_in.t()) @ layer.router_out.t()) > 0).float().mean().item()
-        times = _interleaved(fns, args.layer_repeat, args.warmup)
+        times = U.interleaved(fns, args.layer_repeat, args.warmup)
         med = {k: statistics.median(v) for k, v in times.items()}
         ok_l = d_out < REL_TOL
         ok &= ok_l

@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _util as U  # noqa: E402
 from convert import _prepare_smollm2, _run_in_child  # noqa: E402
-from routed import _interleaved  # noqa: E402
 
 BATCH, SEQ = 4, 256
 GOAL = 1.5  # MoORE step time / LoRA step time, at most
@@ -79,7 +78,7 @@ def part(work: Path, args) -> bool:
         m = moorize.load(work / f"factored-{ck}", router=router, tasks=["a", "b"]).train()
         models[key] = (m, moorize.prepare_for_training(m), True)
     steps = {k: _step_fn(m, p, ids, routed) for k, (m, p, routed) in models.items()}
-    times = _interleaved(steps, args.repeat, args.warmup)
+    times = U.interleaved(steps, args.repeat, args.warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     labels = {"lora": "PEFT LoRA r=8 (q,k,v,o,gate,up,down)",
