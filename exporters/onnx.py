@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoint import SafetensorsFile, copy_aux_files
+from ..checkpoint import SafetensorsFile, check_safetensors_weights, copy_aux_files
 from ..errors import MoorizeError
 from ..format import FactoredCheckpoint, factor_key
 from ..outdir import atomic_output_dir
@@ -387,6 +387,7 @@ def export_dense_onnx(model_dir, dest, *, with_past: bool = False, opset: int = 
 
     check_options("copy", "float32", opset)
     model_dir, dest = Path(model_dir), Path(dest)
+    check_safetensors_weights(model_dir)  # a crafted header: our one-line error, not the library's exception
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:

@@ -40,13 +40,22 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+                     ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64")):
     if hasattr(torch, _attr):
         ST_TO_TORCH[_name] = getattr(torch, _attr)
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+# dtypes the safetensors format defines that no torch dtype here holds byte for byte (packed 4- and 6-bit
+# floats; the others only on a torch without them): refused as unsupported, not as corrupt
+_ST_UNSUPPORTED = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "U16", "U32", "U64",
+                             "C64"}) - set(ST_TO_TORCH)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".onnx_data")
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # bytes of JSON: the safetensors library's own limit
+_U64_MAX = (1 << 64) - 1  # the library reads every number as a 64-bit usize
+_I64_MAX = (1 << 63) - 1  # torch sizes are int64
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -111,6 +120,152 @@ def bytes_to_tensor(buf: bytes | bytearray | memoryview, st_dtype: str, shape: t
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
+# ---- safetensors header validation ---------------------------------------------------------------
+
+class _BadNumber:
+    """A JSON number the format never holds (negative, fraction, exponent, >= 2**64): kept as its text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class _HeaderError(ValueError):
+    pass
+
+
+def _json_int(text: str) -> "int | _BadNumber":
+    # "-0" is an integer to Python but a float to serde (the library): both refuse it as a usize
+    if text.startswith("-") or len(text) > 20:
+        return _BadNumber(text)
+    v = int(text)
+    return v if v <= _U64_MAX else _BadNumber(text)
+
+
+def _json_constant(text: str):
+    raise _HeaderError(f"{text} is not valid JSON")
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")  # refuses the unpaired surrogates a \ud800 escape produces
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _object(pairs: list) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if not _utf8(k):
+            raise _HeaderError(f"key {_q(k)} holds an unpaired surrogate escape")
+        if k in out:
+            raise _HeaderError(f"duplicate key {_q(k)}")
+        out[k] = v
+    return out
+
+
+def _one_line(text: str) -> str:
+    return text if text.isprintable() else repr(text)
+
+
+def _q(name: "str | None", limit: int = 120) -> str:
+    """A tensor name for a one-line message: quoted, escaped, shortened."""
+    r = repr(name)
+    return r if len(r) <= limit else r[: limit - 5] + "...'"
+
+
+def _show(value, limit: int = 80) -> str:
+    """A header value as it was written, shortened, for a one-line message."""
+
+    def show(v) -> str:
+        if isinstance(v, _BadNumber):
+            return v.text
+        if isinstance(v, list):
+            return "[" + ", ".join(show(x) for x in v[:8]) + (", ..." if len(v) > 8 else "") + "]"
+        if isinstance(v, dict):
+            return "{...}"
+        return json.dumps(v)
+
+    r = show(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _decode_header(raw: bytes, where: str) -> tuple[dict[str, str], dict]:
+    """(metadata, tensor entries) of a header's bytes; MoorizeError for anything the format does not allow."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MoorizeError(f"{where} is corrupt: its header is not valid UTF-8 (byte {e.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_object, parse_int=_json_int, parse_float=_BadNumber,
+                            parse_constant=_json_constant)
+    except _HeaderError as e:
+        raise MoorizeError(f"{where} is corrupt: its header is not valid: {e}") from None
+    except json.JSONDecodeError as e:
+        raise MoorizeError(f"{where} is corrupt: its header is not valid JSON ({e.msg} at byte {e.pos})") from None
+    except (ValueError, RecursionError):
+        raise MoorizeError(f"{where} is corrupt: its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise MoorizeError(f"{where} is corrupt: its header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise MoorizeError(f"{where} is corrupt: __metadata__ is not an object of strings")
+    for k, v in meta.items():
+        if not isinstance(v, str) or not _utf8(v):
+            raise MoorizeError(f"{where} is corrupt: __metadata__ value of {_q(k)} is not a string "
+                               f"({_show(v)})")
+    return meta, header
+
+
+def _check_entry(name: str, e, where: str) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked against itself (not yet its neighbours)."""
+    bad = f"{where} is corrupt: tensor {_q(name)}"
+    if not isinstance(e, dict):
+        raise MoorizeError(f"{bad} has a header entry that is not an object")
+    missing = [f for f in _ENTRY_FIELDS if f not in e]
+    if missing:
+        raise MoorizeError(f"{bad} has no {', '.join(missing)} in its header entry")
+    extra = [f for f in e if f not in _ENTRY_FIELDS]
+    if extra:
+        raise MoorizeError(f"{bad} has unexpected field(s) {', '.join(_q(f, 40) for f in extra[:3])} in its header "
+                           "entry (only dtype, shape, data_offsets)")
+    dt, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dt, str):
+        raise MoorizeError(f"{bad} has dtype {_show(dt)}, not a dtype name")
+    if dt not in ST_TO_TORCH:
+        if dt in _ST_UNSUPPORTED:
+            raise MoorizeError(f"{where}: tensor {_q(name)} has unsupported dtype {dt}")
+        raise MoorizeError(f"{bad} has unknown dtype {_q(dt, 40)}")
+    if not isinstance(shape, list) or not all(type(s) is int for s in shape):
+        raise MoorizeError(f"{bad} has shape {_show(shape)}: not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)):
+        raise MoorizeError(f"{bad} has data_offsets {_show(offsets)}: not two non-negative integers")
+    if any(s > _I64_MAX for s in shape):  # only possible beside a 0: the size check would refuse it otherwise
+        raise MoorizeError(f"{bad} has shape {_show(shape)}: a dimension over 2**63 - 1 (no tensor can have it)")
+    begin, end = offsets
+    if begin > end:
+        raise MoorizeError(f"{bad} has data_offsets [{begin}, {end}]: begin is past end")
+    numel = 1
+    for s in shape:  # in order, each partial product checked, as the library does
+        numel *= s
+        if numel > _U64_MAX:
+            break
+    bits = numel * ST_TO_TORCH[dt].itemsize * 8
+    if bits > _U64_MAX:
+        raise MoorizeError(f"{bad} has shape {_show(shape)}: its size overflows 64 bits")
+    if end - begin != bits // 8:
+        raise MoorizeError(f"{bad}: shape {_show(shape)} of {dt} needs {bits // 8} bytes, its data_offsets "
+                           f"[{begin}, {end}] span {end - begin}")
+    return dt, tuple(shape), begin, end
+
+
 class SafetensorsFile(TensorSource):
     """A validated safetensors file, read tensor by tensor with plain file reads."""
 
@@ -127,44 +282,61 @@ class SafetensorsFile(TensorSource):
             raise
 
     def _parse_header(self) -> None:
+        """Validate the header as strictly as the safetensors library (``SafeTensors::read_metadata``).
+
+        Refused, like the library does: a header length over 100 MB or past the end of
+        the file; a header that is not UTF-8, not one JSON object (NaN, Infinity,
+        trailing characters), or whose strings hold unpaired surrogate escapes;
+        ``__metadata__`` other than null or an object of string values; an entry without
+        dtype, shape or data_offsets, an unknown dtype, a shape other than a list of
+        integers in [0, 2**64), data_offsets other than two such integers with
+        begin <= end; a byte length that is not numel * itemsize (or overflows 64
+        bits); and data ranges that, sorted by offset, do not tile the data section
+        exactly: starting at 0, no gap, no overlap, no missing or trailing byte. A
+        dimension over 2**63 - 1 (beside a 0) is refused too: the library's header
+        check lets it through, but its torch binding then fails to build the tensor.
+
+        Refused deliberately although the library accepts them: duplicate JSON keys
+        (the library keeps the last tensor of a name; other readers may keep the
+        first), fields besides dtype/shape/data_offsets in an entry, and dtypes with no
+        whole-byte torch dtype (F4, F6_*), which moorize cannot copy as tensors.
+        """
+        where = self._where = _one_line(str(self.path))
         size = os.fstat(self._fh.fileno()).st_size
         head = self._fh.read(8)
         if len(head) < 8:
-            raise MoorizeError(f"{self.path} is not a safetensors file (truncated: {size} bytes)")
+            raise MoorizeError(f"{where} is not a safetensors file (truncated: {size} bytes)")
         (hlen,) = struct.unpack("<Q", head)
-        if hlen == 0 or hlen > _MAX_HEADER or 8 + hlen > size:
-            raise MoorizeError(f"{self.path} is truncated or corrupt (header length {hlen}, file size {size})")
+        if hlen > _MAX_HEADER:
+            raise MoorizeError(f"{where} is truncated or corrupt (header length {hlen} is over the "
+                               f"{_MAX_HEADER}-byte limit)")
+        if 8 + hlen > size:
+            raise MoorizeError(f"{where} is truncated or corrupt (header length {hlen}, file size {size})")
         self.header_bytes = self._fh.read(hlen)
-        try:
-            header = json.loads(self.header_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise MoorizeError(f"{self.path} is corrupt: its header is not valid JSON") from None
-        if not isinstance(header, dict):
-            raise MoorizeError(f"{self.path} is corrupt: its header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+        if len(self.header_bytes) != hlen:
+            raise MoorizeError(f"{where} is truncated: short read of its header")
+        self.metadata, entries = _decode_header(self.header_bytes, where)
         self._data_start = 8 + hlen
         data_size = size - self._data_start
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        end_max = 0
-        for name, e in header.items():
-            try:
-                dt, shape, (start, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise MoorizeError(f"{self.path} is corrupt: bad header entry for {name!r}") from None
-            if dt not in ST_TO_TORCH:
-                raise MoorizeError(f"{self.path}: tensor {name!r} has unsupported dtype {dt}")
-            numel = 1
-            for s in shape:
-                numel *= s
-            want = numel * ST_TO_TORCH[dt].itemsize
-            if not (0 <= start <= end) or end - start != want:
-                raise MoorizeError(f"{self.path} is corrupt: tensor {name!r} offsets do not match its shape")
-            end_max = max(end_max, end)
-            self._entries[name] = (dt, shape, start, end)
-        if end_max > data_size:
-            raise MoorizeError(
-                f"{self.path} is truncated: tensors need {end_max} data bytes, the file has {data_size}"
-            )
+        for name, e in entries.items():
+            self._entries[name] = _check_entry(name, e, where)
+        # the byte ranges, in offset order, must tile the data section: no gap, no overlap
+        expected, prev, prev_start = 0, None, 0
+        for name, (_, _, start, end) in sorted(self._entries.items(), key=lambda kv: (kv[1][2], kv[1][3], kv[0])):
+            if start < expected:
+                raise MoorizeError(f"{where} is corrupt: tensor {_q(name)} (data bytes {start}-{end}) overlaps "
+                                   f"{_q(prev)} (data bytes {prev_start}-{expected})")
+            if start > expected:
+                what = f"after tensor {_q(prev)}" if prev is not None else "at the start of the data"
+                raise MoorizeError(f"{where} is corrupt: a gap of {start - expected} byte(s) {what} belongs to no "
+                                   f"tensor ({_q(name)} starts at data byte {start})")
+            expected, prev, prev_start = end, name, start
+        if expected > data_size:
+            raise MoorizeError(f"{where} is truncated: tensors need {expected} data bytes, the file has {data_size}")
+        if expected < data_size:
+            raise MoorizeError(f"{where} is corrupt: {data_size - expected} trailing byte(s) after the last tensor's "
+                               "data")
 
     def infos(self) -> list[TensorInfo]:
         return [
@@ -300,15 +472,31 @@ def _fingerprint(model_dir: Path, sources: list[TensorSource], kind: str, extra:
 def _shard_files(model_dir: Path, index_name: str) -> list[Path]:
     index_path = model_dir / index_name
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_text(encoding="utf-8"))
         files = sorted(set(index["weight_map"].values()))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
         raise MoorizeError(f"{index_path} is not a valid shard index (needs a 'weight_map')") from None
+    bad = [f for f in files if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts]
+    if bad:  # a shard is a file of this directory: no other path is read
+        raise MoorizeError(f"{index_path} names an invalid shard file {_show(bad[0])}")
     missing = [f for f in files if not (model_dir / f).is_file()]
     if missing:
         raise MoorizeError(f"{index_path} names missing shard(s): {', '.join(missing)}")
     return [model_dir / f for f in files]
 
+
+def check_safetensors_weights(model_dir: Path) -> None:
+    """Validate the safetensors weights of a HF directory (``model.safetensors`` or the shards its index
+    names) before a library that trusts them (transformers) loads the directory; no-op without them."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.safetensors.index.json").is_file():
+        paths = _shard_files(model_dir, "model.safetensors.index.json")
+    elif (model_dir / "model.safetensors").is_file():
+        paths = [model_dir / "model.safetensors"]
+    else:
+        return
+    for p in paths:
+        SafetensorsFile(p).close()
 
 def _open_dir(model_dir: Path, allow_pickle: bool, original: Path, gguf: Path | None = None) -> SourceCheckpoint:
     if not (model_dir / "config.json").is_file():
@@ -536,7 +724,7 @@ def parse_size(text: str | int) -> int:
         m = 1
     try:
         v = int(float(s) * m)
-    except ValueError:
+    except (ValueError, OverflowError):  # also NaN and infinity
         raise MoorizeError(f"cannot read size {text!r} (use e.g. 500MB, 2GB)") from None
     if v <= 0:
         raise MoorizeError(f"size must be positive, got {text!r}")

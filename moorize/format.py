@@ -10,6 +10,7 @@ is the specification.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ FORMAT_NAME = "moorize.factored"
 FORMAT_VERSION = 1
 MANIFEST = "moorize.json"
 FACTOR_NAMES = ("U", "S", "Vh", "residual")
+LAYOUT_FIELDS = ("shape", "rank", "residual", "dtype")  # what a trained adapter depends on, per layer
 
 
 def factor_key(layer: str, part: str) -> str:
@@ -67,6 +69,19 @@ class LayerRecord:
         return min(self.shape)
 
 
+def factor_layout_of(rec: LayerRecord) -> dict:
+    """The fields of ``FactoredCheckpoint.factor_layout`` for one layer."""
+    return {"shape": list(rec.shape), "rank": rec.rank, "residual": rec.residual, "dtype": rec.dtype}
+
+
+def layout_fingerprint(source_fingerprint: str, layout: dict[str, dict]) -> str:
+    """sha256 over the source fingerprint and the per-layer layout (layer order does not matter)."""
+    payload = {"kind": "moorize.layout", "version": 1, "source": source_fingerprint,
+               "layers": {name: {k: layout[name][k] for k in LAYOUT_FIELDS} for name in sorted(layout)}}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 class FactoredCheckpoint:
     """Read access to a factored checkpoint directory; opens shards lazily, reads tensors on demand."""
 
@@ -98,6 +113,20 @@ class FactoredCheckpoint:
     def fingerprint(self) -> str:
         """The fingerprint of the source checkpoint the factors came from."""
         return self.manifest["source"]["fingerprint"]
+
+    @property
+    def factor_layout(self) -> dict[str, dict]:
+        """Per factored layer, in manifest order, what an adapter trained on this base depends on:
+        ``{"shape": [m, n], "rank": r, "residual": bool, "dtype": str}`` (read from moorize.json)."""
+        return {name: factor_layout_of(rec) for name, rec in self.layers.items()}
+
+    @property
+    def layout_fingerprint(self) -> str:
+        """The fingerprint of the factored base: the source fingerprint plus every layer's shape, rank,
+        residual and factor dtype. Two conversions of one source with other ranks, ``--residual`` or
+        ``--dtype`` differ; reconverting with the same settings (any solver or device) does not.
+        Computed from moorize.json alone, so it costs nothing to check."""
+        return layout_fingerprint(self.fingerprint, self.factor_layout)
 
     @property
     def config_path(self) -> Path:

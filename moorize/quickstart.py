@@ -42,7 +42,9 @@ def run_quickstart(out_dir: Path, prompts: list[str] | None, max_new_tokens: int
     out_dir.mkdir(parents=True, exist_ok=True)
     factored = out_dir / "smollm2-factored"
     echo(f"[1/4] converting {gguf.name} -> {factored} (full rank)")
-    report = convert(gguf, factored, overwrite=True)
+    # re-running replaces the quickstart's own earlier output, never a directory it did not write
+    ours = (factored / "moorize.json").is_file()
+    report = convert(gguf, factored, overwrite=ours)
     echo(format_table(report.layers, report.to_dict()))
 
     echo("[2/4] singular-value spectra")

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import os
+import shutil
+import tempfile
 import types
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapter import read_adapter
-from .checkpoint import ShardFile, ShardPart, copy_aux_files, finalize_shards
+from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from .adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from .adapter import read_adapter, write_adapter_files
+from .checkpoint import ShardFile, ShardPart, copy_aux_files, finalize_shards, parse_size
 from .errors import MoorizeError
-from .format import FactoredCheckpoint
+from .format import MANIFEST, FactoredCheckpoint
 from .heads import HEADS_PREFIX
 from .modeling import MoOREConfig, MoORELinear, RoutingState
-from .outdir import atomic_output_dir
+from .outdir import atomic_output_dir, output_lock, raise_for_os_error
 from .targets import checkpoint_name, model_class
 
 log = logging.getLogger(__name__)
@@ -52,12 +58,17 @@ def load(directory, adapter=None, *, router: str = "task+sample", tasks: list[st
 
     Without ``adapter`` the MoORE parameters are freshly initialised (the model computes
     exactly the original); with it, the router mode, tasks, hyper-parameters and trained
-    weights come from the adapter directory, which must belong to this base checkpoint.
+    weights come from the adapter directory, which must belong to this base checkpoint: the same
+    source, converted with the same ranks, residuals and factor dtypes (adapters record both).
+
+    The model's ``save_pretrained(d)`` (and so ``push_to_hub``) writes the adapter, not a dense
+    checkpoint: see ``save_pretrained`` in this module.
     """
+    _refuse_adapter_as_base(Path(directory))
     ckpt = FactoredCheckpoint(directory)
     adapter_state = None
     if adapter is not None:
-        config, adapter_state = read_adapter(adapter, ckpt.fingerprint)
+        config, adapter_state = read_adapter(adapter, base=ckpt)
     else:
         config = MoOREConfig(router=router, tasks=list(tasks or ["default"]), task_dim=task_dim,
                              router_experts=router_experts, householder=householder, train_sigma=train_sigma,
@@ -102,8 +113,21 @@ def load(directory, adapter=None, *, router: str = "task+sample", tasks: list[st
         _load_adapter_state(model, placed, {k: v for k, v in adapter_state.items() if not k.startswith(HEADS_PREFIX)})
     if dtype is not None:
         model.to(dtype)
-    _install_routing(model, state, config, ckpt.fingerprint, placed)
+    _install_routing(model, state, config, ckpt, placed)
     return model.eval()
+
+
+def _refuse_adapter_as_base(d: Path) -> None:
+    """``moorize.load(ADAPTER)``: say what it is and how to load it, rather than 'no moorize.json'."""
+    if (d / MANIFEST).is_file() or not (d / ADAPTER_CONFIG_NAME).is_file():
+        return
+    try:
+        base = json.loads((d / ADAPTER_CONFIG_NAME).read_text()).get("base_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    hint = f" (it was saved from {base})" if isinstance(base, str) else ""
+    raise MoorizeError(f"{d} is a moorize adapter, not a factored checkpoint: load it with "
+                       f"moorize.load(FACTORED_BASE, {str(d)!r}){hint}")
 
 
 def moore_layers(model: nn.Module) -> dict[str, MoORELinear]:
@@ -130,9 +154,10 @@ def _load_adapter_state(model: nn.Module, placed: dict[str, str], state: dict[st
         raise MoorizeError(f"adapter has tensors for layers this checkpoint does not have: {extra[:3]}")
 
 
-def _install_routing(model, state: RoutingState, config: MoOREConfig, fingerprint: str,
+def _install_routing(model, state: RoutingState, config: MoOREConfig, ckpt: FactoredCheckpoint,
                      placed: dict[str, str]) -> None:
-    """``task_ids=`` on forward and generate, a default task, and the MoORE metadata on the model."""
+    """``task_ids=`` on forward and generate, a default task, ``save_pretrained`` writing the adapter,
+    and the MoORE metadata on the model."""
 
     def pre_hook(module, args, kwargs):
         if "task_ids" in kwargs:
@@ -160,10 +185,16 @@ def _install_routing(model, state: RoutingState, config: MoOREConfig, fingerprin
         state.default = None if task is None else state.task_id(task)
 
     model.set_default_task = types.MethodType(set_default_task, model)
+    # transformers' own save_pretrained would write the U/S/Vh buffers under names it does not know and
+    # no dense weights: from_pretrained then builds the targets with random weights, silently
+    model.save_pretrained = types.MethodType(save_pretrained, model)
     model.moore_config = config
     model.moore_state = state
     model.moore_tasks = dict(state.tasks)
-    model.moore_base_fingerprint = fingerprint
+    model.moore_base_fingerprint = ckpt.fingerprint
+    model.moore_base_layout_fingerprint = ckpt.layout_fingerprint
+    model.moore_base_layout = ckpt.factor_layout
+    model.moore_base_path = str(ckpt.directory.absolute())
     model.moore_layer_paths = dict(placed)
 
 
@@ -218,6 +249,13 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
           max_shard_size: int = 2 * 10**9) -> Path:
     """Write a dense HF checkpoint of one task of a ``task``-mode routed model (exact)."""
     model = load(directory, adapter)
+    return _write_dense(model, directory, task, dest, overwrite=overwrite, max_shard_size=max_shard_size,
+                        protect=[Path(adapter)])
+
+
+def _write_dense(model, directory, task: str, dest, *, overwrite: bool, max_shard_size: int,
+                 protect: list[Path] = ()) -> Path:
+    """The dense checkpoint of one task of a routed model whose base is the factored ``directory``."""
     config: MoOREConfig = model.moore_config
     if config.uses_sample:
         raise MoorizeError(f"router mode {config.router!r} has a sample router: each token gets its own weights, "
@@ -225,7 +263,11 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
     task_id = model.moore_state.task_id(task)
     dest = Path(dest)
     layers = moore_layers(model)
-    with FactoredCheckpoint(directory) as ckpt, atomic_output_dir(dest, overwrite, protect=[ckpt.directory]) as tmp:
+    with FactoredCheckpoint(directory) as ckpt, \
+            atomic_output_dir(dest, overwrite, protect=[ckpt.directory, *protect]) as tmp:
+        if ckpt.layout_fingerprint != getattr(model, "moore_base_layout_fingerprint", ckpt.layout_fingerprint):
+            raise MoorizeError(f"the factored checkpoint {ckpt.directory} changed since this model was loaded "
+                               "from it; load it again")
         passthrough = ckpt.passthrough_names()
         names = passthrough + [f"{n}.weight" for n in ckpt.layers]
         parts: list[ShardPart] = []
@@ -257,3 +299,96 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
         copy_aux_files(ckpt.directory, tmp)
         (tmp / "moorize.json").unlink(missing_ok=True)  # a dense checkpoint, not a factored one
     return dest
+
+
+# ---- save_pretrained on a routed model --------------------------------------------------------------
+
+# config.json of a directory save_pretrained wrote: transformers' from_pretrained (with or without PEFT
+# installed) stops at its unknown model type, with this text in the message, instead of loading a model
+# whose weights it does not find. moorize itself reads only the two adapter files.
+GUARD_MODEL_TYPE = ("moorize-adapter (not a transformers model: load it with "
+                    "moorize.load(FACTORED_BASE, THIS_DIRECTORY))")
+_HARMLESS_KWARGS = {"max_shard_size", "safe_serialization", "token", "save_peft_format", "save_original_format"}
+
+
+def _guard_config(model) -> dict:
+    return {"model_type": GUARD_MODEL_TYPE, "moorize_adapter": True,
+            "base_path": getattr(model, "moore_base_path", None),
+            "base_model_type": getattr(model.config, "model_type", None)}
+
+
+def _is_guard(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("moorize_adapter") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_pretrained(self, save_directory, *, merge_task: str | None = None, overwrite: bool = False,
+                    is_main_process: bool = True, push_to_hub: bool = False, state_dict=None,
+                    variant=None, **kwargs) -> Path | None:
+    """Save a routed MoORE model (installed on every model ``moorize.load`` returns).
+
+    By default it writes the **adapter**, as ``moorize.save_adapter`` does (PEFT's convention:
+    a PeftModel's ``save_pretrained`` writes only its adapter): ``adapter_config.json`` (with the
+    base's fingerprints, layout and path) and ``adapter_model.safetensors``, into
+    ``save_directory`` (created if needed; other files there are kept, an earlier adapter is
+    replaced). ``moorize.load(FACTORED_BASE, save_directory)`` gives the same model back. It
+    also writes a ``config.json`` whose model type transformers does not know, so
+    ``AutoModel*.from_pretrained(save_directory)`` fails with a message naming moorize instead
+    of building the targets with random weights. ``push_to_hub(repo)`` uploads the same files.
+
+    ``merge_task="name"`` (router mode ``task`` only) writes instead a dense transformers
+    checkpoint of that task, exactly what ``moorize merge`` writes: ``from_pretrained`` loads
+    it with no moorize. ``save_directory`` must then be empty or absent (``overwrite=True``
+    replaces it once the new one is complete).
+
+    Refused with one line: a directory holding another model (its own ``config.json`` or
+    ``moorize.json``), the factored base itself, ``push_to_hub=True`` (call ``push_to_hub``),
+    ``state_dict=``/``variant=`` (the adapter is always the model's own MoORE parameters).
+    Parameters outside the MoORE layers are not saved: they are the base's.
+    """
+    ignored = set(kwargs) - _HARMLESS_KWARGS
+    if ignored:
+        raise MoorizeError(f"save_pretrained of a routed MoORE model does not take {', '.join(sorted(ignored))}")
+    if push_to_hub:
+        raise MoorizeError("save_pretrained(push_to_hub=True) is not supported on a routed MoORE model: "
+                           "call model.push_to_hub(repo_id), which uploads the adapter")
+    if state_dict is not None or variant is not None:
+        raise MoorizeError("save_pretrained of a routed MoORE model writes its adapter (the MoORE parameters): "
+                           "state_dict= and variant= do not apply")
+    if not is_main_process:
+        return None
+    d = Path(save_directory)
+    base = Path(self.moore_base_path)
+    if merge_task is not None:
+        return _write_dense(self, base, merge_task, d, overwrite=overwrite,
+                            max_shard_size=parse_size(kwargs.get("max_shard_size") or 2 * 10**9))
+    d_r, base_r = d.resolve(), base.resolve()
+    if d_r == base_r or base_r in d_r.parents:
+        raise MoorizeError(f"{d} is {'the factored checkpoint' if d_r == base_r else 'inside the factored checkpoint'} "
+                           f"{base} this model was loaded from; save the adapter elsewhere")
+    if d.exists() and not d.is_dir():
+        raise MoorizeError(f"{d} exists and is not a directory")
+    if (d / MANIFEST).exists() or ((d / "config.json").exists() and not _is_guard(d / "config.json")):
+        raise MoorizeError(f"{d} holds a model (config.json); saving the adapter there would replace its "
+                           "config: choose another directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise_for_os_error(e, d)
+    with output_lock(d_r):
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=".moorize-save-", dir=d))
+            write_adapter_files(self, tmp)
+            (tmp / "config.json").write_text(json.dumps(_guard_config(self), indent=2) + "\n")
+            (d / ADAPTER_CONFIG_NAME).unlink(missing_ok=True)  # the config marks the adapter complete: last
+            for name in (ADAPTER_WEIGHTS_NAME, "config.json", ADAPTER_CONFIG_NAME):
+                os.replace(tmp / name, d / name)
+        except OSError as e:
+            raise_for_os_error(e, d)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return d

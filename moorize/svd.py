@@ -249,6 +249,12 @@ class SVDOptions:
     power_iters: int = 2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("oversample", 0, 1 << 20), ("power_iters", 0, 1000), ("seed", 0, 2**63 - 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise MoorizeError(f"{name.replace('_', '-')} must be an integer in [{lo}, {hi}], got {value!r}")
+
 
 def check_solver_supports(solver: str, policies) -> None:
     """The randomized solver needs the rank before it sees the spectrum."""

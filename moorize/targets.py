@@ -148,6 +148,7 @@ def find_targets(model_dir: Path, tensors: dict, patterns: list[str] | None = No
     model = build_meta_model(model_dir)
     prefix = getattr(model, "base_model_prefix", "") or ""
     candidates: list[Target] = []
+    not_float: dict[str, torch.dtype] = {}
     for mname, module in model.named_modules():
         layout = _linear_like(module)
         if layout is None:
@@ -160,8 +161,11 @@ def find_targets(model_dir: Path, tensors: dict, patterns: list[str] | None = No
         shape = tuple(w.shape)
         if len(shape) != 2:
             continue
-        expected = tuple(module.weight.shape)
-        if shape != expected:
+        dtype = _stored_dtype(w)
+        if dtype is not None and not dtype.is_floating_point:
+            # quantised storage (packed ints, int8 + scales): its shape need not match the module's
+            not_float[ckpt_name] = dtype
+        elif shape != (expected := tuple(module.weight.shape)):
             raise MoorizeError(
                 f"{ckpt_name}.weight has shape {list(shape)} but the {type(module).__name__} in the architecture "
                 f"expects {list(expected)}: config.json does not match the weights"
@@ -177,6 +181,7 @@ def find_targets(model_dir: Path, tensors: dict, patterns: list[str] | None = No
                 "found no linear layers inside transformer blocks; pass --targets to choose among: "
                 + ", ".join(collapse_names([t.name for t in candidates])[:20])
             )
+        _refuse_non_float(chosen, not_float, explicit=False)
         return chosen
     for p in patterns:
         validate_pattern(p)
@@ -188,5 +193,33 @@ def find_targets(model_dir: Path, tensors: dict, patterns: list[str] | None = No
                 + ", ".join(collapse_names([t.name for t in candidates])[:30])
             )
     chosen = [t for t in candidates if any(pattern_matches(p, t.name) for p in patterns)]
+    _refuse_non_float(chosen, not_float, explicit=True)
     return chosen
+
+
+def _stored_dtype(w) -> torch.dtype | None:
+    """The torch dtype a checkpoint tensor is stored in (a TensorInfo's or a tensor's); None if unknown."""
+    try:
+        dtype = getattr(w, "torch_dtype", None)
+    except KeyError:  # a dtype name torch has no type for
+        return None
+    if not isinstance(dtype, torch.dtype):
+        dtype = getattr(w, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _refuse_non_float(chosen: list[Target], not_float: dict[str, torch.dtype], explicit: bool) -> None:
+    """An integer or bool target is quantised storage: its SVD would factor codes, not the weights."""
+    bad = [t.name for t in chosen if t.name in not_float]
+    if not bad:
+        return
+    first = bad[0]
+    dtype = str(not_float[first]).replace("torch.", "")
+    more = f" (and {len(bad) - 1} more target layer(s) not stored as floats)" if len(bad) > 1 else ""
+    how = "selected by --targets" if explicit else "a default target"
+    raise MoorizeError(
+        f"{first}.weight ({how}) is stored as {dtype}{more}: only floating-point weights can be factored; "
+        "de-quantise the checkpoint first (e.g. load it with transformers and save_pretrained it in "
+        "float16/bfloat16/float32), or leave the layer out with --targets"
+    )
 

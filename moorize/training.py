@@ -21,7 +21,9 @@ is renamed to ``output``: an interrupted run leaves nothing that looks complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -33,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,8 @@ from .data import IGNORE_INDEX, Example, TaskTable, collate, encode, length_grou
 from .errors import MoorizeError
 from .format import FactoredCheckpoint
 from .heads import MoOREClassifier, TaskHeads, default_pooling
-from .outdir import check_out_dir, partial_dir, publish, raise_for_os_error
+from .outdir import (check_not_an_input, check_out_dir, is_main_process, output_lock, partial_dir, publish,
+                     raise_for_os_error)
 
 log = logging.getLogger(__name__)
 
@@ -99,23 +102,54 @@ class TrainOptions:
     cpu: bool = False  # train on the CPU even when a GPU is present
 
     def __post_init__(self) -> None:
+        """Every option checked up front (types, finite, in range): a bad one is one line, never NaN weights."""
         if self.schedule not in SCHEDULES:
             raise MoorizeError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise MoorizeError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "grad_accum", "max_length", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise MoorizeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise MoorizeError(f"max-steps must be at least 1, got {self.max_steps}")
+        for name, (kind, lo, hi, lo_open) in _NUMERIC_RANGES.items():
+            value = getattr(self, name)
+            if value is None and name in ("max_steps", "eval_max_examples"):
+                continue
+            _check_number(name, value, kind, lo, hi, lo_open)
         if self.max_steps is None and not self.epochs > 0:
             raise MoorizeError(f"epochs must be positive, got {self.epochs}")
-        if not 0.0 <= self.eval_split < 1.0:
-            raise MoorizeError(f"eval-split must be in [0, 1), got {self.eval_split}")
-        if self.lr <= 0:
-            raise MoorizeError(f"lr must be positive, got {self.lr}")
-        if self.sample_router_lr < 0:
-            raise MoorizeError(f"sample_router_lr must be >= 0 (a multiplier of lr), got {self.sample_router_lr}")
+
+
+# option -> (type, lowest, highest, lowest excluded); None: unbounded
+_NUMERIC_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
+    "householder": (int, 0, None, False), "task_dim": (int, 1, None, False),
+    "router_experts": (int, 1, None, False),
+    "lr": (float, 0.0, None, True), "sample_router_lr": (float, 0.0, None, False),
+    "weight_decay": (float, 0.0, None, False), "warmup": (float, 0.0, None, False),
+    "decay": (float, 0.0, 1.0, False), "min_lr_ratio": (float, 0.0, 1.0, False),
+    "max_grad_norm": (float, 0.0, None, False), "batch_size": (int, 1, None, False),
+    "grad_accum": (int, 1, None, False), "epochs": (float, 0.0, None, False),
+    "max_steps": (int, 1, None, False), "seed": (int, 0, 2**63 - 1, False),
+    "max_length": (int, 1, None, False), "eval_split": (float, 0.0, 1.0, False),
+    "eval_max_examples": (int, 1, None, False), "eval_every": (int, 0, None, False),
+    "save_every": (int, 0, None, False), "keep_checkpoints": (int, 1, None, False),
+    "log_every": (int, 1, None, False),
+}
+
+
+def _check_number(name: str, value, kind: type, lo, hi, lo_open: bool) -> None:
+    """One numeric option: the message names the CLI flag and the keyword (``--batch-size``, ``batch_size``)."""
+    flag, where = name.replace("_", "-"), f" (TrainOptions.{name})"
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and is_number and not isinstance(value, int):
+        is_number = isinstance(value, float) and value.is_integer()
+    if not is_number:
+        raise MoorizeError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {value!r}{where}")
+    if not math.isfinite(value):
+        raise MoorizeError(f"{flag} must be a finite number, got {value}{where}")
+    if name == "eval_split" and value >= 1.0:
+        raise MoorizeError(f"eval-split must be in [0, 1), got {value}{where}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        bound = "positive" if lo_open and lo == 0 else f"at least {lo}"
+        raise MoorizeError(f"{flag} must be {bound}, got {value}{where}")
+    if hi is not None and value > hi:
+        raise MoorizeError(f"{flag} must be at most {hi}, got {value}{where}")
 
 
 @dataclass
@@ -358,26 +392,23 @@ def _checkpoint_dirs(run: Path) -> list[Path]:
 
 def _save_checkpoint(run: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                      accelerator, keep: int, position: dict) -> None:
-    """Routers + optimizer + scheduler + RNG (per rank) + data position; state.json last marks it whole."""
+    """Routers + optimizer + scheduler + RNG (per rank) + data position; state.json last marks it whole.
+
+    Nothing in a checkpoint is a pickle: tensors go to safetensors, everything else to JSON,
+    so resuming from a run directory someone else prepared can never execute code.
+    """
     final = run / "checkpoints" / f"step-{step:07d}"
     tmp = run / "checkpoints" / f".step-{step:07d}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    _save_rng(tmp, accelerator.process_index)
     if accelerator.is_main_process:
-        tensors = {k: p.detach().cpu().contiguous() for k, p in trainable.items()}
-        shard = ShardFile(tmp / "trainable.safetensors", list(tensors))
-        for k, t in tensors.items():
-            shard.add_tensor(k, t)
-        shard.close()
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **position}, indent=2) + "\n")
+        _write_tensors(tmp / TRAINABLE_FILE, {k: p.detach() for k, p in trainable.items()})
+        _save_optimizer(tmp, optimizer.state_dict())
+        _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+        _write_json(tmp / STATE_FILE, {"step": step, **position})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in _checkpoint_dirs(run)[:-keep]:
@@ -386,24 +417,123 @@ def _save_checkpoint(run: Path, step: int, trainable: dict[str, torch.Tensor], o
 
 
 def _load_checkpoint(ckpt: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, rank: int) -> dict:
-    f = SafetensorsFile(ckpt / "trainable.safetensors")
+    if any(ckpt.glob("*.pt")) and not (ckpt / OPTIMIZER_TENSORS).is_file():
+        raise MoorizeError(f"{ckpt} was written by an older moorize with pickle files, which moorize no longer "
+                           "loads (they can run code): start the run over with --overwrite")
+    for name in (TRAINABLE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE):
+        if not (ckpt / name).is_file():
+            raise MoorizeError(f"checkpoint {ckpt} is incomplete: {name} is missing")
+    if not (ckpt / f"rng-{rank}.json").is_file():
+        raise MoorizeError(f"{ckpt} was saved by fewer processes than this run has; resume with the same count")
+    saved = _read_tensors(ckpt / TRAINABLE_FILE)
+    if set(saved) != set(trainable):
+        raise MoorizeError(f"checkpoint {ckpt} holds other parameters than this run trains")
+    with torch.no_grad():
+        for k, p in trainable.items():
+            if saved[k].shape != p.shape:
+                raise MoorizeError(f"checkpoint {ckpt}: {k} has shape {list(saved[k].shape)}, "
+                                   f"the run trains {list(p.shape)}")
+            p.copy_(saved[k])
     try:
-        with torch.no_grad():
-            for k, p in trainable.items():
-                p.copy_(f.load(k))
+        optimizer.load_state_dict(_load_optimizer_state(ckpt, optimizer))
+        scheduler.load_state_dict(_read_json(ckpt / SCHEDULER_FILE))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise MoorizeError(f"checkpoint {ckpt} is corrupt: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                           ) from None
+    _load_rng(ckpt, rank)
+    state = _read_json(ckpt / STATE_FILE)
+    if not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise MoorizeError(f"checkpoint {ckpt} is corrupt: {STATE_FILE} has no valid step")
+    return state
+
+
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"  # per-parameter state: "<param index>/<name>"
+OPTIMIZER_FILE = "optimizer.json"  # param groups and any non-tensor state
+SCHEDULER_FILE = "scheduler.json"
+STATE_FILE = "state.json"
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    shard = ShardFile(path, list(tensors))
+    for k, t in tensors.items():
+        shard.add_tensor(k, t)
+    shard.close()
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    f = SafetensorsFile(path)
+    try:
+        return {info.name: f.load(info.name) for info in f.infos()}
     finally:
         f.close()
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    rng_file = ckpt / f"rng-{rank}.pt"
-    if not rng_file.is_file():
-        raise MoorizeError(f"{ckpt} was saved by fewer processes than this run has; resume with the same count")
-    rng = torch.load(rng_file, weights_only=False)  # our own file: a python tuple and byte tensors
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((ckpt / "state.json").read_text())
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1, allow_nan=True) + "\n")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoorizeError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not valid JSON'}") from None
+
+
+def _save_optimizer(directory: Path, state_dict: dict) -> None:
+    tensors, scalars = {}, {}
+    for idx, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}/{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    _write_tensors(directory / OPTIMIZER_TENSORS, tensors)
+    _write_json(directory / OPTIMIZER_FILE, {"param_groups": state_dict["param_groups"], "scalars": scalars})
+
+
+def _load_optimizer_state(directory: Path, optimizer) -> dict:
+    """The optimizer's state_dict rebuilt from safetensors + JSON; tuples (e.g. Adam's betas) restored."""
+    meta = _read_json(directory / OPTIMIZER_FILE)
+    state: dict[int, dict] = {}
+    for key, tensor in _read_tensors(directory / OPTIMIZER_TENSORS).items():
+        idx, _, name = key.partition("/")
+        state.setdefault(int(idx), {})[name] = tensor
+    for idx, entries in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(entries)
+    groups = meta["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{len(groups)} parameter groups, the run has {len(optimizer.param_groups)}")
+    for saved, live in zip(groups, optimizer.param_groups):
+        for k, v in live.items():
+            if isinstance(v, tuple) and isinstance(saved.get(k), list):
+                saved[k] = tuple(saved[k])
+    return {"state": state, "param_groups": groups}
+
+
+def _save_rng(directory: Path, rank: int) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda/{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    _write_tensors(directory / f"rng-{rank}.safetensors", tensors)
+    _write_json(directory / f"rng-{rank}.json", {"python": [version, list(internal), gauss]})
+
+
+def _load_rng(directory: Path, rank: int) -> None:
+    tensors = _read_tensors(directory / f"rng-{rank}.safetensors") \
+        if (directory / f"rng-{rank}.safetensors").is_file() else {}
+    py = _read_json(directory / f"rng-{rank}.json").get("python")
+    try:
+        version, internal, gauss = py
+        random.setstate((int(version), tuple(int(x) for x in internal), None if gauss is None else float(gauss)))
+        torch.set_rng_state(tensors["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise MoorizeError(f"checkpoint {directory} is corrupt: bad random-number state for rank {rank}") from None
+    cuda = [tensors[f"cuda/{i}"] for i in range(sum(k.startswith("cuda/") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
@@ -414,8 +544,10 @@ class _MetricsLog:
     def __init__(self, run: Path, main: bool, tensorboard: bool, callbacks, keep_until: int | None):
         self.path, self.main, self.history, self.callbacks = run / METRICS_NAME, main, [], list(callbacks)
         if main and keep_until is not None and self.path.exists():  # resume: drop records past the checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
+            from .data import jsonl_records
+
+            kept = [json.dumps(r) for _, r in jsonl_records(self.path)
+                    if isinstance(r, dict) and isinstance(r.get("step", 0), int) and r.get("step", 0) <= keep_until]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tb = None
         if tensorboard and main:
@@ -478,8 +610,26 @@ def _tokenizer(factored_dir: Path):
     return tok, pad
 
 
-def _prepare_run_dir(output: Path, factored_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from)."""
+def _as_paths(value) -> list[Path]:
+    if value is None:
+        return []
+    return [Path(value)] if isinstance(value, (str, os.PathLike)) else [Path(v) for v in value]
+
+
+def _check_run_paths(output: Path, factored_dir: Path, inputs: list[Path], resume: bool, overwrite: bool) -> None:
+    """Refuse, before touching anything, an output whose writing would destroy one of the run's inputs.
+
+    Holds whatever the flags (``--overwrite``, ``--resume``): the output and its hidden run directory
+    may not be, contain or lie inside the factored base, nor be or contain a data file.
+    """
+    if not resume:
+        check_out_dir(output, overwrite, protect=[factored_dir], inputs=inputs)
+    check_not_an_input(output, [factored_dir, *inputs], "OUT_DIR ")
+    check_not_an_input(partial_dir(output), inputs, "the run directory ")
+
+
+def _prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from); called with the output locked."""
     run = partial_dir(output)
     if resume:
         if (output / "adapter_config.json").is_file() and not run.exists():
@@ -488,13 +638,69 @@ def _prepare_run_dir(output: Path, factored_dir: Path, resume: bool, overwrite: 
         if not found:
             raise MoorizeError(f"no checkpoint to resume in {run} (save them with --save-every N)")
         return run, found[-1]
-    check_out_dir(output, overwrite, protect=[factored_dir])
     if run.exists():
         if _checkpoint_dirs(run) and not overwrite:
             raise MoorizeError(f"an interrupted run left checkpoints in {run}: pass --resume to continue it "
                                "or --overwrite to start over")
-        shutil.rmtree(run)
+        if is_main_process():
+            shutil.rmtree(run)
     return run, None
+
+
+def file_digests(paths: list[Path]) -> list[str]:
+    """sha256 of each file's contents: a resumed run must see the same data, wherever it now lives."""
+    out = []
+    for path in paths:
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as e:
+            raise MoorizeError(f"cannot read {path}: {e.strerror}") from None
+        out.append(h.hexdigest())
+    return out
+
+
+class TrainingDiverged(MoorizeError):
+    """A non-finite loss, gradient or parameter: the run stops at that step and publishes nothing."""
+
+
+def _check_finite(step: int, output: Path, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+    """Stop at the step where the loss or the gradient stops being finite (one sync, values already reduced)."""
+    values = torch.stack([loss.double()] + ([grad_norm.double()] if grad_norm is not None else []))
+    if bool(torch.isfinite(values).all()):
+        return
+    what = f"the loss is {float(loss)}" if not math.isfinite(float(loss)) else f"the gradient norm is {float(grad_norm)}"
+    raise TrainingDiverged(f"training diverged at step {step}: {what}; nothing was written to {output} "
+                           "(lower --lr or --sample-router-lr, or keep --max-grad-norm on)")
+
+
+def _check_finite_parameters(tensors: dict[str, torch.Tensor], step: int, output: Path) -> None:
+    """Before anything is saved: every trained tensor finite (a checkpoint or adapter of NaNs is garbage)."""
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t.detach()).all())]
+    if bad:
+        raise TrainingDiverged(f"training diverged by step {step}: {len(bad)} trained tensor(s) are not finite "
+                               f"({bad[0]}, ...); nothing was written to {output} (lower --lr)")
+
+
+@contextlib.contextmanager
+def _run_directory_guard(run: Path, output: Path) -> Iterator[None]:
+    """What a failed run leaves: nothing after a full disk or a divergence; after anything else, its
+    checkpoints when it has some (``--resume`` continues from them), else nothing."""
+    try:
+        yield
+    except BaseException as e:
+        out_of_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        keep = _checkpoint_dirs(run) and not out_of_space and not isinstance(e, TrainingDiverged)
+        if is_main_process():
+            if keep:
+                log.warning("the run stopped; its checkpoints are kept in %s: --resume continues it", run)
+            else:
+                shutil.rmtree(run, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise_for_os_error(e, output)
+        raise
 
 
 def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, overwrite: bool = False,
@@ -504,7 +710,8 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
 
     ``data``/``eval_data``: one path or a list (JSONL or CSV). Options are the fields of
     ``TrainOptions``, given as ``options=`` or as keywords (``lr=3e-4, max_steps=200``).
-    ``callbacks`` get every metrics record (a dict) as it is logged.
+    ``callbacks`` get every metrics record (a dict) as it is logged. ``output`` is locked while
+    the run writes it; it may not be, or contain, any of the run's inputs.
     """
     opts = options or TrainOptions()
     if overrides:
@@ -513,9 +720,18 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
             raise MoorizeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
         opts = TrainOptions(**{**asdict(opts), **overrides})
     factored_dir, output = Path(factored_dir), Path(output)
+    data_paths, eval_paths = _as_paths(data), _as_paths(eval_data)
     FactoredCheckpoint(factored_dir).close()  # a clear error if it is not a factored checkpoint
-    run, resume_from = _prepare_run_dir(output, factored_dir, resume, overwrite)
+    _check_run_paths(output, factored_dir, data_paths + eval_paths, resume, overwrite)
+    with output_lock(output) if is_main_process() else contextlib.nullcontext():
+        run, resume_from = _prepare_run_dir(output, resume, overwrite)
+        with _run_directory_guard(run, output):
+            return _run(factored_dir, data_paths, eval_paths or None, output, run, resume_from, overwrite, opts,
+                        callbacks, progress)
 
+
+def _run(factored_dir: Path, data: list[Path], eval_data: list[Path] | None, output: Path, run: Path,
+         resume_from: Path | None, overwrite: bool, opts: TrainOptions, callbacks, progress) -> TrainReport:
     accelerator = _accelerator(opts)
     from accelerate.utils import set_seed
 
@@ -527,6 +743,8 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
     plan = _Plan(ds.train, opts, accelerator.num_processes)
     run_config = {"options": {k: v for k, v in asdict(opts).items() if k not in BOOKKEEPING},
                   "base_fingerprint": routed.moore_base_fingerprint,
+                  "base_layout_fingerprint": routed.moore_base_layout_fingerprint,  # ranks, residual, dtypes
+                  "data_sha256": file_digests(data), "eval_data_sha256": file_digests(eval_data or []),
                   "tasks": ds.table.tasks, "kind": ds.kind, "train_examples": len(ds.train),
                   "total_steps": plan.total}
 
@@ -537,19 +755,20 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
 
     start = 0
     if resume_from is not None:
-        saved = json.loads((run / CONFIG_NAME).read_text())
+        saved = _read_json(run / CONFIG_NAME)
         if saved != run_config:
             changed = sorted({k for k in run_config if k != "options" and saved.get(k) != run_config[k]}
-                             | {k for k, v in run_config["options"].items() if saved["options"].get(k) != v})
-            raise MoorizeError(f"cannot resume: the run was started with different {', '.join(changed)}")
+                             | {k for k, v in run_config["options"].items()
+                                if saved.get("options", {}).get(k) != v})
+            names = [{"data_sha256": "data contents", "eval_data_sha256": "eval data contents",
+                      "base_layout_fingerprint": "factored base (ranks, residual or dtypes)"}.get(k, k)
+                     for k in changed]
+            raise MoorizeError(f"cannot resume: the run was started with different {', '.join(names)}")
         start = _load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator.process_index)["step"]
         log.info("resuming from %s (step %d)", resume_from, start)
     elif accelerator.is_main_process:
-        try:
-            run.mkdir()
-            (run / CONFIG_NAME).write_text(json.dumps(run_config, indent=2) + "\n")
-        except OSError as e:
-            raise_for_os_error(e, output)
+        run.mkdir()
+        (run / CONFIG_NAME).write_text(json.dumps(run_config, indent=2) + "\n")
     accelerator.wait_for_everyone()
 
     metrics = _MetricsLog(run, accelerator.is_main_process, opts.tensorboard, callbacks,
@@ -584,12 +803,13 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
                 step_loss += loss.detach().double()
             grad_norm = (accelerator.clip_grad_norm_(list(trainable.values()), opts.max_grad_norm)
                          if opts.max_grad_norm > 0 else None)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             if world > 1:
                 step_loss = accelerator.reduce(step_loss, "sum")
             done = step + 1
+            _check_finite(done, output, step_loss, grad_norm)  # before the step: a NaN never reaches the weights
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             window.append(float(step_loss))
             bar.update(1)
             if done % opts.log_every == 0 or done == plan.total:
@@ -605,6 +825,7 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
             if opts.eval_every and done % opts.eval_every == 0 and done != plan.total:
                 run_eval(done)
             if opts.save_every and done % opts.save_every == 0 and done != plan.total:
+                _check_finite_parameters(trainable, done, output)
                 _save_checkpoint(run, done, trainable, optimizer, scheduler, accelerator, opts.keep_checkpoints,
                                  {"epoch": plan.epoch_of(done)})
         run_eval(plan.total)
@@ -613,16 +834,14 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
         metrics.close()
 
     seconds = time.perf_counter() - t0
+    _check_finite_parameters(trainable, plan.total, output)
     if accelerator.is_main_process:
-        try:
-            write_adapter_files(routed, run, heads=heads,
-                                extra={"training": {"options": asdict(opts), "steps": plan.total,
-                                                    "kind": ds.kind, "final_eval": last_eval}})
-            if not opts.keep_checkpoints_at_end:
-                shutil.rmtree(run / "checkpoints", ignore_errors=True)
-            publish(run, output)
-        except OSError as e:
-            raise_for_os_error(e, output)
+        write_adapter_files(routed, run, heads=heads,
+                            extra={"training": {"options": asdict(opts), "steps": plan.total,
+                                                "kind": ds.kind, "final_eval": last_eval}})
+        if not opts.keep_checkpoints_at_end:
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        publish(run, output, overwrite)
     accelerator.wait_for_everyone()
     train_records = [r for r in metrics.history if r["kind"] == "train"]
     return TrainReport(adapter=output, steps=plan.total, tasks=ds.table.tasks, kind=ds.kind,
