@@ -67,7 +67,7 @@ def _prepare_smollm2(dest: str, n_layers: int | None) -> None:
     hf_logging.set_verbosity_error()
 
     from moorize.assets import smollm2_gguf
-    from moorize.checkpoint import dequantize_gguf
+    from moorize.io.sources import dequantize_gguf
 
     d = Path(dest)
     dequantize_gguf(smollm2_gguf(), d)
@@ -168,8 +168,8 @@ def _write_synthetic(dest: str, shapes: dict, n_layers: int, shard_bytes: int, s
 
 def _load_targets(model_dir: Path):
     """The matrices moorize factors by default, as [out, in] float32 tensors (also warms the imports)."""
-    from moorize.checkpoint import open_checkpoint
-    from moorize.targets import find_targets
+    from moorize.conversion.targets import find_targets
+    from moorize.io.sources import open_checkpoint
 
     with open_checkpoint(model_dir) as ckpt:
         targets = find_targets(ckpt.model_dir, ckpt.tensors, None)
@@ -216,11 +216,11 @@ def part_a(work: Path, args) -> None:
             np.linalg.svd(a, full_matrices=False)
 
     def numpy_loop():
-        for a in arrays:
+        for a in arrays:  # noqa: F821 (deleted after the timing, below)
             np.linalg.svd(a, full_matrices=False)
 
     def torch_loop():
-        for m in mats:
+        for m in mats:  # noqa: F821
             torch.linalg.svd(m, full_matrices=False)
 
     t_np, _ = U.best_of(numpy_loop, args.repeat)
@@ -289,7 +289,7 @@ def part_a(work: Path, args) -> None:
 
 def part_b(work: Path, args) -> bool:
     """Returns False when the conversion itself failed."""
-    from moorize.checkpoint import parse_size
+    from moorize.io.safetensors import parse_size
 
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     target = parse_size(args.memory_size or ("300MB" if args.quick else "4GiB"))

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _util as U  # noqa: E402
 from convert import _prepare_smollm2, _run_in_child  # noqa: E402  (shared with the convert benchmark)
-from routed import SEQ_LEN as PROMPT_TOKENS, _prompt_ids  # noqa: E402  (the same 128-token prompt builder)
+from routed import SEQ_LEN as PROMPT_TOKENS  # noqa: E402  (the same 128-token prompt builder)
+from routed import _prompt_ids
 
 NEW_TOKENS = 32
 GOALS = {"full": 1.5, "r64": 1.25}  # routed ORT latency / dense ORT latency, at most
@@ -106,7 +107,7 @@ def prepare(work: Path, args) -> dict:
     """HF dir, two factored checkpoints with adapters, three exports; returns paths and export reports."""
     import moorize
     from moorize.exporters.onnx import export_dense_onnx, export_onnx
-    from moorize.routed import randomize_routers
+    from moorize.model.routed import randomize_routers
 
     hf = work / "smollm2-hf"
     with U.Timer() as t:

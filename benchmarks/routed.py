@@ -281,7 +281,7 @@ def _layer(m: int, n: int, seed: int):
     """A full-rank MoORELinear of a random m x n weight with every MoORE parameter perturbed."""
     import torch
 
-    from moorize.modeling import MoOREConfig, MoORELinear, RoutingState
+    from moorize.model.layer import MoOREConfig, MoORELinear, RoutingState
 
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, n, generator=g) / math.sqrt(n)

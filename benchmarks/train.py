@@ -86,7 +86,7 @@ def part(work: Path, args) -> bool:
               "r64": "MoORE rank 64 + residual, router `task+sample`",
               "full-task": "MoORE full rank, router `task`"}
     rows = []
-    for k, (m, p, _) in models.items():
+    for k, (_m, p, _) in models.items():
         n = sum(x.numel() for x in p)
         ratio = med[k] / med["lora"]
         verdict = "" if k == "lora" else ("PASS" if ratio <= GOAL else "FAIL") + f" (goal ≤ {GOAL}×)"

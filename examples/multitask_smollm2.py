@@ -142,7 +142,7 @@ def prepare_checkpoints(work: Path) -> tuple[Path, Path]:
     """(de-quantised HF directory of SmolLM2, its factored checkpoint at full rank), made once."""
     import moorize
     from moorize.assets import smollm2_gguf
-    from moorize.checkpoint import dequantize_gguf
+    from moorize.io.sources import dequantize_gguf
 
     dense, factored = work / "smollm2", work / "smollm2-factored"
     if not (dense / "config.json").is_file():
@@ -155,7 +155,7 @@ def prepare_checkpoints(work: Path) -> tuple[Path, Path]:
 # ---- evaluation (any causal LM: routed or PEFT) ------------------------------------------------------------------
 
 def encoded(path: Path, tokenizer, tasks: list[str], max_length: int) -> list[dict]:
-    from moorize.data import TaskTable, encode, read_examples
+    from moorize.training.data import TaskTable, encode, read_examples
 
     examples = read_examples(path)
     return encode(examples, tokenizer, TaskTable(list(tasks), {}), max_length)
@@ -165,8 +165,8 @@ def encoded(path: Path, tokenizer, tasks: list[str], max_length: int) -> list[di
 def task_accuracy(model, items: list[dict], tasks: list[str], pad_id: int, eos_id: int, routed: bool,
                   batch_size: int = 16) -> dict:
     """Per task: exact match (answer then stop) and 'answer first' (the answer, stop not required)."""
-    from moorize.data import IGNORE_INDEX, collate
-    from moorize.training import causal_row_losses
+    from moorize.training.data import IGNORE_INDEX, collate
+    from moorize.training.losses import causal_row_losses
 
     device = next(model.parameters()).device
     totals: dict[int, list[float]] = {}
@@ -214,8 +214,9 @@ def peak_rss_mb() -> float:
 
 
 def run_moore(factored: Path, data: Path, eval_path: Path, out: Path, s: dict, label: str, options: dict) -> dict:
-    import moorize
     from transformers import AutoTokenizer
+
+    import moorize
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -243,8 +244,10 @@ def run_lora(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moorize.data import TaskTable, collate, encode, length_grouped_batches, read_examples
-    from moorize.training import TrainOptions, causal_losses, lr_factor
+    from moorize.training.data import TaskTable, collate, encode, length_grouped_batches, read_examples
+    from moorize.training.loop import lr_factor
+    from moorize.training.losses import causal_losses
+    from moorize.training.options import TrainOptions
 
     torch.manual_seed(0)
     t0 = time.perf_counter()

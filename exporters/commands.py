@@ -110,7 +110,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     """Rows of {"prompt"|"text": str, optional "task"}; errors name file:line."""
     if not path.is_file():
         raise MoorizeError(f"input file {path} does not exist")
-    from ..data import jsonl_records
+    from ..io.jsonfiles import jsonl_records
 
     rows = []
     for n, row in jsonl_records(path):

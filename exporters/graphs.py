@@ -37,9 +37,9 @@ class Routed:
 
 def load_routed(factored_dir, adapter=None) -> Routed:
     """The routed model of ``factored_dir`` (with ``adapter``'s routers and, for classifiers, heads)."""
-    from ..adapter import read_adapter_config
-    from ..heads import load_classifier
-    from ..routed import load
+    from ..model.adapter import read_adapter_config
+    from ..model.heads import load_classifier
+    from ..model.routed import load
 
     meta = read_adapter_config(adapter) if adapter is not None else {}
     if "heads" in meta:

@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..checkpoint import SafetensorsFile, check_safetensors_weights, copy_aux_files
 from ..errors import MoorizeError
-from ..format import FactoredCheckpoint, factor_key
-from ..outdir import atomic_output_dir
+from ..io.factored import FactoredCheckpoint, factor_key
+from ..io.hf import copy_aux_files
+from ..io.outdir import atomic_output_dir
+from ..io.safetensors import SafetensorsFile
+from ..io.sources import check_safetensors_weights
+from ..version import __version__
 from . import ops
-from .ort import EXPORT_FORMAT, EXPORT_VERSION, META_FILE
 from .graphs import ExportGraph, Routed, kv_layout, load_routed, sample_inputs, tokenizer_or_none
+from .ort import EXPORT_FORMAT, EXPORT_VERSION, META_FILE
 from .validate import Validation, default_atol, validate
 
 log = logging.getLogger(__name__)
@@ -211,7 +213,7 @@ def _inline(model):
 
 def _reference_map(factored_dir: Path, graph: ExportGraph, routed: Routed) -> dict[str, str]:
     """Initializer name -> checkpoint tensor name, for every exported weight the shards hold as is."""
-    from ..targets import checkpoint_name
+    from ..io.hf import checkpoint_name
 
     model = routed.model
     ckpt = FactoredCheckpoint(factored_dir)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import MoorizeError
-from ..modeling import MoORELinear, householder_wy
+from ..model.layer import MoORELinear, householder_wy
 
 OP_DOMAIN = "ai.moorize"
 OP_NAME = "MoORELinear"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MoorizeError
-from ..manifest import read_versioned_json
+from ..io.jsonfiles import read_versioned_json
 
 log = logging.getLogger(__name__)
 

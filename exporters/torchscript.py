@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoorizeError
-from ..outdir import atomic_output_file
+from ..io.outdir import atomic_output_file
 from . import ops
 from .graphs import ExportGraph, load_routed, sample_inputs, tokenizer_or_none
 from .validate import Validation, default_atol, validate

@@ -71,7 +71,7 @@ def _group(name: str) -> str:
 def validate(graph: ExportGraph, routed: Routed, tokenizer, run: Callable[[Sequence[torch.Tensor]], list],
              backend: str, atol: float, dtype: str = "float32", rtol: float | None = None) -> Validation:
     """Run the exported artefact (``run``: tensors in, arrays out) against the reference for every task."""
-    from ..routed import use_task
+    from ..model.routed import use_task
 
     tdtype = getattr(torch, dtype)
     if rtol is None:
@@ -86,6 +86,7 @@ def validate(graph: ExportGraph, routed: Routed, tokenizer, run: Callable[[Seque
         steps = [args]
         if graph.with_past:
             steps.append(None)  # the decoding step, built from the prefill's reference cache
+        prev_logits, prev_cache = None, ()  # set by the prefill step, read by the decoding step
         for step in steps:
             if step is None:
                 nxt = prev_logits[:, -1].argmax(-1, keepdim=True)

@@ -1,16 +1,62 @@
-"""moorize: turn a pretrained Hugging Face checkpoint into a Mixture of Orthogonal Rank-one Experts."""
+"""moorize: turn a pretrained Hugging Face checkpoint into a Mixture of Orthogonal Rank-one Experts.
 
-__version__ = "0.1.0"
+The public API is re-exported here and imported on first use, so ``import moorize`` (and
+``moorize --help``) stays light: torch and transformers load only when a function that
+needs them is touched.
 
-from .errors import MoorizeError  # noqa: E402
-from .format import FactoredCheckpoint, LayerRecord  # noqa: E402
-from .convert import ConvertReport, convert  # noqa: E402
-from .modeling import MoOREConfig, MoORELinear  # noqa: E402
-from .routed import load, merge, moore_layers, prepare_for_training, use_task  # noqa: E402
-from .adapter import read_adapter, save_adapter  # noqa: E402
-from .training import TrainOptions, TrainReport, train  # noqa: E402
-from .heads import MoOREClassifier, TaskHeads, load_classifier  # noqa: E402
+Stages, one subpackage each, imports flowing one way (tests/test_structure.py enforces it):
+``io`` (files: safetensors, sources, the factored format, atomic outputs) ←
+``conversion`` (targets, SVD, the convert pipeline) and ``model`` (the MoORE layer, routed
+models, adapters, heads) ← ``training``; ``exporters`` build on ``model``; ``cli`` sits on top.
+"""
 
-__all__ = ["__version__", "MoorizeError", "FactoredCheckpoint", "LayerRecord", "ConvertReport", "convert",
-           "MoOREConfig", "MoORELinear", "load", "merge", "moore_layers", "prepare_for_training", "use_task",
-           "read_adapter", "save_adapter", "MoOREClassifier", "TaskHeads", "load_classifier", "train", "TrainOptions", "TrainReport"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .version import __version__
+
+# public name -> module that defines it
+_EXPORTS = {
+    "MoorizeError": ".errors",
+    "FactoredCheckpoint": ".io.factored", "LayerRecord": ".io.factored",
+    "ConvertReport": ".conversion.pipeline", "convert": ".conversion.pipeline",
+    "MoOREConfig": ".model.layer", "MoORELinear": ".model.layer", "moore_layers": ".model.layer",
+    "load": ".model.routed", "merge": ".model.routed", "prepare_for_training": ".model.routed",
+    "use_task": ".model.routed",
+    "read_adapter": ".model.adapter", "save_adapter": ".model.adapter",
+    "MoOREClassifier": ".model.heads", "TaskHeads": ".model.heads", "load_classifier": ".model.heads",
+    "train": ".training.loop", "TrainReport": ".training.loop", "TrainOptions": ".training.options",
+}
+__all__ = [
+    "__version__", "MoorizeError", "FactoredCheckpoint", "LayerRecord", "ConvertReport", "convert", "MoOREConfig",
+    "MoORELinear", "moore_layers", "load", "merge", "prepare_for_training", "use_task", "read_adapter",
+    "save_adapter", "MoOREClassifier", "TaskHeads", "load_classifier", "train", "TrainReport", "TrainOptions",
+]
+assert set(__all__) == {"__version__", *_EXPORTS}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moorize' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .conversion.pipeline import ConvertReport, convert
+    from .errors import MoorizeError
+    from .io.factored import FactoredCheckpoint, LayerRecord
+    from .model.adapter import read_adapter, save_adapter
+    from .model.heads import MoOREClassifier, TaskHeads, load_classifier
+    from .model.layer import MoOREConfig, MoORELinear, moore_layers
+    from .model.routed import load, merge, prepare_for_training, use_task
+    from .training.loop import TrainReport, train
+    from .training.options import TrainOptions

@@ -33,10 +33,10 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int, **generate_kwargs
 def run_quickstart(out_dir: Path, prompts: list[str] | None, max_new_tokens: int, echo: Callable[[str], None]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .convert import convert
-    from .format import FactoredCheckpoint
-    from .report import format_table, plot_spectra
-    from .routed import load
+    from .conversion.pipeline import convert
+    from .conversion.report import format_table, plot_spectra
+    from .io.factored import FactoredCheckpoint
+    from .model.routed import load
 
     gguf = smollm2_gguf()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,3 +76,4 @@ def run_quickstart(out_dir: Path, prompts: list[str] | None, max_new_tokens: int
     echo(f"  {layers} MoORELinear layers; greedy generation identical for every prompt and task")
     echo(f"done in {time.perf_counter() - t:.0f} s: the factored checkpoint and the routed model reproduce "
          "SmolLM2 exactly")
+

@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from moorize.assets import minilm_dir, smollm2_gguf
-from moorize.checkpoint import dequantize_gguf
+from moorize.io.sources import dequantize_gguf
 
 # architecture -> (config class, model class, extra config kwargs)
 TINY = {

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import build_tiny, tree_digest
+
 from moorize.cli import cli
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -114,7 +114,7 @@ def test_unreadable_model_dir(src_copy, tmp_path, monkeypatch):
                 return False
             return real_access(path, mode, *a, **k)
 
-        monkeypatch.setattr("moorize.checkpoint.os.access", access)
+        monkeypatch.setattr("moorize.io.safetensors.os.access", access)
         res = CliRunner().invoke(cli, ["convert", str(src_copy), str(out), "--no-progress"])
         assert_one_line_error(res.exit_code, res.stdout, res.stderr, str(src_copy), "is not readable")
     else:
@@ -141,7 +141,7 @@ def test_unreadable_weights_file(src_copy, tmp_path, monkeypatch):
                 raise PermissionError(errno.EACCES, "Permission denied", str(file))
             return builtins.open(file, *a, **k)
 
-        monkeypatch.setattr("moorize.checkpoint.open", fake_open, raising=False)
+        monkeypatch.setattr("moorize.io.safetensors.open", fake_open, raising=False)
         res = CliRunner().invoke(cli, ["convert", str(src_copy), str(out), "--no-progress"])
         assert_one_line_error(res.exit_code, res.stdout, res.stderr, "cannot read", "model.safetensors",
                               "Permission denied")
@@ -289,7 +289,7 @@ def test_disk_full(shared_src, tmp_path, monkeypatch, where):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if where == "ShardFile.add":
-        from moorize.checkpoint import ShardFile
+        from moorize.io.safetensors import ShardFile
 
         real_add = ShardFile.add
 
@@ -301,7 +301,7 @@ def test_disk_full(shared_src, tmp_path, monkeypatch, where):
 
         monkeypatch.setattr(ShardFile, "add", add)
     else:
-        monkeypatch.setattr("moorize.checkpoint.os.fsync", enospc)
+        monkeypatch.setattr("moorize.io.safetensors.os.fsync", enospc)
 
     res = CliRunner().invoke(cli, ["convert", str(src), str(out), "--no-progress"])
     assert_one_line_error(res.exit_code, res.stdout, res.stderr, "no space left", "partial output removed",
@@ -312,7 +312,7 @@ def test_disk_full(shared_src, tmp_path, monkeypatch, where):
 
 
 def test_keyboard_interrupt_mid_conversion(shared_src, tmp_path, monkeypatch):
-    conv = importlib.import_module("moorize.convert")  # the package's `convert` attribute is the function
+    conv = importlib.import_module("moorize.conversion.pipeline")  # the package's `convert` attribute is the function
 
     src, digest = shared_src
     out = tmp_path / "out"

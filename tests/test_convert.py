@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import ARCHS, build_tiny, tree_digest
 
 import moorize
-from conftest import ARCHS, build_tiny, tree_digest
 from moorize import FactoredCheckpoint, MoorizeError
-from moorize.checkpoint import SafetensorsFile
-from moorize.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, factor_key
-from moorize.svd import RankPolicy, RankRules
-from moorize.targets import pattern_matches
+from moorize.conversion.svd import RankPolicy, RankRules
+from moorize.conversion.targets import pattern_matches
+from moorize.io.factored import FORMAT_NAME, FORMAT_VERSION, MANIFEST, factor_key
+from moorize.io.safetensors import SafetensorsFile
 
 EXACT = 1e-5  # relative Frobenius error of a full-rank (or residual-kept) reconstruction
 ORTHO = 1e-4

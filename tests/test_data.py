@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from moorize.data import (IGNORE_INDEX, TaskTable, collate, encode, length_grouped_batches, read_examples)
 from moorize.errors import MoorizeError
+from moorize.training.data import IGNORE_INDEX, TaskTable, collate, encode, length_grouped_batches, read_examples
 
 
 @pytest.fixture(scope="module")

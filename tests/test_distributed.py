@@ -10,7 +10,7 @@ import sys
 import torch
 
 from moorize import FactoredCheckpoint
-from moorize.convert import _assign_ranks, WorkItem
+from moorize.conversion.pipeline import WorkItem, _assign_ranks
 
 
 def test_two_ranks_match_single_process(tiny_model_dir, tmp_path):

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import build_tiny
 
 import moorize
 from moorize.cli import cli
@@ -20,11 +21,9 @@ from moorize.exporters import ops
 from moorize.exporters.onnx import export_onnx
 from moorize.exporters.ort import MoOREOrtModel
 from moorize.exporters.torchscript import export_pt2, export_torchscript, load_file
-from moorize.heads import TaskHeads
-from moorize.modeling import MoOREConfig, MoORELinear, RoutingState
-from moorize.routed import moore_layers
-
-from conftest import build_tiny
+from moorize.model.heads import TaskHeads
+from moorize.model.layer import MoOREConfig, MoORELinear, RoutingState
+from moorize.model.routed import moore_layers
 
 TASKS = ["a", "b", "c"]
 

@@ -15,8 +15,8 @@ from moorize.exporters import ops
 from moorize.exporters.onnx import export_onnx
 from moorize.exporters.ort import MoOREOrtModel
 from moorize.exporters.torchscript import export_pt2, export_torchscript
-from moorize.heads import TaskHeads
-from moorize.routed import randomize_routers
+from moorize.model.heads import TaskHeads
+from moorize.model.routed import randomize_routers
 
 pytestmark = pytest.mark.slow
 

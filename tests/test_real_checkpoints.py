@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from moorize.assets import smollm2_gguf
-from moorize.checkpoint import SafetensorsFile
-from moorize.convert import convert
-from moorize.format import MANIFEST, FactoredCheckpoint, factor_key
+from moorize.conversion.pipeline import convert
+from moorize.io.factored import MANIFEST, FactoredCheckpoint, factor_key
+from moorize.io.safetensors import SafetensorsFile
 from moorize.quickstart import greedy
 
 pytestmark = pytest.mark.slow  # every test here

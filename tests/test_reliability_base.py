@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import build_tiny, tree_digest
+from test_routed import _perturb
 
 import moorize
 from moorize import MoorizeError
-from moorize.adapter import CONFIG_NAME, WEIGHTS_NAME
-
-from conftest import build_tiny, tree_digest
-from test_routed import _perturb
+from moorize.model.adapter import CONFIG_NAME, WEIGHTS_NAME
 
 TASKS = ["alpha", "beta"]
 NEW_KEYS = ("base_layout_fingerprint", "base_layout", "base_path")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import FAST, factored_tiny, toy_causal, write_jsonl
 
 import moorize
-import moorize.training as training
-from test_train import FAST, factored_tiny, toy_causal, write_jsonl
+import moorize.training.loop as training
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from test_cli_errors import _DROP_ENV, assert_no_output, assert_one_line_error, run_cli
 
 import moorize
 from moorize.cli import BROKEN_PIPE_EXIT, cli
-from test_cli_errors import _DROP_ENV, assert_no_output, assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_usage_errors_of_every_command_are_one_line(tiny, tmp_path):
 
 
 def test_a_real_bug_exits_1_and_debug_shows_the_traceback(tiny, monkeypatch):
-    import moorize.report as report
+    import moorize.conversion.report as report
 
     def broken(*a, **k):
         raise ZeroDivisionError("a bug")

@@ -29,15 +29,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import build_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny
-from moorize.checkpoint import SafetensorsFile, check_safetensors_weights
 from moorize.cli import cli
 from moorize.errors import MoorizeError
+from moorize.io.safetensors import SafetensorsFile
+from moorize.io.sources import check_safetensors_weights
 
 # the messages moorize gives where it is deliberately stricter than the library
 DELIBERATE = re.compile(r"duplicate key|unexpected field|unsupported dtype")
@@ -257,7 +258,7 @@ def test_well_formed_files_read_like_the_library(tmp_path, case):
 
 def test_moorize_own_shards_pass(tmp_path):
     """ShardFile pads its header with spaces: valid for both."""
-    from moorize.checkpoint import ShardFile
+    from moorize.io.safetensors import ShardFile
 
     shard = ShardFile(tmp_path / "s.safetensors", ["a", "b"])
     shard.add_tensor("a", torch.arange(6, dtype=torch.float32).reshape(2, 3))
@@ -509,7 +510,7 @@ def _crafted(path: Path) -> Path:
 
 
 def test_adapter_reader(tmp_path):
-    from moorize import adapter
+    from moorize.model import adapter
 
     d = tmp_path / "adapter"
     d.mkdir()
@@ -521,17 +522,14 @@ def test_adapter_reader(tmp_path):
 
 
 def test_training_checkpoint_reader(tmp_path):
-    from moorize import training
+    from moorize.training.checkpoints import _read_tensors
 
-    read = getattr(training, "_read_tensors", None)
-    if read is None:
-        pytest.skip("moorize.training._read_tensors is gone")
     with pytest.raises(MoorizeError, match="trainable.safetensors is corrupt"):
-        read(_crafted(tmp_path / "trainable.safetensors"))
+        _read_tensors(_crafted(tmp_path / "trainable.safetensors"))
 
 
 def test_factored_checkpoint_reader(tiny_factored, tmp_path):
-    from moorize.format import FactoredCheckpoint
+    from moorize.io.factored import FactoredCheckpoint
 
     ckpt = shutil.copytree(tiny_factored, tmp_path / "factored")
     _rewrite_header(ckpt / "model.safetensors", _overlap)

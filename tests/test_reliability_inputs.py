@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import tree_digest
+from test_cli_errors import _DROP_ENV, assert_one_line_error
+from test_train import FAST, factored_tiny, toy_causal, write_jsonl
 
 import moorize
-from conftest import tree_digest
 from moorize.cli import cli
-from moorize.outdir import lock_path, output_lock
-from test_cli_errors import _DROP_ENV, assert_one_line_error, run_cli
-from test_train import FAST, factored_tiny, toy_causal, write_jsonl
+from moorize.io.outdir import lock_path, output_lock
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_a_second_run_to_a_locked_output_is_refused(setup, tmp_path):
 def test_a_killed_run_does_not_leave_its_output_locked(setup, tmp_path):
     """flock dies with its process: a SIGKILLed holder leaves at most a stale file, never a lock."""
     out = tmp_path / "out"
-    code = ("import sys, time; from pathlib import Path; from moorize.outdir import output_lock\n"
+    code = ("import sys, time; from pathlib import Path; from moorize.io.outdir import output_lock\n"
             "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -178,7 +178,7 @@ def test_an_output_filled_meanwhile_is_not_replaced(setup, tmp_path, monkeypatch
     """Something other than moorize writes into OUT_DIR while a convert runs: the convert refuses to replace it."""
     import importlib
 
-    conv = importlib.import_module("moorize.convert")  # the module, not the function moorize re-exports
+    conv = importlib.import_module("moorize.conversion.pipeline")  # the module, not the function moorize re-exports
     out = tmp_path / "out"
     real = conv.finalize_shards
 

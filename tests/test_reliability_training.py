@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
-import moorize
-import moorize.training as training
-from moorize.cli import cli
 from test_cli_errors import IS_ROOT, assert_no_output, assert_one_line_error
 from test_train import FAST, factored_tiny, toy_causal, write_jsonl
+
+import moorize
+import moorize.training.loop as training
+from moorize.cli import cli
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_resume_refuses_changed_data_contents(tiny_llama, tmp_path, monkeypatch)
 
 def test_full_disk_during_a_training_checkpoint(tiny_llama, data, tmp_path, monkeypatch):
     """ENOSPC while a checkpoint's safetensors are written (after one checkpoint already exists)."""
-    from moorize.checkpoint import ShardFile
+    from moorize.io.safetensors import ShardFile
 
     real = ShardFile.close
     calls = {"n": 0}
@@ -235,9 +235,11 @@ def test_full_disk_for_real_on_a_small_tmpfs(tiny_llama, data, tmp_path):
 # ---- 8. huge lines: bounded memory ---------------------------------------------------------------------
 
 def test_a_line_over_the_record_limit_is_refused_without_being_held(tmp_path, monkeypatch):
-    from moorize import data as data_mod
+    from moorize.io import jsonfiles
+    from moorize.training import data as data_mod
 
-    monkeypatch.setattr(data_mod, "MAX_RECORD_CHARS", 1 << 20)
+    monkeypatch.setattr(jsonfiles, "MAX_RECORD_CHARS", 1 << 20)  # the JSONL reader's bound
+    monkeypatch.setattr(data_mod, "MAX_RECORD_CHARS", 1 << 20)  # the CSV field bound
     path = tmp_path / "big.jsonl"
     with open(path, "w") as fh:
         fh.write(json.dumps({"task": "t", "prompt": "a", "response": "b"}) + "\n")
@@ -255,7 +257,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from transformers import AutoTokenizer
     from moorize.assets import minilm_dir
-    from moorize.data import TaskTable, encode, read_examples
+    from moorize.training.data import TaskTable, encode, read_examples
 
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     path = Path(sys.argv[1])

@@ -8,12 +8,11 @@ import sys
 import pytest
 import torch
 import transformers
+from conftest import ARCHS, build_tiny
 
 import moorize
 from moorize import MoOREConfig, MoORELinear, MoorizeError, moore_layers
-from moorize.modeling import RoutingState
-
-from conftest import ARCHS, build_tiny
+from moorize.model.layer import RoutingState
 
 TASKS = ["alpha", "beta", "gamma"]
 
@@ -48,7 +47,7 @@ def _perturb(model, scale=0.05, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in moore_layers(model).values():
-            for name, p in layer.named_parameters():
+            for p in layer.parameters():
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 

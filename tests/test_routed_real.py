@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import moorize
-from moorize.quickstart import greedy
 from moorize import moore_layers
-from moorize.adapter import WEIGHTS_NAME
+from moorize.model.adapter import WEIGHTS_NAME
+from moorize.quickstart import greedy
 
 pytestmark = pytest.mark.slow  # every test here
 

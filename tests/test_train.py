@@ -14,15 +14,17 @@ import string
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY, tiny_config, tree_digest
 
 import moorize
+import moorize.model.layer
 from moorize.cli import cli
-from moorize.format import FactoredCheckpoint
-from moorize.heads import PAD_LOGIT
-from moorize.data import collate
-from moorize.training import TrainOptions, _forward, _load_data, causal_row_losses, lr_factor, _Plan, _tokenizer
-
-from conftest import TINY, tiny_config, tree_digest
+from moorize.io.factored import FactoredCheckpoint
+from moorize.model.heads import PAD_LOGIT
+from moorize.training.data import collate
+from moorize.training.loop import _load_data, _Plan, _tokenizer, lr_factor
+from moorize.training.losses import _forward, causal_row_losses
+from moorize.training.options import TrainOptions
 
 CHARS = string.digits + string.ascii_letters + string.punctuation + " "
 
@@ -326,7 +328,7 @@ def test_two_processes_match_gradient_accumulation(tiny_llama, tmp_path):
                   router_experts=16, task_dim=8, lr=0.03, cpu=True)
     a, b = moorize.read_adapter(tmp_path / "ddp")[1], moorize.read_adapter(tmp_path / "single")[1]
     fresh = moorize.load(tiny_llama, router="task+sample", tasks=["first", "last"], router_experts=16, task_dim=8)
-    init = moorize.routed.trainable_parameters(fresh)
+    init = moorize.model.layer.trainable_parameters(fresh)
     assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
@@ -338,7 +340,7 @@ def test_sample_router_lr_scales_only_the_sample_router(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", toy_causal(16))
     moorize.train(tiny_llama, data, tmp_path / "a", max_steps=4, sample_router_lr=0.0, **FAST)
     fresh = moorize.load(tiny_llama, tasks=["first", "last"], router_experts=16, task_dim=8)
-    start = moorize.routed.trainable_parameters(fresh)
+    start = moorize.model.layer.trainable_parameters(fresh)
     trained = load_file(tmp_path / "a" / "adapter_model.safetensors")
     for key, value in trained.items():
         if key.endswith((".router_out", ".router_in")):

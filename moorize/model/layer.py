@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import MoorizeError
+from ..errors import MoorizeError
 
 ROUTER_MODES = ("task", "sample", "task+sample")
 
@@ -302,3 +302,17 @@ class MoORELinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, router={self.config.router}, "
                 f"householder={self.config.householder}, residual={self.residual is not None}, "
                 f"bias={self.bias is not None}")
+
+
+def moore_layers(model: nn.Module) -> dict[str, MoORELinear]:
+    """Checkpoint layer name -> MoORELinear of a model returned by ``load``."""
+    return {name: model.get_submodule(path) for name, path in model.moore_layer_paths.items()}
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The MoORE parameters (routers, Householder vectors, σ when enabled) by adapter key."""
+    out = {}
+    for name, layer in moore_layers(model).items():
+        for pname, p in layer.named_parameters():
+            out[f"{name}.{pname}"] = p
+    return out

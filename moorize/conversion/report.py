@@ -10,8 +10,8 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-from .errors import MoorizeError
-from .format import FactoredCheckpoint, LayerRecord
+from ..errors import MoorizeError
+from ..io.factored import FactoredCheckpoint, LayerRecord
 
 
 def layer_kind(name: str) -> str:

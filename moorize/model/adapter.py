@@ -16,15 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SafetensorsFile, ShardFile
-from .errors import MoorizeError
-from .format import LAYOUT_FIELDS
-from .manifest import read_versioned_json
-from .modeling import MoOREConfig
-from .outdir import atomic_output_dir
+from ..errors import MoorizeError
+from ..io.factored import LAYOUT_FIELDS
+from ..io.jsonfiles import read_versioned_json
+from ..io.outdir import atomic_output_dir
+from ..io.safetensors import SafetensorsFile, ShardFile
+from .layer import MoOREConfig, trainable_parameters
 
 ADAPTER_FORMAT = "moorize.adapter"
 ADAPTER_VERSION = 1
+HEADS_PREFIX = "moore_heads."  # adapter tensor names of the heads (no layer name starts with it)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -39,8 +40,6 @@ def save_adapter(model, directory, *, heads=None, overwrite: bool = True, extra:
 
 def write_adapter_files(model, directory: Path, *, heads=None, extra: dict | None = None) -> None:
     """The two adapter files inside an existing directory; the config goes last, so it marks them complete."""
-    from .routed import trainable_parameters
-
     config: MoOREConfig = model.moore_config
     params = dict(trainable_parameters(model))
     if heads is not None:

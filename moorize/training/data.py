@@ -8,7 +8,6 @@ head per task). Bad data fails with the file and line it came from.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from typing import Iterator
 
 import torch
 
-from .errors import MoorizeError
+from ..errors import MoorizeError
+from ..io.jsonfiles import MAX_RECORD_CHARS, jsonl_records
 
 log = logging.getLogger(__name__)
 
@@ -57,36 +57,10 @@ def _example(record: object, where: str) -> Example:
     return Example(task=str(task), where=where, **values)
 
 
-MAX_RECORD_CHARS = 16 << 20  # one JSONL line or CSV field: far beyond any --max-length, bounded in memory
 # A token covers at most this many characters in practice; a text this many times longer than the token
 # budget is tokenised from a prefix (tokenising a 10 MB line whole takes gigabytes).
 CHARS_PER_TOKEN_BOUND = 32
 _TOKEN_MARGIN = 16  # tokens past the budget kept from a prefix: the cut word only changes the last few
-
-
-def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) of every non-blank line; invalid JSON is an error naming file:line.
-
-    Lines are read with a bound (``MAX_RECORD_CHARS``): a huge line is refused without being held.
-    """
-    with open(path, encoding="utf-8") as fh:
-        lineno = 0
-        while True:
-            line = fh.readline(MAX_RECORD_CHARS + 1)
-            if not line:
-                return
-            lineno += 1
-            if len(line) > MAX_RECORD_CHARS:
-                raise MoorizeError(f"{path}:{lineno}: line longer than {MAX_RECORD_CHARS >> 20} MiB characters; "
-                                   "split the example or shorten it")
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoorizeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            except RecursionError:
-                raise MoorizeError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[Example]:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -38,118 +36,27 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from .adapter import write_adapter_files
-from .checkpoint import SafetensorsFile, ShardFile
+from ..errors import MoorizeError
+from ..io.factored import FactoredCheckpoint
+from ..io.outdir import (
+    check_not_an_input,
+    check_out_dir,
+    is_main_process,
+    output_lock,
+    partial_dir,
+    publish,
+    raise_for_os_error,
+)
+from ..model.adapter import write_adapter_files
+from ..model.heads import MoOREClassifier, TaskHeads, default_pooling
+from .checkpoints import _checkpoint_dirs, _load_checkpoint, _read_json, _save_checkpoint
 from .data import IGNORE_INDEX, Example, TaskTable, collate, encode, length_grouped_batches, read_examples
-from .errors import MoorizeError
-from .format import FactoredCheckpoint
-from .heads import MoOREClassifier, TaskHeads, default_pooling
-from .outdir import (check_not_an_input, check_out_dir, is_main_process, output_lock, partial_dir, publish,
-                     raise_for_os_error)
+from .losses import _forward, evaluate
+from .metrics import _MetricsLog
+from .options import BOOKKEEPING, CONFIG_NAME, TrainOptions
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("cosine", "wsd", "linear", "constant")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
-METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "train_config.json"
-# options that change only logging and saving: free to differ when resuming
-BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "log_every",
-               "tensorboard", "eval_max_examples"}
-
-
-@dataclass
-class TrainOptions:
-    """Every knob of a run (saved as train_config.json and checked on resume)."""
-
-    # MoORE layers
-    router: str = "task+sample"
-    householder: int = 8
-    task_dim: int = 64
-    router_experts: int = 128
-    train_sigma: bool = False
-    pooling: str | None = None  # classification: mean/cls/last (default by architecture)
-    # optimisation
-    lr: float = 1e-3
-    sample_router_lr: float = 1.0  # multiplier of lr for the sample router (B, C): its effect grows with k_r
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
-    decay: float = 0.2  # wsd: fraction of the steps spent decaying at the end
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    batch_size: int = 8  # examples per micro-batch and process
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    precision: str = "auto"  # autocast: bf16 where the GPU has it, none on the CPU
-    seed: int = 0
-    # data
-    max_length: int = 512
-    truncate: bool = True  # over max_length: truncate with a warning, or refuse
-    chat_template: bool = False
-    eval_split: float = 0.0  # held-out share per task when no eval data is given
-    eval_max_examples: int | None = None  # per task
-    # bookkeeping
-    eval_every: int = 0  # steps; 0: only at the end
-    save_every: int = 0  # steps; 0: no intermediate checkpoints
-    keep_checkpoints: int = 2
-    keep_checkpoints_at_end: bool = False
-    log_every: int = 1
-    tensorboard: bool = False
-    cpu: bool = False  # train on the CPU even when a GPU is present
-
-    def __post_init__(self) -> None:
-        """Every option checked up front (types, finite, in range): a bad one is one line, never NaN weights."""
-        if self.schedule not in SCHEDULES:
-            raise MoorizeError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise MoorizeError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        for name, (kind, lo, hi, lo_open) in _NUMERIC_RANGES.items():
-            value = getattr(self, name)
-            if value is None and name in ("max_steps", "eval_max_examples"):
-                continue
-            _check_number(name, value, kind, lo, hi, lo_open)
-        if self.max_steps is None and not self.epochs > 0:
-            raise MoorizeError(f"epochs must be positive, got {self.epochs}")
-
-
-# option -> (type, lowest, highest, lowest excluded); None: unbounded
-_NUMERIC_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
-    "householder": (int, 0, None, False), "task_dim": (int, 1, None, False),
-    "router_experts": (int, 1, None, False),
-    "lr": (float, 0.0, None, True), "sample_router_lr": (float, 0.0, None, False),
-    "weight_decay": (float, 0.0, None, False), "warmup": (float, 0.0, None, False),
-    "decay": (float, 0.0, 1.0, False), "min_lr_ratio": (float, 0.0, 1.0, False),
-    "max_grad_norm": (float, 0.0, None, False), "batch_size": (int, 1, None, False),
-    "grad_accum": (int, 1, None, False), "epochs": (float, 0.0, None, False),
-    "max_steps": (int, 1, None, False), "seed": (int, 0, 2**63 - 1, False),
-    "max_length": (int, 1, None, False), "eval_split": (float, 0.0, 1.0, False),
-    "eval_max_examples": (int, 1, None, False), "eval_every": (int, 0, None, False),
-    "save_every": (int, 0, None, False), "keep_checkpoints": (int, 1, None, False),
-    "log_every": (int, 1, None, False),
-}
-
-
-def _check_number(name: str, value, kind: type, lo, hi, lo_open: bool) -> None:
-    """One numeric option: the message names the CLI flag and the keyword (``--batch-size``, ``batch_size``)."""
-    flag, where = name.replace("_", "-"), f" (TrainOptions.{name})"
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and is_number and not isinstance(value, int):
-        is_number = isinstance(value, float) and value.is_integer()
-    if not is_number:
-        raise MoorizeError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {value!r}{where}")
-    if not math.isfinite(value):
-        raise MoorizeError(f"{flag} must be a finite number, got {value}{where}")
-    if name == "eval_split" and value >= 1.0:
-        raise MoorizeError(f"eval-split must be in [0, 1), got {value}{where}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        bound = "positive" if lo_open and lo == 0 else f"at least {lo}"
-        raise MoorizeError(f"{flag} must be {bound}, got {value}{where}")
-    if hi is not None and value > hi:
-        raise MoorizeError(f"{flag} must be at most {hi}, got {value}{where}")
 
 
 @dataclass
@@ -264,7 +171,7 @@ class _Plan:
 
 def _build_model(factored_dir: Path, table: TaskTable, kind: str, opts: TrainOptions):
     """(module to train, routed model, task heads or None)."""
-    from .routed import load, prepare_for_training
+    from ..model.routed import load, prepare_for_training
 
     model = load(factored_dir, router=opts.router, tasks=table.tasks, householder=opts.householder,
                  task_dim=opts.task_dim, router_experts=opts.router_experts, train_sigma=opts.train_sigma,
@@ -278,62 +185,6 @@ def _build_model(factored_dir: Path, table: TaskTable, kind: str, opts: TrainOpt
     heads = TaskHeads(model.config.hidden_size, table.tasks, table.labels,
                       opts.pooling or default_pooling(model), seed=opts.seed)
     return MoOREClassifier(model, heads), model, heads
-
-
-def _forward(module, batch: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row: summed loss, what it is averaged over, and whether the row is right.
-
-    Causal: a row is right when the arg-max at every response position is the label.
-    That is exactly "greedy decoding from the prompt reproduces the response and its
-    EOS", so exact match needs no generation loop.
-    """
-    if kind == "causal":
-        return causal_losses(module, batch, task_ids=batch["task_ids"])
-    logits = module(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
-    loss = F.cross_entropy(logits.float(), batch["label"], reduction="none")
-    return loss, torch.ones_like(loss), logits.argmax(-1) == batch["label"]
-
-
-def _keeps_logits(module) -> bool:
-    """Whether the (possibly DDP-wrapped) causal LM can compute logits for chosen positions only."""
-    return _forward_takes_logits_to_keep(type(getattr(module, "module", module)))
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_takes_logits_to_keep(cls: type) -> bool:
-    """Per model class, inspected once rather than on every micro-batch."""
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
-
-
-def causal_losses(model, batch: dict, keep_logits: bool | None = None, **extra):
-    """``row_losses`` of a causal-LM batch (``input_ids``, ``attention_mask``, ``labels``).
-
-    Only positions that predict a label go through the vocabulary projection and its softmax
-    (``logits_to_keep``; ``keep_logits=None``: when the model's forward takes it): with prompt masking
-    most positions predict none, and on a small model the projection is much of a step's time and memory.
-    """
-    labels = batch["labels"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **extra}
-    if not (_keeps_logits(model) if keep_logits is None else keep_logits):
-        return causal_row_losses(model(**inputs).logits, labels)
-    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-    return row_losses(model(**inputs, logits_to_keep=keep).logits, labels[:, 1:][:, keep])
-
-
-def row_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row, for logits aligned with their targets: summed loss on the labelled tokens, their count, and
-    whether the arg-max is right at every one of them."""
-    mask = targets != IGNORE_INDEX
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="none").view_as(targets)
-    right = ((logits.argmax(-1) == targets) | ~mask).all(1)
-    return loss.sum(1), mask.sum(1), right
-
-
-def causal_row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of a causal-LM batch (logits at every position): next-token loss on the labelled tokens,
-    their count, exact match."""
-    return row_losses(logits[:, :-1], labels[:, 1:])
 
 
 def lr_factor(opts: TrainOptions, total: int) -> Callable[[int], float]:
@@ -358,231 +209,7 @@ def lr_factor(opts: TrainOptions, total: int) -> Callable[[int], float]:
     return factor
 
 
-# ---- evaluation --------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(module, items: list[dict], table: TaskTable, kind: str, batch_size: int, pad_id: int,
-             device, accelerator=None) -> dict[str, dict[str, float]]:
-    """Per task: ``loss`` (per token / per example) and ``exact_match`` (causal) or ``accuracy``."""
-    was_training = module.training
-    module.eval()
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = sorted(items[rank::world], key=lambda i: len(i["input_ids"]))
-    sums = torch.zeros(len(table.tasks), 4, dtype=torch.float64, device=device)  # loss, weight, right, rows
-    for start in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
-        loss, weight, right = _forward(module, batch, kind)
-        rows = torch.stack([loss.double(), weight.double(), right.double(), torch.ones_like(loss).double()], 1)
-        sums.index_add_(0, batch["task_ids"], rows)
-    if accelerator is not None and world > 1:
-        sums = accelerator.reduce(sums, "sum")
-    module.train(was_training)
-    score = "exact_match" if kind == "causal" else "accuracy"
-    return {task: {"loss": float(s[0] / s[1]), score: float(s[2] / s[3]), "examples": int(s[3])}
-            for task, s in zip(table.tasks, sums.cpu()) if s[3] > 0}
-
-
-# ---- checkpoints -------------------------------------------------------------------------------------------------
-
-def _checkpoint_dirs(run: Path) -> list[Path]:
-    root = run / "checkpoints"
-    done = [d for d in root.glob("step-*") if (d / "state.json").is_file()] if root.is_dir() else []
-    return sorted(done, key=lambda d: int(d.name.split("-")[1]))
-
-
-def _save_checkpoint(run: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                     accelerator, keep: int, position: dict) -> None:
-    """Routers + optimizer + scheduler + RNG (per rank) + data position; state.json last marks it whole.
-
-    Nothing in a checkpoint is a pickle: tensors go to safetensors, everything else to JSON,
-    so resuming from a run directory someone else prepared can never execute code.
-    """
-    final = run / "checkpoints" / f"step-{step:07d}"
-    tmp = run / "checkpoints" / f".step-{step:07d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    _save_rng(tmp, accelerator.process_index)
-    if accelerator.is_main_process:
-        _write_tensors(tmp / TRAINABLE_FILE, {k: p.detach() for k, p in trainable.items()})
-        _save_optimizer(tmp, optimizer.state_dict())
-        _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
-        _write_json(tmp / STATE_FILE, {"step": step, **position})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in _checkpoint_dirs(run)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _load_checkpoint(ckpt: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, rank: int) -> dict:
-    if any(ckpt.glob("*.pt")) and not (ckpt / OPTIMIZER_TENSORS).is_file():
-        raise MoorizeError(f"{ckpt} was written by an older moorize with pickle files, which moorize no longer "
-                           "loads (they can run code): start the run over with --overwrite")
-    for name in (TRAINABLE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE):
-        if not (ckpt / name).is_file():
-            raise MoorizeError(f"checkpoint {ckpt} is incomplete: {name} is missing")
-    if not (ckpt / f"rng-{rank}.json").is_file():
-        raise MoorizeError(f"{ckpt} was saved by fewer processes than this run has; resume with the same count")
-    saved = _read_tensors(ckpt / TRAINABLE_FILE)
-    if set(saved) != set(trainable):
-        raise MoorizeError(f"checkpoint {ckpt} holds other parameters than this run trains")
-    with torch.no_grad():
-        for k, p in trainable.items():
-            if saved[k].shape != p.shape:
-                raise MoorizeError(f"checkpoint {ckpt}: {k} has shape {list(saved[k].shape)}, "
-                                   f"the run trains {list(p.shape)}")
-            p.copy_(saved[k])
-    try:
-        optimizer.load_state_dict(_load_optimizer_state(ckpt, optimizer))
-        scheduler.load_state_dict(_read_json(ckpt / SCHEDULER_FILE))
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise MoorizeError(f"checkpoint {ckpt} is corrupt: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                           ) from None
-    _load_rng(ckpt, rank)
-    state = _read_json(ckpt / STATE_FILE)
-    if not isinstance(state.get("step"), int) or state["step"] < 0:
-        raise MoorizeError(f"checkpoint {ckpt} is corrupt: {STATE_FILE} has no valid step")
-    return state
-
-
-TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_TENSORS = "optimizer.safetensors"  # per-parameter state: "<param index>/<name>"
-OPTIMIZER_FILE = "optimizer.json"  # param groups and any non-tensor state
-SCHEDULER_FILE = "scheduler.json"
-STATE_FILE = "state.json"
-
-
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-    shard = ShardFile(path, list(tensors))
-    for k, t in tensors.items():
-        shard.add_tensor(k, t)
-    shard.close()
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    f = SafetensorsFile(path)
-    try:
-        return {info.name: f.load(info.name) for info in f.infos()}
-    finally:
-        f.close()
-
-
-def _write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=1, allow_nan=True) + "\n")
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MoorizeError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not valid JSON'}") from None
-
-
-def _save_optimizer(directory: Path, state_dict: dict) -> None:
-    tensors, scalars = {}, {}
-    for idx, entries in state_dict["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}/{name}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    _write_tensors(directory / OPTIMIZER_TENSORS, tensors)
-    _write_json(directory / OPTIMIZER_FILE, {"param_groups": state_dict["param_groups"], "scalars": scalars})
-
-
-def _load_optimizer_state(directory: Path, optimizer) -> dict:
-    """The optimizer's state_dict rebuilt from safetensors + JSON; tuples (e.g. Adam's betas) restored."""
-    meta = _read_json(directory / OPTIMIZER_FILE)
-    state: dict[int, dict] = {}
-    for key, tensor in _read_tensors(directory / OPTIMIZER_TENSORS).items():
-        idx, _, name = key.partition("/")
-        state.setdefault(int(idx), {})[name] = tensor
-    for idx, entries in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(entries)
-    groups = meta["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"{len(groups)} parameter groups, the run has {len(optimizer.param_groups)}")
-    for saved, live in zip(groups, optimizer.param_groups):
-        for k, v in live.items():
-            if isinstance(v, tuple) and isinstance(saved.get(k), list):
-                saved[k] = tuple(saved[k])
-    return {"state": state, "param_groups": groups}
-
-
-def _save_rng(directory: Path, rank: int) -> None:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda/{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
-    version, internal, gauss = random.getstate()
-    _write_tensors(directory / f"rng-{rank}.safetensors", tensors)
-    _write_json(directory / f"rng-{rank}.json", {"python": [version, list(internal), gauss]})
-
-
-def _load_rng(directory: Path, rank: int) -> None:
-    tensors = _read_tensors(directory / f"rng-{rank}.safetensors") \
-        if (directory / f"rng-{rank}.safetensors").is_file() else {}
-    py = _read_json(directory / f"rng-{rank}.json").get("python")
-    try:
-        version, internal, gauss = py
-        random.setstate((int(version), tuple(int(x) for x in internal), None if gauss is None else float(gauss)))
-        torch.set_rng_state(tensors["torch"])
-    except (KeyError, TypeError, ValueError, RuntimeError):
-        raise MoorizeError(f"checkpoint {directory} is corrupt: bad random-number state for rank {rank}") from None
-    cuda = [tensors[f"cuda/{i}"] for i in range(sum(k.startswith("cuda/") for k in tensors))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
 # ---- the run -----------------------------------------------------------------------------------------------------
-
-class _MetricsLog:
-    """metrics.jsonl (main process), optional TensorBoard, callbacks, and the in-memory history."""
-
-    def __init__(self, run: Path, main: bool, tensorboard: bool, callbacks, keep_until: int | None):
-        self.path, self.main, self.history, self.callbacks = run / METRICS_NAME, main, [], list(callbacks)
-        if main and keep_until is not None and self.path.exists():  # resume: drop records past the checkpoint
-            from .data import jsonl_records
-
-            kept = [json.dumps(r) for _, r in jsonl_records(self.path)
-                    if isinstance(r, dict) and isinstance(r.get("step", 0), int) and r.get("step", 0) <= keep_until]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.tb = None
-        if tensorboard and main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise MoorizeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        self.history.append(record)
-        if self.main:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if self.tb is not None:
-                for key, value in _flatten(record).items():
-                    if isinstance(value, (int, float)) and key not in ("step", "kind"):
-                        self.tb.add_scalar(key, value, record["step"])
-        for cb in self.callbacks:
-            cb(record)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _flatten(record: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
 
 def _accelerator(opts: TrainOptions):
     from accelerate import Accelerator
@@ -865,7 +492,7 @@ def param_groups(trainable: dict[str, torch.nn.Parameter], opts: TrainOptions) -
 
 def _trainable(routed, heads) -> dict[str, torch.nn.Parameter]:
     """Adapter key -> parameter, for the MoORE layers and the task heads."""
-    from .routed import trainable_parameters
+    from ..model.layer import trainable_parameters
 
     out = dict(trainable_parameters(routed))
     if heads is not None:

@@ -14,11 +14,12 @@ import math
 import torch
 from torch import nn
 
-from .errors import MoorizeError
+from ..errors import MoorizeError
+from .adapter import HEADS_PREFIX, read_adapter, read_adapter_config
+from .routed import load, use_task
 
 POOLINGS = ("mean", "cls", "last")
 PAD_LOGIT = -1e4  # score of label slots a task does not have (finite: exports and fp16 stay clean)
-HEADS_PREFIX = "moore_heads."  # adapter tensor names of the heads (no layer name starts with it)
 
 
 def default_pooling(model) -> str:
@@ -112,7 +113,6 @@ class MoOREClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        from .routed import use_task
 
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -131,8 +131,6 @@ class MoOREClassifier(nn.Module):
 
 def load_classifier(directory, adapter, *, dtype: torch.dtype | None = None) -> MoOREClassifier:
     """The routed model of a factored checkpoint with the trained routers and task heads of ``adapter``."""
-    from .adapter import read_adapter, read_adapter_config
-    from .routed import load
 
     model = load(directory, adapter, dtype=dtype)
     meta = read_adapter_config(adapter)

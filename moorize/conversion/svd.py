@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import MoorizeError
+from ..errors import MoorizeError
 from .targets import pattern_matches, validate_pattern
 
 log = logging.getLogger(__name__)

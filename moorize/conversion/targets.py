@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import MoorizeError
+from ..errors import MoorizeError
+from ..io.hf import _model_class, checkpoint_name
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +71,6 @@ def validate_pattern(pattern: str) -> None:
         raise MoorizeError("empty target pattern")
 
 
-def model_class(config):
-    """The transformers class named in config.architectures (AutoModel mapping as fallback)."""
-    return _model_class(config)
-
-
-def _model_class(config):
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel._model_mapping[type(config)]
-
-
 def build_meta_model(model_dir: Path) -> nn.Module:
     """Instantiate the checkpoint's architecture on the meta device: shapes, no memory."""
     from transformers import AutoConfig
@@ -100,20 +86,6 @@ def build_meta_model(model_dir: Path) -> nn.Module:
     except Exception as e:
         mt = getattr(config, "model_type", "?")
         raise MoorizeError(f"cannot build the {mt!r} architecture with transformers: {str(e).splitlines()[0]}") from None
-
-
-def checkpoint_name(module_path: str, prefix: str, names) -> str | None:
-    """The spelling of a module path (or state-dict key) that ``names`` uses, if any.
-
-    Checkpoints of the same architecture differ by the base model prefix: BERT's
-    ``encoder.layer.0`` may be stored as ``bert.encoder.layer.0`` and vice versa.
-    """
-    spellings = [module_path]
-    if prefix and module_path.startswith(prefix + "."):
-        spellings.append(module_path[len(prefix) + 1:])
-    elif prefix:
-        spellings.append(f"{prefix}.{module_path}")
-    return next((s for s in spellings if s in names), None)
 
 
 def _linear_like(module: nn.Module) -> str | None:

@@ -21,7 +21,7 @@ try:
 except ImportError:  # not POSIX: locks fall back to exclusive creation of the lock file
     fcntl = None
 
-from .errors import MoorizeError, OutOfSpaceError
+from ..errors import MoorizeError, OutOfSpaceError
 
 
 def partial_dir(out_dir: Path) -> Path:

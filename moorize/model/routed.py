@@ -22,16 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import MoorizeError
+from ..io.factored import MANIFEST, FactoredCheckpoint
+from ..io.hf import checkpoint_name, copy_aux_files, model_class
+from ..io.outdir import atomic_output_dir, output_lock, raise_for_os_error
+from ..io.safetensors import ShardFile, ShardPart, finalize_shards, parse_size
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from .adapter import HEADS_PREFIX, read_adapter, write_adapter_files
 from .adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
-from .adapter import read_adapter, write_adapter_files
-from .checkpoint import ShardFile, ShardPart, copy_aux_files, finalize_shards, parse_size
-from .errors import MoorizeError
-from .format import MANIFEST, FactoredCheckpoint
-from .heads import HEADS_PREFIX
-from .modeling import MoOREConfig, MoORELinear, RoutingState
-from .outdir import atomic_output_dir, output_lock, raise_for_os_error
-from .targets import checkpoint_name, model_class
+from .layer import MoOREConfig, MoORELinear, RoutingState, moore_layers, trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +129,6 @@ def _refuse_adapter_as_base(d: Path) -> None:
                        f"moorize.load(FACTORED_BASE, {str(d)!r}){hint}")
 
 
-def moore_layers(model: nn.Module) -> dict[str, MoORELinear]:
-    """Checkpoint layer name -> MoORELinear of a model returned by ``load``."""
-    return {name: model.get_submodule(path) for name, path in model.moore_layer_paths.items()}
-
-
 def _load_adapter_state(model: nn.Module, placed: dict[str, str], state: dict[str, torch.Tensor]) -> None:
     expected = set()
     for name, path in placed.items():
@@ -209,15 +203,6 @@ def use_task(model, task_ids):
         yield
     finally:
         state.sticky, state.task_ids = previous
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The MoORE parameters (routers, Householder vectors, σ when enabled) by adapter key."""
-    out = {}
-    for name, layer in moore_layers(model).items():
-        for pname, p in layer.named_parameters():
-            out[f"{name}.{pname}"] = p
-    return out
 
 
 def randomize_routers(model: nn.Module, seed: int = 0) -> None:

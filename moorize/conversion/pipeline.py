@@ -28,14 +28,22 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import __version__
-from .checkpoint import (ST_TO_TORCH, ShardFile, ShardPart, SourceCheckpoint, TensorInfo, copy_aux_files,
-                         dtype_name, finalize_shards, open_checkpoint, parse_size)
-from .errors import MoorizeError
-from .outdir import check_out_dir, is_main_process, output_lock, partial_dir, publish, raise_for_os_error
-from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, factor_key
-from .svd import (SVD_DTYPES, RankRules, SVDOptions, check_solver_supports, decompose_group, resolve_device,
-                  resolve_solver)
+from ..errors import MoorizeError
+from ..io.factored import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, factor_key
+from ..io.hf import copy_aux_files
+from ..io.outdir import check_out_dir, is_main_process, output_lock, partial_dir, publish, raise_for_os_error
+from ..io.safetensors import ST_TO_TORCH, ShardFile, ShardPart, TensorInfo, dtype_name, finalize_shards, parse_size
+from ..io.sources import SourceCheckpoint, open_checkpoint
+from ..version import __version__
+from .svd import (
+    SVD_DTYPES,
+    RankRules,
+    SVDOptions,
+    check_solver_supports,
+    decompose_group,
+    resolve_device,
+    resolve_solver,
+)
 from .targets import Target, find_targets
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import SafetensorsFile
-from .errors import MoorizeError
-from .manifest import read_versioned_json
+from ..errors import MoorizeError
+from .jsonfiles import read_versioned_json
+from .safetensors import SafetensorsFile
 
 FORMAT_NAME = "moorize.factored"
 FORMAT_VERSION = 1
@@ -189,7 +189,7 @@ class FactoredCheckpoint:
         """The original transformers model rebuilt from the factors (for checks and dense merges)."""
         from transformers import AutoConfig
 
-        from .targets import model_class
+        from .hf import model_class
 
         config = AutoConfig.from_pretrained(self.directory)
         model = model_class(config)(config)

@@ -1,0 +1,18 @@
+"""The ``moorize`` command line: one module per command, each thin over the library.
+
+``app`` holds the group and the error-to-exit-code mapping; the commands import the
+library inside their bodies, so ``moorize --help`` starts without importing torch.
+"""
+
+from ..exporters.commands import export, run
+from .app import BROKEN_PIPE_EXIT, MoorizeGroup, cli, main
+from .convert import convert
+from .inspect import inspect
+from .merge import merge
+from .quickstart import quickstart
+from .train import train
+
+for _command in (convert, inspect, merge, train, quickstart, export, run):
+    cli.add_command(_command)
+
+__all__ = ["BROKEN_PIPE_EXIT", "MoorizeGroup", "cli", "main"]

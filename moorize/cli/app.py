@@ -1,0 +1,93 @@
+"""The ``moorize`` command line: thin click commands over the library.
+
+Each command parses options, calls one library function, prints a summary, and maps
+errors to exit codes: ``MoorizeError`` prints one line (exit 2, 3 for a full disk),
+an interrupt exits 130, anything else is a bug and prints one line too unless
+``--debug`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from ..errors import MoorizeError
+from ..version import __version__
+
+log = logging.getLogger("moorize")
+
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for any tool whose reader closed the pipe
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+class MoorizeGroup(click.Group):
+    """Turns exceptions into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug")) or os.environ.get("MOORIZE_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:  # a bad option or argument: one line, like every other user error
+            if debug:
+                raise
+            cmd = f" {e.ctx.command_path}" if e.ctx is not None and e.ctx.command_path else ""
+            hint = f" (see{cmd} --help)" if cmd else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            ctx.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except MoorizeError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted; nothing was published (partial output removed)", err=True)
+            ctx.exit(130)
+        except BrokenPipeError:  # the reader went away (`moorize inspect ... | head`): not an error of ours
+            _silence_stdout()
+            ctx.exit(BROKEN_PIPE_EXIT)
+        except Exception as e:  # a bug: keep it short unless asked
+            if debug:
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            click.echo(f"error: internal error {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+                       err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=MoorizeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="moorize")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(debug: bool, verbose: int) -> None:
+    """Turn a pretrained Hugging Face checkpoint into a Mixture of Orthogonal Rank-one Experts (MoORE).
+
+    \b
+    moorize convert MODEL_DIR OUT_DIR    factor every target weight (SVD) into OUT_DIR
+    moorize inspect OUT_DIR              ranks, energy and errors of a factored checkpoint
+    moorize merge OUT_DIR DEST --adapter A --task T   dense checkpoint of one task (router mode 'task')
+    moorize quickstart                   convert the real SmolLM2-135M checkpoint and check it
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main() -> None:
+    cli(prog_name="moorize")
+
+

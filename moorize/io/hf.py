@@ -1,0 +1,54 @@
+"""Hugging Face directory helpers: the files that travel with a model, and the model class of a config."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".onnx_data")
+
+
+def copy_aux_files(src: Path, dest: Path) -> list[str]:
+    """Copy config, tokenizer and generation files (every top-level non-weight file)."""
+    copied = []
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
+            continue
+        shutil.copy2(f, dest / f.name)
+        copied.append(f.name)
+    return copied
+
+
+
+
+def model_class(config):
+    """The transformers class named in config.architectures (AutoModel mapping as fallback)."""
+    return _model_class(config)
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
+
+
+def checkpoint_name(module_path: str, prefix: str, names) -> str | None:
+    """The spelling of a module path (or state-dict key) that ``names`` uses, if any.
+
+    Checkpoints of the same architecture differ by the base model prefix: BERT's
+    ``encoder.layer.0`` may be stored as ``bert.encoder.layer.0`` and vice versa.
+    """
+    spellings = [module_path]
+    if prefix and module_path.startswith(prefix + "."):
+        spellings.append(module_path[len(prefix) + 1:])
+    elif prefix:
+        spellings.append(f"{prefix}.{module_path}")
+    return next((s for s in spellings if s in names), None)
+
+

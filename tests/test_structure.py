@@ -1,0 +1,141 @@
+"""The package's shape, enforced: imports flow one way between the stages, no module imports itself
+back through a cycle, and the light entry points (``moorize --help``, the ONNX Runtime runtime)
+never import torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ROOTS = {"moorize": REPO / "moorize", "moorize.exporters": REPO / "exporters"}
+
+# stage -> the stages it may import (besides itself); "moorize" is the package root (the lazy public API)
+ALLOWED = {
+    "errors": set(),
+    "version": set(),
+    "assets": {"errors"},
+    "io": {"errors"},
+    "conversion": {"io", "errors", "version"},
+    "model": {"io", "errors"},
+    "training": {"model", "io", "errors"},
+    "exporters": {"model", "io", "errors", "version"},
+    "quickstart": {"conversion", "model", "io", "errors", "assets"},
+    "cli": {"conversion", "model", "training", "exporters", "io", "errors", "quickstart", "version"},
+    "__main__": {"cli"},
+    "moorize": {"errors", "version", "io", "conversion", "model", "training"},  # the lazy public API
+}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg, root in ROOTS.items():
+        for path in root.rglob("*.py"):
+            parts = [p for p in path.relative_to(root).with_suffix("").parts if p != "__init__"]
+            out[".".join([pkg, *parts])] = path
+    return out
+
+
+MODULES = modules()
+
+
+def is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def stage(name: str) -> str:
+    parts = name.split(".")
+    if parts[:2] == ["moorize", "exporters"]:
+        return "exporters"
+    return parts[1] if len(parts) > 1 else "moorize"
+
+
+def imports_of(name: str) -> set[str]:
+    """Every moorize module ``name`` imports, at module level or inside functions."""
+    tree = ast.parse(MODULES[name].read_text())
+    base = name.split(".") if is_package(name) else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names if a.name.startswith("moorize")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base[: len(base) - node.level + 1]
+                mod = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if not mod.startswith("moorize"):
+                continue
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULES else mod for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t not in MODULES and "." in t:
+                t = t.rsplit(".", 1)[0]
+            if t in MODULES and t != name:
+                found.add(t)
+    return found
+
+
+GRAPH = {name: imports_of(name) for name in MODULES}
+
+
+def test_every_module_is_in_a_known_stage():
+    assert {stage(m) for m in MODULES} <= set(ALLOWED), sorted({stage(m) for m in MODULES} - set(ALLOWED))
+
+
+def test_imports_flow_one_way_between_stages():
+    wrong = sorted(f"{m} -> {t}" for m, ts in GRAPH.items() for t in ts
+                   if stage(t) != stage(m) and stage(t) not in ALLOWED[stage(m)])
+    assert wrong == []
+
+
+def test_no_import_cycles():
+    """Depth-first search over every import (function-level ones too): no module reaches itself."""
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(GRAPH[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]) if nxt in path else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("code", [
+    "import moorize.cli; moorize.cli.cli(['--help'], standalone_mode=False)",
+    "import moorize.cli; moorize.cli.cli(['inspect', '--help'], standalone_mode=False)",
+    "import moorize.exporters.ort",
+    "import moorize; moorize.MoorizeError",
+])
+def test_light_entry_points_do_not_import_torch(code):
+    probe = f"import sys; {code}; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "False False", res.stdout
+
+
+def test_the_public_api_is_complete():
+    import moorize
+
+    for name in moorize.__all__:
+        assert getattr(moorize, name) is not None, name
+
+
+def test_ruff_is_clean():
+    """The lint configuration in pyproject.toml (pyflakes, pycodestyle, import order, bugbear) holds everywhere."""
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True,
+                         text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
