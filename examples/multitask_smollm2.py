@@ -236,7 +236,7 @@ def run_moore(factored: Path, data: Path, eval_path: Path, out: Path, s: dict, l
                                                                                           "kl_to_base")},
             "oblivion_per_task": per_task, "steps": report.steps, "steps_per_s": report.steps / train_s,
             "train_s": train_s, "peak_rss_mb": peak, "wall_s": time.perf_counter() - t0,
-            "trainable": sum(p.numel() for p in moorize.routed.trainable_parameters(model).values())}
+            "trainable": sum(p.numel() for p in moorize.model.layer.trainable_parameters(model).values())}
 
 
 def run_lora(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None, steps: int) -> dict:
