@@ -217,6 +217,7 @@ def run_moore(factored: Path, data: Path, eval_path: Path, out: Path, s: dict, l
     from transformers import AutoTokenizer
 
     import moorize
+    import moorize.model.layer
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
