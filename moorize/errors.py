@@ -1,7 +1,9 @@
-"""One exception type for everything a user can get wrong.
+"""Errors split by whose fault they are.
 
-The CLI prints ``MoorizeError`` as a single line and exits non-zero; any other
-exception is a bug and keeps its traceback.
+``MoorizeError`` is everything a user can get wrong (input, options, environment): the CLI
+prints it as one line and exits 2 (``OutOfSpaceError``: 3). ``MoorizeBug`` is a broken
+invariant inside moorize: the CLI prints one line asking for a bug report and exits 1, as
+for any other unexpected exception; ``--debug`` shows the traceback.
 """
 
 
@@ -15,3 +17,9 @@ class OutOfSpaceError(MoorizeError):
     """The destination filled up; partial output has been removed."""
 
     exit_code = 3
+
+
+class MoorizeBug(RuntimeError):
+    """An internal invariant does not hold: never the user's fault, always worth a bug report."""
+
+    exit_code = 1

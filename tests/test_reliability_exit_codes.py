@@ -90,3 +90,19 @@ def test_a_real_bug_exits_1_and_debug_shows_the_traceback(tiny, monkeypatch):
     assert_one_line_error(res.exit_code, res.stdout, res.stderr, "internal error ZeroDivisionError", want_code=1)
     res = CliRunner().invoke(cli, ["--debug", "inspect", str(tiny["factored"])])
     assert res.exit_code == 1 and isinstance(res.exception, ZeroDivisionError)
+
+
+def test_a_broken_invariant_is_a_bug_not_a_user_error(tiny, monkeypatch):
+    """MoorizeBug (an internal invariant) exits 1 asking for a report; it is never printed as the user's error."""
+    import moorize.conversion.report as report
+    from moorize.errors import MoorizeBug, MoorizeError
+
+    assert not issubclass(MoorizeBug, MoorizeError)
+
+    def broken(*a, **k):
+        raise MoorizeBug("shard header exceeds its reserved room")
+
+    monkeypatch.setattr(report, "format_table", broken)
+    res = CliRunner().invoke(cli, ["inspect", str(tiny["factored"])])
+    assert_one_line_error(res.exit_code, res.stdout, res.stderr, "internal error MoorizeBug",
+                          "a bug in moorize: please report it", want_code=1)

@@ -65,8 +65,8 @@ class MoorizeGroup(click.Group):
             if debug:
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
-            click.echo(f"error: internal error {type(e).__name__}: {first} (rerun with --debug for the traceback)",
-                       err=True)
+            click.echo(f"error: internal error {type(e).__name__}: {first} (a bug in moorize: please report it "
+                       "with the traceback that --debug shows)", err=True)
             ctx.exit(1)
 
 

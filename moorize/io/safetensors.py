@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import MoorizeError
+from ..errors import MoorizeBug, MoorizeError
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +442,7 @@ class ShardFile:
         header = {"__metadata__": {"format": "pt"}, **self._entries}
         hb = json.dumps(header, separators=(",", ":")).encode()
         if len(hb) > self.header_room:  # a planning bug, never user input
-            raise RuntimeError(f"header of {self.path} ({len(hb)} bytes) exceeds its reserved room")
+            raise MoorizeBug(f"header of {self.path} ({len(hb)} bytes) exceeds its reserved room")
         self._f.seek(0)
         self._f.write(struct.pack("<Q", self.header_room))
         self._f.write(hb + b" " * (self.header_room - len(hb)))
