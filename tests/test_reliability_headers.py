@@ -522,10 +522,10 @@ def test_adapter_reader(tmp_path):
 
 
 def test_training_checkpoint_reader(tmp_path):
-    from moorize.training.checkpoints import _read_tensors
+    from moorize.training.checkpoints import read_tensors  # what training checkpoints are read with
 
     with pytest.raises(MoorizeError, match="trainable.safetensors is corrupt"):
-        _read_tensors(_crafted(tmp_path / "trainable.safetensors"))
+        read_tensors(_crafted(tmp_path / "trainable.safetensors"))
 
 
 def test_factored_checkpoint_reader(tiny_factored, tmp_path):

@@ -506,3 +506,21 @@ def parse_size(text: str | int) -> int:
     if v <= 0:
         raise MoorizeError(f"size must be positive, got {text!r}")
     return v
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A small safetensors file of whole tensors (adapters, training checkpoints), through ``ShardFile``."""
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    shard = ShardFile(Path(path), list(tensors))
+    for k, t in tensors.items():
+        shard.add_tensor(k, t)
+    shard.close()
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, validated like any other (``SafetensorsFile``)."""
+    f = SafetensorsFile(path)
+    try:
+        return {info.name: f.load(info.name) for info in f.infos()}
+    finally:
+        f.close()

@@ -20,7 +20,7 @@ from ..errors import MoorizeError
 from ..io.factored import LAYOUT_FIELDS
 from ..io.jsonfiles import read_versioned_json
 from ..io.outdir import atomic_output_dir
-from ..io.safetensors import SafetensorsFile, ShardFile
+from ..io.safetensors import read_tensors, write_tensors
 from .layer import MoOREConfig, trainable_parameters
 
 ADAPTER_FORMAT = "moorize.adapter"
@@ -44,11 +44,7 @@ def write_adapter_files(model, directory: Path, *, heads=None, extra: dict | Non
     params = dict(trainable_parameters(model))
     if heads is not None:
         params.update(heads.state_tensors())
-    params = {k: p.detach().cpu().contiguous() for k, p in params.items()}
-    shard = ShardFile(directory / WEIGHTS_NAME, list(params))
-    for k, t in params.items():
-        shard.add_tensor(k, t)
-    shard.close()
+    write_tensors(directory / WEIGHTS_NAME, params)
     meta = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_VERSION,
@@ -186,9 +182,4 @@ def read_adapter(directory: str | os.PathLike, base_fingerprint: str | None = No
     """(config, tensors) of an adapter; refuses one trained on a different base (``read_adapter_config``)."""
     meta = read_adapter_config(directory, base_fingerprint, base=base)
     config = MoOREConfig(**dict(meta["moore"]))
-    f = SafetensorsFile(Path(directory) / WEIGHTS_NAME)
-    try:
-        tensors = {info.name: f.load(info.name) for info in f.infos()}
-    finally:
-        f.close()
-    return config, tensors
+    return config, read_tensors(Path(directory) / WEIGHTS_NAME)

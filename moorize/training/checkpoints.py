@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoorizeError
-from ..io.safetensors import SafetensorsFile, ShardFile
+from ..io.safetensors import read_tensors, write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _save_checkpoint(run: Path, step: int, trainable: dict[str, torch.Tensor], o
     accelerator.wait_for_everyone()
     _save_rng(tmp, accelerator.process_index)
     if accelerator.is_main_process:
-        _write_tensors(tmp / TRAINABLE_FILE, {k: p.detach() for k, p in trainable.items()})
+        write_tensors(tmp / TRAINABLE_FILE, {k: p.detach() for k, p in trainable.items()})
         _save_optimizer(tmp, optimizer.state_dict())
         _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
         _write_json(tmp / STATE_FILE, {"step": step, **position})
@@ -63,7 +63,7 @@ def _load_checkpoint(ckpt: Path, trainable: dict[str, torch.Tensor], optimizer, 
             raise MoorizeError(f"checkpoint {ckpt} is incomplete: {name} is missing")
     if not (ckpt / f"rng-{rank}.json").is_file():
         raise MoorizeError(f"{ckpt} was saved by fewer processes than this run has; resume with the same count")
-    saved = _read_tensors(ckpt / TRAINABLE_FILE)
+    saved = read_tensors(ckpt / TRAINABLE_FILE)
     if set(saved) != set(trainable):
         raise MoorizeError(f"checkpoint {ckpt} holds other parameters than this run trains")
     with torch.no_grad():
@@ -92,22 +92,6 @@ SCHEDULER_FILE = "scheduler.json"
 STATE_FILE = "state.json"
 
 
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-    shard = ShardFile(path, list(tensors))
-    for k, t in tensors.items():
-        shard.add_tensor(k, t)
-    shard.close()
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    f = SafetensorsFile(path)
-    try:
-        return {info.name: f.load(info.name) for info in f.infos()}
-    finally:
-        f.close()
-
-
 def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=1, allow_nan=True) + "\n")
 
@@ -127,7 +111,7 @@ def _save_optimizer(directory: Path, state_dict: dict) -> None:
                 tensors[f"{idx}/{name}"] = value
             else:
                 scalars.setdefault(str(idx), {})[name] = value
-    _write_tensors(directory / OPTIMIZER_TENSORS, tensors)
+    write_tensors(directory / OPTIMIZER_TENSORS, tensors)
     _write_json(directory / OPTIMIZER_FILE, {"param_groups": state_dict["param_groups"], "scalars": scalars})
 
 
@@ -135,7 +119,7 @@ def _load_optimizer_state(directory: Path, optimizer) -> dict:
     """The optimizer's state_dict rebuilt from safetensors + JSON; tuples (e.g. Adam's betas) restored."""
     meta = _read_json(directory / OPTIMIZER_FILE)
     state: dict[int, dict] = {}
-    for key, tensor in _read_tensors(directory / OPTIMIZER_TENSORS).items():
+    for key, tensor in read_tensors(directory / OPTIMIZER_TENSORS).items():
         idx, _, name = key.partition("/")
         state.setdefault(int(idx), {})[name] = tensor
     for idx, entries in meta.get("scalars", {}).items():
@@ -155,12 +139,12 @@ def _save_rng(directory: Path, rank: int) -> None:
     if torch.cuda.is_available():
         tensors.update({f"cuda/{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = random.getstate()
-    _write_tensors(directory / f"rng-{rank}.safetensors", tensors)
+    write_tensors(directory / f"rng-{rank}.safetensors", tensors)
     _write_json(directory / f"rng-{rank}.json", {"python": [version, list(internal), gauss]})
 
 
 def _load_rng(directory: Path, rank: int) -> None:
-    tensors = _read_tensors(directory / f"rng-{rank}.safetensors") \
+    tensors = read_tensors(directory / f"rng-{rank}.safetensors") \
         if (directory / f"rng-{rank}.safetensors").is_file() else {}
     py = _read_json(directory / f"rng-{rank}.json").get("python")
     try:
