@@ -344,3 +344,13 @@ def run_benchmark(title: str, prefix: str, args, parts: Sequence[Callable[[Path]
             rmtree(work)
     print(f"\nBenchmark finished in {fmt_s(time.perf_counter() - t0)}.{footer}")
     return 0 if ok else 1
+
+
+def randomize_routers(model, seed: int = 0) -> None:
+    """The tests' stand-in for a trained adapter (tests/helpers.py): benchmarks route exactly as tests do."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from helpers import randomize_routers as randomize
+
+    randomize(model, seed)

@@ -105,9 +105,10 @@ def timed_with_outputs(fns: dict, repeat: int) -> tuple[dict[str, list[float]], 
 
 def prepare(work: Path, args) -> dict:
     """HF dir, two factored checkpoints with adapters, three exports; returns paths and export reports."""
+    from _util import randomize_routers
+
     import moorize
     from moorize.exporters.onnx import export_dense_onnx, export_onnx
-    from moorize.model.routed import randomize_routers
 
     hf = work / "smollm2-hf"
     with U.Timer() as t:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import build_tiny
+from helpers import perturb
 
 import moorize
 from moorize.cli import cli
@@ -23,18 +24,8 @@ from moorize.exporters.ort import MoOREOrtModel
 from moorize.exporters.torchscript import export_pt2, export_torchscript, load_file
 from moorize.model.heads import TaskHeads
 from moorize.model.layer import MoOREConfig, MoORELinear, RoutingState
-from moorize.model.routed import moore_layers
 
 TASKS = ["a", "b", "c"]
-
-
-def perturb(model, seed: int = 0) -> None:
-    """Routers and reflections away from their identity initialisation, so every task differs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in moore_layers(model).values():
-            for p in layer.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +37,7 @@ def tiny(tmp_path_factory):
         build_tiny(arch).save_pretrained(root / f"{arch}-hf")
         moorize.convert(root / f"{arch}-hf", root / f"{arch}-f", rank=["8"], residual="keep")
         model = moorize.load(root / f"{arch}-f", tasks=TASKS)
-        perturb(model)
+        perturb(model, seed=0)
         heads = None
         if arch == "bert":
             heads = TaskHeads(model.config.hidden_size, TASKS, {"a": ["x", "y"], "b": ["p", "q", "r"], "c": ["u", "v"]})

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import randomize_routers
 
 import moorize
 from moorize.exporters import ops
@@ -16,7 +17,6 @@ from moorize.exporters.onnx import export_onnx
 from moorize.exporters.ort import MoOREOrtModel
 from moorize.exporters.torchscript import export_pt2, export_torchscript
 from moorize.model.heads import TaskHeads
-from moorize.model.routed import randomize_routers
 
 pytestmark = pytest.mark.slow
 

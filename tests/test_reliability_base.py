@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers
 from conftest import build_tiny, tree_digest
-from test_routed import _perturb
+from helpers import perturb as _perturb
 
 import moorize
 from moorize import MoorizeError

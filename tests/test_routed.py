@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from conftest import ARCHS, build_tiny
+from helpers import perturb as _perturb
 
 import moorize
 from moorize import MoOREConfig, MoORELinear, MoorizeError, moore_layers
@@ -40,15 +41,6 @@ def _out(model, ids, **kw):
     with torch.no_grad():
         o = model(input_ids=ids, **kw)
     return o.logits if hasattr(o, "logits") else o.last_hidden_state
-
-
-def _perturb(model, scale=0.05, seed=1):
-    """Give every router and Householder vector non-trivial values (as training would)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in moore_layers(model).values():
-            for p in layer.parameters():
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

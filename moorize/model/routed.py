@@ -205,21 +205,6 @@ def use_task(model, task_ids):
         state.sticky, state.task_ids = previous
 
 
-def randomize_routers(model: nn.Module, seed: int = 0) -> None:
-    """Move every router and reflection off its initialisation: a stand-in for a trained adapter in demos,
-    tests and benchmarks (task router A ~ N(0, 0.02²), sample router B ~ N(0, 0.002²), Householder vectors
-    turned by about a quarter of their entries' scale)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in moore_layers(model).values():
-            for name, std in (("task_router", 0.02), ("router_out", 0.002)):
-                p = getattr(layer, name, None)
-                if p is not None:
-                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-            if layer.householder is not None:
-                layer.householder.add_(torch.randn(layer.householder.shape, generator=g) * 0.25)
-
-
 def prepare_for_training(model: nn.Module) -> list[nn.Parameter]:
     """Freeze everything but the MoORE parameters; returns the trainable ones."""
     params = trainable_parameters(model)
