@@ -134,15 +134,15 @@ def _pct(values: list[float], q: float) -> float:
 @click.option("--prompt", "prompts", multiple=True, help="Input text; repeatable (one batch).")
 @click.option("--input", "input_file", type=PATH, default=None,
               help='JSONL file, one {"prompt": ..., "task": optional} per line.')
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Sampling seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed.")
 @click.option("--provider", "providers", multiple=True,
               help="ONNX Runtime execution provider(s) in order. Default: CUDA when usable, else CPU.")
 @click.option("--bench", is_flag=True, help="Also time generation: tokens/s and latency percentiles.")
-@click.option("--bench-runs", type=int, default=5, show_default=True, help="Timed runs for --bench.")
+@click.option("--bench-runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs for --bench.")
 def run(export_dir: Path, task, prompts, input_file, max_new_tokens, do_sample, temperature, top_p, seed, providers,
         bench, bench_runs) -> None:
     """Run an ONNX export with ONNX Runtime and print the outputs (generations or labels).
@@ -166,12 +166,12 @@ def run(export_dir: Path, task, prompts, input_file, max_new_tokens, do_sample, 
     for t in set(tasks):  # unknown names fail before any work
         model.task_ids(t, 1)
     tasks_arg = tasks if len(set(tasks)) > 1 else tasks[0]
-    click.echo(f"# {export_dir}: {model.kind}, provider {model.provider}", err=True)
     if model.kind == "decoder":
         outs = model.generate(texts, task=tasks_arg, max_new_tokens=max_new_tokens, do_sample=do_sample,
                               temperature=temperature, top_p=top_p, seed=seed)
     else:
         outs = model.classify(texts, task=tasks_arg)
+    click.echo(f"# {export_dir}: {model.kind}, provider {model.provider}", err=True)  # after the inputs passed
     for text, out in zip(texts, outs):
         click.echo(json.dumps({"input": text, "output": out}, ensure_ascii=False))
     if bench:

@@ -31,7 +31,7 @@ from ..version import __version__
 from . import ops
 from .graphs import ExportGraph, Routed, kv_layout, load_routed, sample_inputs, tokenizer_or_none
 from .ort import EXPORT_FORMAT, EXPORT_VERSION, META_FILE
-from .validate import Validation, default_atol, validate
+from .validate import Validation, check_tolerances, default_atol, validate
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def export_onnx(factored_dir, dest, adapter=None, *, with_past: bool = False, de
     """Export the routed model of ``factored_dir`` (+ ``adapter``) to the directory ``dest``."""
     t0 = time.perf_counter()
     check_options(weights, dtype, opset)
+    check_tolerances(atol, rtol)
     factored_dir, dest = Path(factored_dir), Path(dest)
     if weights == "reference" and dtype != "float32":
         raise MoorizeError("--weights reference serves the checkpoint's own bytes, so it needs --dtype float32")

@@ -9,7 +9,9 @@ back as ``past_key_values``. Everything comes from the export directory
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,7 @@ class MoOREOrtModel:
         self.with_past: bool = bool(meta.get("with_past"))
         self.float_dtype = np.float16 if meta.get("dtype") == "float16" else np.float32
         self.last_times = GenerationTimes()
+        self.max_positions, self.vocab_size = model_limits(directory)
 
     @classmethod
     def from_export(cls, directory, providers: list[str] | None = None, session_options=None) -> "MoOREOrtModel":
@@ -134,10 +137,46 @@ class MoOREOrtModel:
             raise MoorizeError(f"task id out of range in {task_ids.tolist()}: the model has {len(self.tasks)} "
                                f"task(s) ({', '.join(self.tasks)})")
         names = self.meta["inputs"]
-        values = [np.asarray(input_ids, dtype=np.int64), np.asarray(attention_mask, dtype=np.int64), task_ids]
+        ids, mask = self.check_ids(input_ids, attention_mask, past_length=0 if not past else past[0].shape[2])
+        if task_ids.shape != (ids.shape[0],):
+            raise MoorizeError(f"task_ids must have one id per row: got shape {list(task_ids.shape)} for a batch of "
+                               f"{ids.shape[0]}")
+        values = [ids, mask, task_ids]
         if self.with_past:
-            values += past if past is not None else self.empty_past(values[0].shape[0])
-        return self.session.run(None, dict(zip(names, values)))
+            values += past if past is not None else self.empty_past(ids.shape[0])
+        try:
+            return self.session.run(None, dict(zip(names, values)))
+        except _ort_input_errors() as e:  # shapes or types ONNX Runtime refuses: the caller's input
+            raise MoorizeError(f"ONNX Runtime refused the inputs: {str(e).splitlines()[0]}") from None
+
+    def check_ids(self, input_ids, attention_mask=None, past_length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (and mask) as the graph wants them, or one line saying what is wrong with them."""
+        try:
+            ids = np.asarray(input_ids)
+        except (TypeError, ValueError):
+            raise MoorizeError("input_ids must be a [batch, length] array of token ids") from None
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise MoorizeError(f"input_ids must be a [batch, length] array of integer token ids, got "
+                               f"{ids.dtype} of shape {list(ids.shape)}")
+        if ids.shape[0] == 0:
+            raise MoorizeError("empty batch: no input to run")
+        if ids.shape[1] == 0:
+            raise MoorizeError("empty input: the prompt has no tokens")
+        if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(ids.max() if ids.max() >= self.vocab_size else ids.min())
+            raise MoorizeError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if self.max_positions and past_length + ids.shape[1] > self.max_positions:
+            raise MoorizeError(f"{past_length + ids.shape[1]} tokens exceed the model's {self.max_positions} "
+                               "positions")
+        ids = ids.astype(np.int64, copy=False)
+        mask = np.ones((ids.shape[0], past_length + ids.shape[1]), dtype=np.int64) if attention_mask is None \
+            else np.asarray(attention_mask)
+        if mask.shape != (ids.shape[0], past_length + ids.shape[1]) or mask.dtype.kind not in "iub":
+            raise MoorizeError(f"attention_mask must be an integer array of shape {[ids.shape[0], past_length + ids.shape[1]]},"
+                               f" got {mask.dtype} of shape {list(mask.shape)}")
+        if not ((mask == 0) | (mask == 1)).all() or (mask.sum(1) == 0).any():
+            raise MoorizeError("attention_mask must hold 0s and 1s, with at least one 1 (a token) in every row")
+        return ids, mask.astype(np.int64, copy=False)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         kv = self.meta["kv"]
@@ -148,11 +187,27 @@ class MoOREOrtModel:
     def _encode(self, texts: list[str], left_pad: bool):
         if self.tokenizer is None:
             raise MoorizeError(f"{self.directory} has no tokenizer: pass token ids to run()")
+        if not texts:
+            raise MoorizeError("empty batch: no input text")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise MoorizeError(f"input {i + 1} is {type(text).__name__}, not text")
         tok = self.tokenizer
         tok.padding_side = "left" if left_pad else "right"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        enc = tok(texts, return_tensors="np", padding=True)
+        lengths = [len(x) for x in tok(texts)["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise MoorizeError(f"input {i + 1} is empty: it has no tokens")
+        limit = self.max_positions
+        if limit and max(lengths) > limit:
+            if self.kind == "decoder":
+                raise MoorizeError(f"input {lengths.index(max(lengths)) + 1} has {max(lengths)} tokens: more than the "
+                                   f"model's {limit} positions")
+            log.warning("truncated %d of %d input(s) to the encoder's %d positions (as tokenizers do with "
+                        "truncation=True)", sum(n > limit for n in lengths), len(texts), limit)
+        enc = tok(texts, return_tensors="np", padding=True, truncation=bool(limit), max_length=limit)
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
     def generate(self, prompts, task=None, max_new_tokens: int = 32, do_sample: bool = False,
@@ -179,12 +234,22 @@ class MoOREOrtModel:
         """[batch, max_new_tokens] new token ids; rows that met EOS continue with the pad token."""
         if self.kind != "decoder":
             raise MoorizeError("generate() needs a decoder export; this one is an encoder (use classify())")
-        if max_new_tokens < 1:
-            raise MoorizeError("max_new_tokens must be at least 1")
-        if do_sample and not (temperature > 0 and 0 < top_p <= 1):
-            raise MoorizeError("sampling needs temperature > 0 and 0 < top_p <= 1")
-        ids = np.asarray(input_ids, dtype=np.int64)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise MoorizeError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+        if do_sample and not (_finite(temperature) and temperature > 0 and _finite(top_p) and 0 < top_p <= 1):
+            raise MoorizeError(f"sampling needs a finite temperature > 0 and 0 < top_p <= 1, got temperature "
+                               f"{temperature!r}, top_p {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise MoorizeError(f"seed must be a non-negative integer, got {seed!r}")
+        ids, mask = self.check_ids(input_ids, attention_mask)
+        if self.max_positions and ids.shape[1] + max_new_tokens > self.max_positions:
+            room = self.max_positions - ids.shape[1]
+            log.warning("max_new_tokens %d capped to %d: the prompt's %d tokens leave no more of the model's %d "
+                        "positions", max_new_tokens, room, ids.shape[1], self.max_positions)
+            max_new_tokens = room
+            if room < 1:
+                raise MoorizeError(f"the prompt's {ids.shape[1]} tokens fill the model's {self.max_positions} "
+                                   "positions: nothing left to generate")
         batch = ids.shape[0]
         tids = self.task_ids(task, batch)
         eos = np.array(self.meta.get("eos_token_id") or [], dtype=np.int64)
@@ -239,6 +304,39 @@ class MoOREOrtModel:
     def _task_name(self, task) -> str:
         tid = int(self.task_ids(task, 1)[0])
         return next(name for name, i in self.tasks.items() if i == tid)
+
+
+def model_limits(directory: Path) -> tuple[int | None, int | None]:
+    """(position limit, vocabulary size) from the export's config.json; None where it does not say."""
+    try:
+        cfg = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(cfg, dict):
+        return None, None
+    cfg = {**cfg.get("text_config", {}), **cfg} if isinstance(cfg.get("text_config"), dict) else cfg
+
+    def positive(*keys):
+        for key in keys:
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    return positive("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), positive("vocab_size")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _ort_input_errors() -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's exception for inputs it refuses (wrong rank, type, shape): the caller's error."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+    except ImportError:
+        return ()
+    return (InvalidArgument,)
 
 
 def _sample(logits: np.ndarray, rng, temperature: float, top_p: float) -> np.ndarray:

@@ -22,7 +22,7 @@ from ..errors import MoorizeError
 from ..io.outdir import atomic_output_file
 from . import ops
 from .graphs import ExportGraph, load_routed, sample_inputs, tokenizer_or_none
-from .validate import Validation, default_atol, validate
+from .validate import Validation, check_tolerances, default_atol, validate
 
 TORCHSCRIPT_NOTE = ("TorchScript (torch.jit) is deprecated upstream: prefer --pt2 (torch.export), "
                     "or --onnx for ONNX Runtime")
@@ -48,6 +48,7 @@ def _meta(graph: ExportGraph, routed, backend: str) -> str:
 
 
 def _export(backend: str, factored_dir, dest, adapter, with_past: bool, validate_export: bool, atol, rtol, overwrite):
+    check_tolerances(atol, rtol)
     t0 = time.perf_counter()
     routed = load_routed(factored_dir, adapter)
     tokenizer = tokenizer_or_none(Path(factored_dir))
