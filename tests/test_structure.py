@@ -119,6 +119,9 @@ def test_no_import_cycles():
     "import moorize.cli; moorize.cli.cli(['inspect', '--help'], standalone_mode=False)",
     "import moorize.exporters.ort",
     "import moorize; moorize.MoorizeError",
+    # inspect reads moorize.json only: a real factored checkpoint, summarised without torch
+    f"import moorize.cli; moorize.cli.cli(['inspect', {str(REPO / 'tests/fixtures/v0_1/factored')!r}], "
+    "standalone_mode=False)",
 ])
 def test_light_entry_points_do_not_import_torch(code):
     probe = f"import sys; {code}; print('torch' in sys.modules, 'transformers' in sys.modules)"

@@ -15,9 +15,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import MoorizeError
 from .jsonfiles import read_versioned_json
@@ -158,8 +159,11 @@ class FactoredCheckpoint:
         R = self.tensor(factor_key(name, "residual")) if rec.residual else None
         return U, S, Vh, R
 
-    def reconstruct(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The [out, in] matrix the layer applies: U diag(S) Vh (+ residual)."""
+    def reconstruct(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The [out, in] matrix the layer applies: U diag(S) Vh (+ residual), in ``dtype`` (default float32)."""
+        import torch
+
+        dtype = dtype or torch.float32
         U, S, Vh, R = self.factors(name)
         W = (U.to(dtype) * S.to(dtype)) @ Vh.to(dtype)
         if R is not None:
@@ -172,6 +176,8 @@ class FactoredCheckpoint:
         Accumulates in float64: the float32 factors represent W to ~5e-8, a float32
         product would add ~3e-7 of its own rounding.
         """
+        import torch
+
         rec = self._layer(name)
         W = self.reconstruct(name, torch.float64)
         if rec.layout == "conv1d":

@@ -9,43 +9,58 @@ truncated or corrupt file gives a one-line error instead of a Rust panic.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import MoorizeBug, MoorizeError
 
 log = logging.getLogger(__name__)
 
-# safetensors dtype names <-> torch dtypes
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# bytes per element of every safetensors dtype: the header is validated with these alone (no torch import,
+# so that `moorize inspect` starts light); the torch side is built on first use
+ST_ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "U16": 2, "U32": 4, "U64": 8,
+    "C64": 8,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
-                     ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64")):
-    if hasattr(torch, _attr):
-        ST_TO_TORCH[_name] = getattr(torch, _attr)
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
-# dtypes the safetensors format defines that no torch dtype here holds byte for byte (packed 4- and 6-bit
-# floats; the others only on a torch without them): refused as unsupported, not as corrupt
-_ST_UNSUPPORTED = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "U16", "U32", "U64",
-                             "C64"}) - set(ST_TO_TORCH)
+# dtypes the format defines that no torch dtype holds byte for byte (packed 4- and 6-bit floats)
+_ST_SUBBYTE = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+_OPTIONAL_TORCH = (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+                   ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("U16", "uint16"),
+                   ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"))
+
+
+@functools.lru_cache(maxsize=None)
+def torch_dtypes() -> tuple[dict, dict, frozenset]:
+    """(safetensors name -> torch dtype, its inverse, names this torch cannot hold), built on first use."""
+    import torch
+
+    st_to_torch = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                   "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                   "U8": torch.uint8, "BOOL": torch.bool}
+    for name, attr in _OPTIONAL_TORCH:
+        if hasattr(torch, attr):
+            st_to_torch[name] = getattr(torch, attr)
+    unsupported = frozenset(_ST_SUBBYTE | (set(ST_ITEMSIZE) - set(st_to_torch)))
+    return st_to_torch, {v: k for k, v in st_to_torch.items()}, unsupported
+
+
+def __getattr__(name: str):  # ST_TO_TORCH / TORCH_TO_ST for importers, without importing torch here
+    if name == "ST_TO_TORCH":
+        return torch_dtypes()[0]
+    if name == "TORCH_TO_ST":
+        return torch_dtypes()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _MAX_HEADER = 100_000_000  # bytes of JSON: the safetensors library's own limit
 _U64_MAX = (1 << 64) - 1  # the library reads every number as a 64-bit usize
@@ -70,7 +85,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return ST_TO_TORCH[self.dtype]
+        return torch_dtype_of(self.dtype)
 
     def load(self) -> torch.Tensor:
         return self.source.load(self.name)
@@ -98,8 +113,18 @@ class TensorSource:
         pass
 
 
+def torch_dtype_of(st_dtype: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; one line when this torch has none for it."""
+    st_to_torch, _, unsupported = torch_dtypes()
+    if st_dtype not in st_to_torch:
+        raise MoorizeError(f"dtype {st_dtype} is {'not supported by this torch' if st_dtype in unsupported else 'unknown'}")
+    return st_to_torch[st_dtype]
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The little-endian row-major bytes of a tensor (no copy when contiguous on CPU)."""
+    import torch
+
     t = t.detach().to("cpu").contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
@@ -107,7 +132,9 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def bytes_to_tensor(buf: bytes | bytearray | memoryview, st_dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    dtype = ST_TO_TORCH[st_dtype]
+    import torch
+
+    dtype = torch_dtype_of(st_dtype)
     if len(buf) == 0:
         return torch.empty(shape, dtype=dtype)
     if isinstance(buf, bytes):
@@ -234,9 +261,9 @@ def _check_entry(name: str, e, where: str) -> tuple[str, tuple[int, ...], int, i
     dt, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
     if not isinstance(dt, str):
         raise MoorizeError(f"{bad} has dtype {_show(dt)}, not a dtype name")
-    if dt not in ST_TO_TORCH:
-        if dt in _ST_UNSUPPORTED:
-            raise MoorizeError(f"{where}: tensor {_q(name)} has unsupported dtype {dt}")
+    if dt in _ST_SUBBYTE:
+        raise MoorizeError(f"{where}: tensor {_q(name)} has unsupported dtype {dt}")
+    if dt not in ST_ITEMSIZE:
         raise MoorizeError(f"{bad} has unknown dtype {_q(dt, 40)}")
     if not isinstance(shape, list) or not all(type(s) is int for s in shape):
         raise MoorizeError(f"{bad} has shape {_show(shape)}: not a list of non-negative integers")
@@ -252,7 +279,7 @@ def _check_entry(name: str, e, where: str) -> tuple[str, tuple[int, ...], int, i
         numel *= s
         if numel > _U64_MAX:
             break
-    bits = numel * ST_TO_TORCH[dt].itemsize * 8
+    bits = numel * ST_ITEMSIZE[dt] * 8
     if bits > _U64_MAX:
         raise MoorizeError(f"{bad} has shape {_show(shape)}: its size overflows 64 bits")
     if end - begin != bits // 8:
@@ -433,9 +460,10 @@ class ShardFile:
         self.names.append(name)
 
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
-        if t.dtype not in TORCH_TO_ST:
+        torch_to_st = torch_dtypes()[1]
+        if t.dtype not in torch_to_st:
             raise MoorizeError(f"cannot store {name!r}: dtype {t.dtype} is not supported by safetensors")
-        self.add(name, TORCH_TO_ST[t.dtype], tuple(t.shape), tensor_bytes(t))
+        self.add(name, torch_to_st[t.dtype], tuple(t.shape), tensor_bytes(t))
 
     def close(self) -> "ShardPart":
         """Write the header, sync, close; returns what was written (to name the shard later)."""
