@@ -30,3 +30,25 @@ def randomize_routers(model: nn.Module, seed: int = 0) -> None:
                     p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
             if layer.householder is not None:
                 layer.householder.add_(torch.randn(layer.householder.shape, generator=g) * 0.25)
+
+
+def interrupted_run(factored, data, out, monkeypatch, **train_kw):
+    """Train until the first checkpoint is saved (``save_every`` steps), then stop as a Ctrl-C would: the
+    run directory is left for ``--resume``. Returns that checkpoint's directory."""
+    import pytest
+
+    import moorize
+    import moorize.training.loop as loop
+
+    real = loop._save_checkpoint
+
+    def save_then_stop(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        moorize.train(factored, str(data), out, **train_kw)
+    monkeypatch.setattr(loop, "_save_checkpoint", real)
+    step = train_kw["save_every"]
+    return out.parent / f".{out.name}.moorize-partial" / "checkpoints" / f"step-{step:07d}"

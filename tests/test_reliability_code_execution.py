@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import interrupted_run as stop_after_first_checkpoint
 from test_train import FAST, factored_tiny, toy_causal, write_jsonl
 
 import moorize
-import moorize.training.loop as training
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,18 +46,8 @@ def interrupted_run(tiny_llama, tmp_path, monkeypatch) -> tuple[str, Path, Path]
     """A run stopped right after its checkpoint at step 2: (data, output, that checkpoint)."""
     data = write_jsonl(tmp_path / "train.jsonl", toy_causal(8))
     out = tmp_path / "out"
-    real = training._save_checkpoint
-
-    def save_then_stop(*a, **k):
-        real(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        moorize.train(tiny_llama, data, out, max_steps=4, save_every=2, **FAST)
-    monkeypatch.setattr(training, "_save_checkpoint", real)
-    ckpt = out.parent / f".{out.name}.moorize-partial" / "checkpoints" / "step-0000002"
-    return data, out, ckpt
+    return data, out, stop_after_first_checkpoint(tiny_llama, data, out, monkeypatch, max_steps=4, save_every=2,
+                                                  **FAST)
 
 
 def test_training_checkpoints_hold_no_pickles(tiny_llama, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import interrupted_run
 from test_cli_errors import IS_ROOT, assert_no_output, assert_one_line_error
 from test_train import FAST, factored_tiny, toy_causal, write_jsonl
 
@@ -159,25 +160,15 @@ def test_resume_refuses_changed_data_contents(tiny_llama, tmp_path, monkeypatch)
     data = tmp_path / "train.jsonl"
     write_jsonl(data, toy_causal(8))
     out = tmp_path / "out"
-    real = training._save_checkpoint
-
-    def save_then_stop(*a, **k):
-        real(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        moorize.train(tiny_llama, str(data), out, max_steps=4, save_every=2, **FAST)
-    monkeypatch.setattr(training, "_save_checkpoint", real)
-    run = out.parent / f".{out.name}.moorize-partial"
-    assert (run / "checkpoints" / "step-0000002" / "state.json").is_file()
+    ckpt = interrupted_run(tiny_llama, data, out, monkeypatch, max_steps=4, save_every=2, **FAST)
+    assert (ckpt / "state.json").is_file()
 
     rows = toy_causal(8)
     rows[0]["response"] = "z"  # same file, same size and count of examples: only the contents differ
     write_jsonl(data, rows)
     with pytest.raises(moorize.MoorizeError, match="cannot resume: the run was started with different data contents"):
         moorize.train(tiny_llama, str(data), out, max_steps=4, save_every=2, resume=True, **FAST)
-    assert (run / "checkpoints" / "step-0000002").is_dir()  # a refused resume keeps the run
+    assert ckpt.is_dir()  # a refused resume keeps the run
 
     write_jsonl(data, toy_causal(8))  # the original contents, even under another name, resume
     moved = tmp_path / "moved.jsonl"
@@ -287,16 +278,7 @@ def test_resume_refuses_a_base_converted_differently(tiny_llama, tmp_path, monke
     """Same source weights (same source fingerprint), other ranks and no residual: not the run's base."""
     data = write_jsonl(tmp_path / "train.jsonl", toy_causal(8))
     out = tmp_path / "out"
-    real = training._save_checkpoint
-
-    def save_then_stop(*a, **k):
-        real(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        moorize.train(tiny_llama, data, out, max_steps=4, save_every=2, **FAST)
-    monkeypatch.setattr(training, "_save_checkpoint", real)
+    interrupted_run(tiny_llama, data, out, monkeypatch, max_steps=4, save_every=2, **FAST)
     other = tmp_path / "truncated"
     moorize.convert(tiny_llama.parent / "src-llama", other, rank="8", residual="drop")
     with pytest.raises(moorize.MoorizeError, match=r"cannot resume: .*factored base"):
