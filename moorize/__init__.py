@@ -21,7 +21,7 @@ from .version import __version__
 _EXPORTS = {
     "MoorizeError": ".errors",
     "FactoredCheckpoint": ".io.factored", "LayerRecord": ".io.factored",
-    "ConvertReport": ".conversion.pipeline", "convert": ".conversion.pipeline",
+    "ConvertReport": ".conversion.pipeline", "convert": ".conversion.pipeline", "ConvertOptions": ".conversion.options",
     "MoOREConfig": ".model.layer", "MoORELinear": ".model.layer", "moore_layers": ".model.layer",
     "load": ".model.routed", "merge": ".model.routed", "prepare_for_training": ".model.routed",
     "use_task": ".model.routed",
@@ -30,7 +30,8 @@ _EXPORTS = {
     "train": ".training.loop", "TrainReport": ".training.loop", "TrainOptions": ".training.options",
 }
 __all__ = [
-    "__version__", "MoorizeError", "FactoredCheckpoint", "LayerRecord", "ConvertReport", "convert", "MoOREConfig",
+    "__version__", "MoorizeError", "FactoredCheckpoint", "LayerRecord", "ConvertReport", "convert", "ConvertOptions",
+    "MoOREConfig",
     "MoORELinear", "moore_layers", "load", "merge", "prepare_for_training", "use_task", "read_adapter",
     "save_adapter", "MoOREClassifier", "TaskHeads", "load_classifier", "train", "TrainReport", "TrainOptions",
 ]
@@ -51,6 +52,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .conversion.options import ConvertOptions
     from .conversion.pipeline import ConvertReport, convert
     from .errors import MoorizeError
     from .io.factored import FactoredCheckpoint, LayerRecord

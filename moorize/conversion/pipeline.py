@@ -35,8 +35,9 @@ from ..io.outdir import check_out_dir, is_main_process, output_lock, partial_dir
 from ..io.safetensors import ST_TO_TORCH, ShardFile, ShardPart, TensorInfo, dtype_name, finalize_shards, parse_size
 from ..io.sources import SourceCheckpoint, open_checkpoint
 from ..version import __version__
+from .options import DEFAULT_BATCH, ConvertOptions
 from .svd import (
-    SVD_DTYPES,
+    SVD_TORCH_DTYPES,
     RankRules,
     SVDOptions,
     check_solver_supports,
@@ -48,13 +49,8 @@ from .targets import Target, find_targets
 
 log = logging.getLogger(__name__)
 
-STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "float64": torch.float64}
-
-
-# bytes of float32 weights decomposed together: LAPACK on CPU loops over a batch anyway,
-# so small batches bound memory for free; cuSOLVER's batched kernels want many matrices
-DEFAULT_BATCH = {"cpu": "64MB", "cuda": "1GB"}
+_STORE_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                       "float64": torch.float64}
 
 
 @dataclass
@@ -332,54 +328,33 @@ def _dist_context():
             dist.destroy_process_group()
 
 
-def convert(
-    model_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    targets: list[str] | None = None,
-    rank: list[str] | str | None = None,
-    residual: str = "keep",
-    solver: str = "auto",
-    svd_dtype: str = "float32",
-    dtype: str | None = None,
-    device: str = "auto",
-    gguf_file: str | None = None,
-    allow_pickle: bool = False,
-    overwrite: bool = False,
-    max_shard_size: str | int = "2GB",
-    batch_size: str | int = "auto",
-    oversample: int = 10,
-    power_iters: int = 2,
-    seed: int = 0,
-    progress: Callable[[Progress], None] | None = None,
-) -> ConvertReport:
+def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: ConvertOptions | None = None, *,
+            progress: Callable[[Progress], None] | None = None, **overrides) -> ConvertReport:
     """Factor every target weight of ``model_dir`` and write a factored checkpoint to ``out_dir``.
 
-    ``rank`` takes ``full`` (default), ``N``, ``energy:x``, ``ratio:x`` and ``pattern=policy``
-    overrides; see ``moorize convert --help`` for every option. Raises ``MoorizeError``
-    for bad input; the source is never modified and ``out_dir`` appears only when complete.
+    Options are the fields of ``ConvertOptions``, given as ``options=`` or as keywords
+    (``rank="energy:0.9", residual="drop"``); ``rank`` takes ``full`` (default), ``N``,
+    ``energy:x``, ``ratio:x`` and ``pattern=policy`` overrides. Raises ``MoorizeError`` for
+    bad input; the source is never modified and ``out_dir`` appears only when complete.
     """
     started = time.perf_counter()
+    opts = ConvertOptions.build(options, overrides)
     src, out = Path(model_dir), Path(out_dir)
-    if residual not in ("keep", "drop"):
-        raise MoorizeError(f"--residual must be keep or drop, got {residual!r}")
-    if svd_dtype not in SVD_DTYPES:
-        raise MoorizeError(f"--svd-dtype must be float32 or float64, got {svd_dtype!r}")
-    if dtype is not None and dtype not in STORE_DTYPES:
-        raise MoorizeError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
-    dev = resolve_device(device)
-    solver_name = resolve_solver(solver, dev)
+    dev = resolve_device(opts.device)
+    solver_name = resolve_solver(opts.solver, dev)
+    batch = DEFAULT_BATCH[dev.type] if opts.batch_size == "auto" else opts.batch_size
     job = _Job(
-        src, out, RankRules.parse(rank), targets,
-        SVDOptions(solver_name, SVD_DTYPES[svd_dtype], dev, residual, oversample, power_iters, seed),
-        STORE_DTYPES[dtype] if dtype else None, gguf_file, allow_pickle, parse_size(max_shard_size),
-        parse_size(DEFAULT_BATCH[dev.type] if batch_size == "auto" else batch_size), progress, started,
-        {"residual": residual, "solver": solver_name, "svd_dtype": svd_dtype, "dtype": dtype or "source",
-         "targets": targets or "default"})
+        src, out, RankRules.parse(opts.rank), opts.targets,
+        SVDOptions(solver_name, SVD_TORCH_DTYPES[opts.svd_dtype], dev, opts.residual, opts.oversample,
+                   opts.power_iters, opts.seed),
+        _STORE_TORCH_DTYPES[opts.dtype] if opts.dtype else None, opts.gguf_file, opts.allow_pickle,
+        parse_size(opts.max_shard_size), parse_size(batch), progress, started,
+        {"residual": opts.residual, "solver": solver_name, "svd_dtype": opts.svd_dtype, "dtype": opts.dtype or "source",
+         "targets": opts.targets or "default"})
     if not src.exists():
         raise MoorizeError(f"{src} does not exist")
-    check_out_dir(out, overwrite, protect=[src])
-    job.overwrite = overwrite
+    check_out_dir(out, opts.overwrite, protect=[src])
+    job.overwrite = opts.overwrite
     # rank 0 holds the lock on OUT_DIR for the whole run: a second convert to it is refused at once
     with (output_lock(out) if is_main_process() else contextlib.nullcontext()), _dist_context() as (rank_id, world, dist):
         if world > 1 and dev.type == "cuda" and dev.index is None:

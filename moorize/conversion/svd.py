@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MoorizeError
+from .options import SOLVERS
 from .targets import pattern_matches, validate_pattern
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("auto", "gram", "svd", "randomized")
-SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SVD_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # relative Frobenius error above which a full-rank, exact-by-construction result is
 # considered failed, per storage dtype (a few ulps of accumulated rounding)
 EXACT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
@@ -248,12 +248,6 @@ class SVDOptions:
     oversample: int = 10
     power_iters: int = 2
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, lo, hi in (("oversample", 0, 1 << 20), ("power_iters", 0, 1000), ("seed", 0, 2**63 - 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise MoorizeError(f"{name.replace('_', '-')} must be an integer in [{lo}, {hi}], got {value!r}")
 
 
 def check_solver_supports(solver: str, policies) -> None:
