@@ -178,7 +178,7 @@ def part_a(work: Path, args) -> None:
     U.note(f"Input: batch 1, {SEQ_LEN} tokens ({prompt_desc}). `torch.inference_mode()`, `model.eval()`, "
            f"`use_cache=False`, routed models called with `task_ids=[0]`; attention implementation: "
            f"{', '.join(sorted(set(attn.values())))}.  ")
-    mcfg = models["full"].moore_config
+    mcfg = models["full"].moore.config
     U.note(f"Routed models: `moorize.load(OUT, router=...)`, default hyper-parameters (k = {mcfg.householder} "
            f"Householder reflections, k_r = {mcfg.router_experts} router experts, task dim {mcfg.task_dim}), "
            f"freshly initialised (so they compute the original function). Timings: median of {args.repeat} "
@@ -246,7 +246,7 @@ def part_a(work: Path, args) -> None:
         mc = mac[key]
         kr_max = (goal * dense_total - mc["experts"] - mc["residual"] - other) / mc["router_per_kr"]
         what = "full rank" if key == "full" else "rank 64 + residual"
-        kr = models[key].moore_config.router_experts
+        kr = models[key].moore.config.router_experts
         ratio = (mc["experts"] + mc["router"] + mc["residual"] + other) / dense_total
         U.note(f"MAC-count bound, {what}, `task+sample`: the router costs k_r × "
                f"{mc['router_per_kr'] / 1e3:.1f} k multiply-adds per token, so a {goal}× MAC ratio allows "

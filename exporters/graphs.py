@@ -30,10 +30,6 @@ class Routed:
     tasks: list[str]
     labels: dict[str, list[str]] | None
 
-    @property
-    def moore_state(self):
-        return self.model.moore_state
-
 
 def load_routed(factored_dir, adapter=None) -> Routed:
     """The routed model of ``factored_dir`` (with ``adapter``'s routers and, for classifiers, heads)."""
@@ -54,7 +50,7 @@ def load_routed(factored_dir, adapter=None) -> Routed:
     if kind == "decoder" and heads is not None:
         raise MoorizeError("classification heads on a decoder are not exportable yet: export the encoder "
                            "classifier or a generative adapter")
-    return Routed(model, heads, kind, list(model.moore_config.tasks), labels)
+    return Routed(model, heads, kind, list(model.moore.config.tasks), labels)
 
 
 def kv_layout(config) -> dict:

@@ -104,9 +104,9 @@ def export_onnx(factored_dir, dest, adapter=None, *, with_past: bool = False, de
         model = _trace(graph, exported, tokenizer, holder, dtype, opset, tmp, fold_rotation=weights == "copy")
         log.info("traced (%.1f s)", time.perf_counter() - t0)
         report.moore_nodes = ops.attach_functions(model, opset)
-        if report.moore_nodes != len(routed.model.moore_layer_paths):
+        if report.moore_nodes != len(routed.model.moore.layer_paths):
             raise MoorizeError(f"internal: {report.moore_nodes} {ops.OP_NAME} nodes for "
-                               f"{len(routed.model.moore_layer_paths)} MoORE layers")
+                               f"{len(routed.model.moore.layer_paths)} MoORE layers")
         if decompose:
             model = _inline(model)
         refs = _reference_map(factored_dir, graph, exported) if weights == "reference" else {}
@@ -221,7 +221,7 @@ def _reference_map(factored_dir: Path, graph: ExportGraph, routed: Routed) -> di
     try:
         out = {}
         wrapper_prefix = "model."  # ExportGraph.model
-        layer_of = {path: name for name, path in model.moore_layer_paths.items()}
+        layer_of = {path: name for name, path in model.moore.layer_paths.items()}
         parts = {"U": "U", "Vh": "Vh", "vh": "Vh", "residual": "residual"}
         prefix = getattr(model, "base_model_prefix", "") or ""
         for key, _ in list(model.named_parameters()) + list(model.named_buffers()):
@@ -319,9 +319,9 @@ def export_metadata(routed: Routed, graph: ExportGraph, dtype: str, opset: int, 
     """moorize_export.json: everything a runtime needs besides the graph (docs/FORMAT.md)."""
     meta = _base_metadata(routed, graph, graph.input_names, dtype, opset, weights, factored_dir)
     meta.update({
-        "router": routed.model.moore_config.router,
+        "router": routed.model.moore.config.router,
         "op": None if decompose else {"domain": ops.OP_DOMAIN, "name": ops.OP_NAME, "version": ops.OP_VERSION},
-        "base_fingerprint": routed.model.moore_base_fingerprint,
+        "base_fingerprint": routed.model.moore.base_fingerprint,
         "adapter": str(adapter) if adapter is not None else None,
     })
     return meta
@@ -395,7 +395,6 @@ def export_dense_onnx(model_dir, dest, *, with_past: bool = False, opset: int = 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise MoorizeError(f"cannot load {model_dir} as a causal LM: {str(e).splitlines()[0]}") from None
-    model.moore_layer_paths = {}  # nothing for ops.export_layers to swap
     routed = Routed(model, None, "decoder", ["dense"], None)
     holder = ops.TaskIds()
     graph = ExportGraph(routed, with_past, holder)

@@ -116,7 +116,8 @@ def export_layers(model: nn.Module, holder: TaskIds, dtype: torch.dtype, fold_ro
                   use_op: bool = True):
     """Swap every MoORELinear of ``model`` for an ExportMoORELinear for the duration of the block."""
     originals = {}
-    for path in model.moore_layer_paths.values():
+    moore = getattr(model, "moore", None)  # a dense model (export_dense_onnx) has no MoORE layers
+    for path in (moore.layer_paths.values() if moore is not None else ()):
         layer = model.get_submodule(path)
         originals[path] = layer
         _set(model, path, ExportMoORELinear(layer, holder, dtype, fold_rotation, use_op))

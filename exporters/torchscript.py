@@ -44,7 +44,7 @@ def _meta(graph: ExportGraph, routed, backend: str) -> str:
     return json.dumps({"format": "moorize.export", "backend": backend, "kind": routed.kind,
                        "tasks": {t: i for i, t in enumerate(routed.tasks)}, "labels": routed.labels,
                        "inputs": graph.input_names, "outputs": graph.output_names, "with_past": graph.with_past,
-                       "base_fingerprint": routed.model.moore_base_fingerprint})
+                       "base_fingerprint": routed.model.moore.base_fingerprint})
 
 
 def _export(backend: str, factored_dir, dest, adapter, with_past: bool, validate_export: bool, atol, rtol, overwrite):

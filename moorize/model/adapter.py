@@ -40,7 +40,7 @@ def save_adapter(model, directory, *, heads=None, overwrite: bool = True, extra:
 
 def write_adapter_files(model, directory: Path, *, heads=None, extra: dict | None = None) -> None:
     """The two adapter files inside an existing directory; the config goes last, so it marks them complete."""
-    config: MoOREConfig = model.moore_config
+    config: MoOREConfig = model.moore.config
     params = dict(trainable_parameters(model))
     if heads is not None:
         params.update(heads.state_tensors())
@@ -48,16 +48,16 @@ def write_adapter_files(model, directory: Path, *, heads=None, extra: dict | Non
     meta = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_VERSION,
-        "base_fingerprint": model.moore_base_fingerprint,
-        **({"base_layout_fingerprint": model.moore_base_layout_fingerprint}
-           if getattr(model, "moore_base_layout_fingerprint", None) else {}),
-        **({"base_path": model.moore_base_path} if getattr(model, "moore_base_path", None) else {}),
+        "base_fingerprint": model.moore.base_fingerprint,
+        **({"base_layout_fingerprint": model.moore.base_layout_fingerprint}
+           if model.moore.base_layout_fingerprint else {}),
+        **({"base_path": model.moore.base_path} if model.moore.base_path else {}),
         "moore": config.to_dict(),
         "task_ids": {name: i for i, name in enumerate(config.tasks)},
-        "layers": sorted(model.moore_layer_paths),
+        "layers": sorted(model.moore.layer_paths),
         **({"heads": heads.describe()} if heads is not None else {}),
         **(extra or {}),
-        **({"base_layout": model.moore_base_layout} if getattr(model, "moore_base_layout", None) else {}),
+        **({"base_layout": model.moore.base_layout} if model.moore.base_layout else {}),
     }
     tmp = directory / f".{CONFIG_NAME}.tmp"
     tmp.write_text(_config_text(meta))

@@ -103,7 +103,7 @@ class MoOREClassifier(nn.Module):
 
     def task_ids_for(self, task_ids, batch: int, device) -> torch.Tensor:
         """Validated ids [batch] (names or ids; None: the model's default task)."""
-        state = self.model.moore_state
+        state = self.model.moore.routing
         if task_ids is None:
             return state.current(batch, device)
         ids = state.resolve(task_ids)
@@ -137,7 +137,7 @@ def load_classifier(directory, adapter, *, dtype: torch.dtype | None = None) -> 
     if "heads" not in meta:
         raise MoorizeError(f"adapter {adapter} has no classification heads (it was trained on prompt/response data)")
     _, tensors = read_adapter(adapter)
-    heads = TaskHeads.from_adapter(meta["heads"], tensors, model.moore_config.tasks)
+    heads = TaskHeads.from_adapter(meta["heads"], tensors, model.moore.config.tasks)
     if dtype is not None:
         heads.to(dtype)
     return MoOREClassifier(model, heads).eval()

@@ -304,9 +304,31 @@ class MoORELinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+@dataclass
+class MoOREState:
+    """Everything moorize adds to a transformers model, in one attribute: ``model.moore``.
+
+    The routing state is shared by every MoORE layer of the model; the base fields say which
+    factored checkpoint (source weights and layout) the layers came from, so adapters saved
+    from the model can be checked against the base they are loaded on.
+    """
+
+    config: MoOREConfig
+    routing: RoutingState
+    layer_paths: dict[str, str]  # layer name (as in moorize.json) -> module path in the model
+    base_fingerprint: str
+    base_layout_fingerprint: str | None = None
+    base_layout: dict | None = None
+    base_path: str | None = None
+
+    @property
+    def tasks(self) -> dict[str, int]:
+        return dict(self.routing.tasks)
+
+
 def moore_layers(model: nn.Module) -> dict[str, MoORELinear]:
     """Checkpoint layer name -> MoORELinear of a model returned by ``load``."""
-    return {name: model.get_submodule(path) for name, path in model.moore_layer_paths.items()}
+    return {name: model.get_submodule(path) for name, path in model.moore.layer_paths.items()}
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

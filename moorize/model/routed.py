@@ -30,7 +30,7 @@ from ..io.safetensors import ShardFile, ShardPart, finalize_shards, parse_size
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from .adapter import HEADS_PREFIX, read_adapter, write_adapter_files
 from .adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
-from .layer import MoOREConfig, MoORELinear, RoutingState, moore_layers, trainable_parameters
+from .layer import MoOREConfig, MoORELinear, MoOREState, RoutingState, moore_layers, trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -182,20 +182,16 @@ def _install_routing(model, state: RoutingState, config: MoOREConfig, ckpt: Fact
     # transformers' own save_pretrained would write the U/S/Vh buffers under names it does not know and
     # no dense weights: from_pretrained then builds the targets with random weights, silently
     model.save_pretrained = types.MethodType(save_pretrained, model)
-    model.moore_config = config
-    model.moore_state = state
-    model.moore_tasks = dict(state.tasks)
-    model.moore_base_fingerprint = ckpt.fingerprint
-    model.moore_base_layout_fingerprint = ckpt.layout_fingerprint
-    model.moore_base_layout = ckpt.factor_layout
-    model.moore_base_path = str(ckpt.directory.absolute())
-    model.moore_layer_paths = dict(placed)
+    model.moore = MoOREState(config, state, dict(placed), ckpt.fingerprint, ckpt.layout_fingerprint,
+                             ckpt.factor_layout, str(ckpt.directory.absolute()))
+    # earlier names, kept for users' code: the same objects, read from model.moore inside moorize
+    model.moore_config, model.moore_state, model.moore_tasks = config, state, model.moore.tasks
 
 
 @contextlib.contextmanager
 def use_task(model, task_ids):
     """Route every forward inside the block with ``task_ids`` (ids or names; batch-expanded as generate does)."""
-    state: RoutingState = model.moore_state
+    state: RoutingState = model.moore.routing
     previous = (state.sticky, state.task_ids)
     ids = state.resolve(task_ids)
     state.sticky, state.task_ids = ids, ids
@@ -226,16 +222,16 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
 def _write_dense(model, directory, task: str, dest, *, overwrite: bool, max_shard_size: int,
                  protect: list[Path] = ()) -> Path:
     """The dense checkpoint of one task of a routed model whose base is the factored ``directory``."""
-    config: MoOREConfig = model.moore_config
+    config: MoOREConfig = model.moore.config
     if config.uses_sample:
         raise MoorizeError(f"router mode {config.router!r} has a sample router: each token gets its own weights, "
                            "so no single dense matrix reproduces it; merge needs router mode 'task'")
-    task_id = model.moore_state.task_id(task)
+    task_id = model.moore.routing.task_id(task)
     dest = Path(dest)
     layers = moore_layers(model)
     with FactoredCheckpoint(directory) as ckpt, \
             atomic_output_dir(dest, overwrite, protect=[ckpt.directory, *protect]) as tmp:
-        if ckpt.layout_fingerprint != getattr(model, "moore_base_layout_fingerprint", ckpt.layout_fingerprint):
+        if ckpt.layout_fingerprint != (model.moore.base_layout_fingerprint or ckpt.layout_fingerprint):
             raise MoorizeError(f"the factored checkpoint {ckpt.directory} changed since this model was loaded "
                                "from it; load it again")
         passthrough = ckpt.passthrough_names()
@@ -283,7 +279,7 @@ _HARMLESS_KWARGS = {"max_shard_size", "safe_serialization", "token", "save_peft_
 
 def _guard_config(model) -> dict:
     return {"model_type": GUARD_MODEL_TYPE, "moorize_adapter": True,
-            "base_path": getattr(model, "moore_base_path", None),
+            "base_path": model.moore.base_path,
             "base_model_type": getattr(model.config, "model_type", None)}
 
 
@@ -330,7 +326,7 @@ def save_pretrained(self, save_directory, *, merge_task: str | None = None, over
     if not is_main_process:
         return None
     d = Path(save_directory)
-    base = Path(self.moore_base_path)
+    base = Path(self.moore.base_path)
     if merge_task is not None:
         return _write_dense(self, base, merge_task, d, overwrite=overwrite,
                             max_shard_size=parse_size(kwargs.get("max_shard_size") or 2 * 10**9))

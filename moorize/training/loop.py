@@ -369,8 +369,8 @@ def _run(factored_dir: Path, data: list[Path], eval_data: list[Path] | None, out
     trainable = _trainable(routed, heads)
     plan = _Plan(ds.train, opts, accelerator.num_processes)
     run_config = {"options": {k: v for k, v in asdict(opts).items() if k not in BOOKKEEPING},
-                  "base_fingerprint": routed.moore_base_fingerprint,
-                  "base_layout_fingerprint": routed.moore_base_layout_fingerprint,  # ranks, residual, dtypes
+                  "base_fingerprint": routed.moore.base_fingerprint,
+                  "base_layout_fingerprint": routed.moore.base_layout_fingerprint,  # ranks, residual, dtypes
                   "data_sha256": file_digests(data), "eval_data_sha256": file_digests(eval_data or []),
                   "tasks": ds.table.tasks, "kind": ds.kind, "train_examples": len(ds.train),
                   "total_steps": plan.total}
