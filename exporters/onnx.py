@@ -27,10 +27,9 @@ from ..io.hf import copy_aux_files
 from ..io.outdir import atomic_output_dir
 from ..io.safetensors import SafetensorsFile
 from ..io.sources import check_safetensors_weights
-from ..version import __version__
 from . import ops
 from .graphs import ExportGraph, Routed, kv_layout, load_routed, sample_inputs, tokenizer_or_none
-from .ort import EXPORT_FORMAT, EXPORT_VERSION, META_FILE
+from .metadata import META_FILE, common_metadata
 from .validate import Validation, check_tolerances, default_atol, validate
 
 log = logging.getLogger(__name__)
@@ -330,23 +329,9 @@ def export_metadata(routed: Routed, graph: ExportGraph, dtype: str, opset: int, 
 def _base_metadata(routed: Routed, graph: ExportGraph, inputs: list[str], dtype: str, opset: int, weights: str,
                    source: Path) -> dict:
     """The fields of moorize_export.json that routed and dense exports share."""
-    meta = {
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_VERSION,
-        "moorize_version": __version__,
-        "kind": routed.kind,
-        "model_type": routed.model.config.model_type,
-        "graph": GRAPH_FILE,
-        "tasks": {t: i for i, t in enumerate(routed.tasks)},
-        "labels": routed.labels,
-        "inputs": inputs,
-        "outputs": graph.output_names,
-        "with_past": graph.with_past,
-        "dtype": dtype,
-        "opset": opset,
-        "weights": weights,
-        "source": str(source),
-    }
+    meta = common_metadata("onnx", routed.kind, routed.model.config.model_type, routed.tasks, routed.labels, inputs,
+                           graph.output_names, graph.with_past)
+    meta.update({"graph": GRAPH_FILE, "dtype": dtype, "opset": opset, "weights": weights, "source": str(source)})
     if routed.kind == "decoder":
         meta.update(decoder_meta(routed.model))
     return meta

@@ -20,12 +20,10 @@ import numpy as np
 
 from ..errors import MoorizeError
 from ..io.jsonfiles import read_versioned_json
+from .metadata import EXPORT_FORMAT, EXPORT_VERSION, META_FILE
 
 log = logging.getLogger(__name__)
 
-META_FILE = "moorize_export.json"
-EXPORT_FORMAT = "moorize.export"
-EXPORT_VERSION = 1
 
 
 def default_providers() -> list[str]:

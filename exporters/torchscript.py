@@ -22,6 +22,7 @@ from ..errors import MoorizeError
 from ..io.outdir import atomic_output_file
 from . import ops
 from .graphs import ExportGraph, load_routed, sample_inputs, tokenizer_or_none
+from .metadata import META_FILE, common_metadata
 from .validate import Validation, check_tolerances, default_atol, validate
 
 TORCHSCRIPT_NOTE = ("TorchScript (torch.jit) is deprecated upstream: prefer --pt2 (torch.export), "
@@ -41,10 +42,9 @@ class FileExportReport:
 
 
 def _meta(graph: ExportGraph, routed, backend: str) -> str:
-    return json.dumps({"format": "moorize.export", "backend": backend, "kind": routed.kind,
-                       "tasks": {t: i for i, t in enumerate(routed.tasks)}, "labels": routed.labels,
-                       "inputs": graph.input_names, "outputs": graph.output_names, "with_past": graph.with_past,
-                       "base_fingerprint": routed.model.moore.base_fingerprint})
+    meta = common_metadata(backend, routed.kind, routed.model.config.model_type, routed.tasks, routed.labels,
+                           graph.input_names, graph.output_names, graph.with_past)
+    return json.dumps({**meta, "base_fingerprint": routed.model.moore.base_fingerprint})
 
 
 def _export(backend: str, factored_dir, dest, adapter, with_past: bool, validate_export: bool, atol, rtol, overwrite):
@@ -64,10 +64,10 @@ def _export(backend: str, factored_dir, dest, adapter, with_past: bool, validate
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # tracer warnings about Python values in HF code
                     traced = torch.jit.trace(graph, args, check_trace=False, strict=False)
-                torch.jit.save(traced, str(tmp), _extra_files={"moorize_export.json": meta})
+                torch.jit.save(traced, str(tmp), _extra_files={META_FILE: meta})
             else:
                 program = torch.export.export(graph, args, dynamic_shapes=graph.dynamic_shapes())
-                torch.export.save(program, str(tmp), extra_files={"moorize_export.json": meta})
+                torch.export.save(program, str(tmp), extra_files={META_FILE: meta})
         if validate_export:
             loaded = load_file(tmp, backend, with_past)
             report.validation = validate(graph, routed, tokenizer, _runner(loaded), backend_title(backend),

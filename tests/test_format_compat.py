@@ -65,3 +65,21 @@ def test_old_adapter_reexports_to_the_same_tokens(fixtures, tmp_path):
     ids = np.array(EXPECTED["ids"], dtype=np.int64)
     for task, want in EXPECTED["greedy"].items():
         assert model.generate_ids(ids, task=task, max_new_tokens=6)[0].tolist() == want
+
+
+def test_every_backend_records_format_and_version(fixtures, tmp_path):
+    """ONNX and .pt2 exports carry the same common metadata (exporters/metadata.py), format version included."""
+    from moorize.exporters.onnx import export_onnx
+    from moorize.exporters.torchscript import export_pt2
+
+    export_onnx(fixtures / "factored", tmp_path / "onnx", fixtures / "adapter", validate_export=False)
+    onnx_meta = json.loads((tmp_path / "onnx" / "moorize_export.json").read_text())
+    export_pt2(fixtures / "factored", tmp_path / "m.pt2", fixtures / "adapter", validate_export=False)
+    extra = {"moorize_export.json": ""}
+    torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra)
+    pt2_meta = json.loads(extra["moorize_export.json"])
+    common = ("format", "format_version", "moorize_version", "kind", "model_type", "tasks", "labels", "inputs",
+              "outputs", "with_past")
+    assert {k: onnx_meta[k] for k in common} == {k: pt2_meta[k] for k in common}
+    assert (onnx_meta["format"], onnx_meta["format_version"]) == ("moorize.export", 1)
+    assert (onnx_meta["backend"], pt2_meta["backend"]) == ("onnx", "pt2")
