@@ -359,123 +359,155 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
 
 def _run(factored_dir: Path, data: list[Path], eval_data: list[Path] | None, output: Path, run: Path,
          resume_from: Path | None, overwrite: bool, opts: TrainOptions, callbacks, progress) -> TrainReport:
-    accelerator = _accelerator(opts)
-    from accelerate.utils import set_seed
-
-    set_seed(opts.seed)
-    tokenizer, pad_id = _tokenizer(factored_dir)
-    ds = _load_data(data, eval_data, tokenizer, opts)
-    module, routed, heads = _build_model(factored_dir, ds.table, ds.kind, opts)
-    trainable = _trainable(routed, heads)
-    plan = _Plan(ds.train, opts, accelerator.num_processes)
-    run_config = {"options": {k: v for k, v in asdict(opts).items() if k not in BOOKKEEPING},
-                  "base_fingerprint": routed.moore.base_fingerprint,
-                  "base_layout_fingerprint": routed.moore.base_layout_fingerprint,  # ranks, residual, dtypes
-                  "data_sha256": file_digests(data), "eval_data_sha256": file_digests(eval_data or []),
-                  "tasks": ds.table.tasks, "kind": ds.kind, "train_examples": len(ds.train),
-                  "total_steps": plan.total}
-
-    optimizer = torch.optim.AdamW(param_groups(trainable, opts), lr=opts.lr, weight_decay=opts.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opts, plan.total))
-    module, optimizer = accelerator.prepare(module, optimizer)  # the scheduler is stepped by hand, once a step
-    device = accelerator.device
-
-    start = 0
-    if resume_from is not None:
-        saved = _read_json(run / CONFIG_NAME)
-        if saved != run_config:
-            changed = sorted({k for k in run_config if k != "options" and saved.get(k) != run_config[k]}
-                             | {k for k, v in run_config["options"].items()
-                                if saved.get("options", {}).get(k) != v})
-            names = [{"data_sha256": "data contents", "eval_data_sha256": "eval data contents",
-                      "base_layout_fingerprint": "factored base (ranks, residual or dtypes)"}.get(k, k)
-                     for k in changed]
-            raise MoorizeError(f"cannot resume: the run was started with different {', '.join(names)}")
-        start = _load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator.process_index)["step"]
-        log.info("resuming from %s (step %d)", resume_from, start)
-    elif accelerator.is_main_process:
-        run.mkdir()
-        (run / CONFIG_NAME).write_text(json.dumps(run_config, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-
-    metrics = _MetricsLog(run, accelerator.is_main_process, opts.tensorboard, callbacks,
-                          keep_until=start if resume_from is not None else None)
-    show = accelerator.is_main_process and (progress if progress is not None else sys.stderr.isatty())
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=plan.total, initial=start, disable=not show, desc="train", unit="step")
-    world = accelerator.num_processes
-    t0, tokens, window, last_eval = time.perf_counter(), 0, [], None
-    module.train()
-
-    def run_eval(step: int) -> None:
-        nonlocal last_eval
-        if not ds.eval:
-            return
-        last_eval = evaluate(module, ds.eval, ds.table, ds.kind, opts.batch_size * 2, pad_id, device, accelerator)
-        metrics.write({"kind": "eval", "step": step, "eval": last_eval})
-
+    """The run, top to bottom: set up, start (or resume), step, log / evaluate / save, finish."""
+    r = _Run(factored_dir, data, eval_data, output, run, opts)
+    start = r.begin(resume_from, callbacks, progress)
     try:
-        for step in range(start, plan.total):
-            micro, denom = plan.step(step, accelerator.process_index)
-            step_loss = torch.zeros((), device=device, dtype=torch.float64)
-            for i, idx in enumerate(micro):
-                batch = {k: v.to(device) for k, v in collate([ds.train[j] for j in idx], pad_id).items()}
-                tokens += int(batch["attention_mask"].sum())
-                sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(module)
-                with sync:
-                    loss_rows, _, _ = _forward(module, batch, ds.kind)
-                    loss = loss_rows.sum() / denom
-                    accelerator.backward(loss * world)  # DDP averages over ranks; the step's mean is a sum
-                step_loss += loss.detach().double()
-            grad_norm = (accelerator.clip_grad_norm_(list(trainable.values()), opts.max_grad_norm)
-                         if opts.max_grad_norm > 0 else None)
-            if world > 1:
-                step_loss = accelerator.reduce(step_loss, "sum")
-            done = step + 1
-            _check_finite(done, output, step_loss, grad_norm)  # before the step: a NaN never reaches the weights
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window.append(float(step_loss))
-            bar.update(1)
-            if done % opts.log_every == 0 or done == plan.total:
-                elapsed = time.perf_counter() - t0
-                record = {"kind": "train", "step": done, "epoch": round(plan.epoch_of(done), 4),
-                          "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens * world / elapsed, "elapsed_s": round(elapsed, 3)}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window = []
-            if opts.eval_every and done % opts.eval_every == 0 and done != plan.total:
-                run_eval(done)
-            if opts.save_every and done % opts.save_every == 0 and done != plan.total:
-                _check_finite_parameters(trainable, done, output)
-                _save_checkpoint(run, done, trainable, optimizer, scheduler, accelerator, opts.keep_checkpoints,
-                                 {"epoch": plan.epoch_of(done)})
-        run_eval(plan.total)
+        for step in range(start, r.plan.total):
+            loss, grad_norm = r.step(step)
+            r.after_step(step + 1, loss, grad_norm)
+        r.evaluate(r.plan.total)
     finally:
-        bar.close()
-        metrics.close()
+        r.close()
+    return r.finish(overwrite, resumed_from=start if resume_from is not None else None)
 
-    seconds = time.perf_counter() - t0
-    _check_finite_parameters(trainable, plan.total, output)
-    if accelerator.is_main_process:
-        write_adapter_files(routed, run, heads=heads,
-                            extra={"training": {"options": asdict(opts), "steps": plan.total,
-                                                "kind": ds.kind, "final_eval": last_eval}})
-        if not opts.keep_checkpoints_at_end:
-            shutil.rmtree(run / "checkpoints", ignore_errors=True)
-        publish(run, output, overwrite)
-    accelerator.wait_for_everyone()
-    train_records = [r for r in metrics.history if r["kind"] == "train"]
-    return TrainReport(adapter=output, steps=plan.total, tasks=ds.table.tasks, kind=ds.kind,
-                       train_loss=train_records[-1]["loss"] if train_records else None, eval=last_eval or {},
-                       history=metrics.history, seconds=seconds,
-                       tokens_per_s=tokens * world / seconds if seconds else 0.0,
-                       resumed_from=start if resume_from is not None else None)
+
+class _Run:
+    """One training run's state: what it trains, on what, and how far it has come."""
+
+    def __init__(self, factored_dir: Path, data: list[Path], eval_data: list[Path] | None, output: Path,
+                 run: Path, opts: TrainOptions):
+        from accelerate.utils import set_seed
+
+        self.opts, self.output, self.run_dir = opts, output, run
+        self.accelerator = _accelerator(opts)
+        set_seed(opts.seed)
+        tokenizer, self.pad_id = _tokenizer(factored_dir)
+        self.ds = _load_data(data, eval_data, tokenizer, opts)
+        self.module, self.routed, self.heads = _build_model(factored_dir, self.ds.table, self.ds.kind, opts)
+        self.trainable = _trainable(self.routed, self.heads)
+        self.plan = _Plan(self.ds.train, opts, self.accelerator.num_processes)
+        self.config = {"options": {k: v for k, v in asdict(opts).items() if k not in BOOKKEEPING},
+                       "base_fingerprint": self.routed.moore.base_fingerprint,
+                       "base_layout_fingerprint": self.routed.moore.base_layout_fingerprint,  # ranks, residual, dtypes
+                       "data_sha256": file_digests(data), "eval_data_sha256": file_digests(eval_data or []),
+                       "tasks": self.ds.table.tasks, "kind": self.ds.kind, "train_examples": len(self.ds.train),
+                       "total_steps": self.plan.total}
+        optimizer = torch.optim.AdamW(param_groups(self.trainable, opts), lr=opts.lr, weight_decay=opts.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opts, self.plan.total))
+        # the scheduler is stepped by hand, once a step
+        self.module, self.optimizer = self.accelerator.prepare(self.module, optimizer)
+        self.device, self.world = self.accelerator.device, self.accelerator.num_processes
+        self.tokens, self.window, self.last_eval = 0, [], None
+
+    def begin(self, resume_from: Path | None, callbacks, progress) -> int:
+        """Write the run's config, or check it and load the checkpoint to resume; the first step to run."""
+        acc, start = self.accelerator, 0
+        if resume_from is not None:
+            self._check_resumable(_read_json(self.run_dir / CONFIG_NAME))
+            start = _load_checkpoint(resume_from, self.trainable, self.optimizer, self.scheduler,
+                                     acc.process_index)["step"]
+            log.info("resuming from %s (step %d)", resume_from, start)
+        elif acc.is_main_process:
+            self.run_dir.mkdir()
+            (self.run_dir / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+        acc.wait_for_everyone()
+        self.metrics = _MetricsLog(self.run_dir, acc.is_main_process, self.opts.tensorboard, callbacks,
+                                   keep_until=start if resume_from is not None else None)
+        show = acc.is_main_process and (progress if progress is not None else sys.stderr.isatty())
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.plan.total, initial=start, disable=not show, desc="train", unit="step")
+        self.t0 = time.perf_counter()
+        self.module.train()
+        return start
+
+    def _check_resumable(self, saved: dict) -> None:
+        if saved == self.config:
+            return
+        changed = sorted({k for k in self.config if k != "options" and saved.get(k) != self.config[k]}
+                         | {k for k, v in self.config["options"].items() if saved.get("options", {}).get(k) != v})
+        names = [{"data_sha256": "data contents", "eval_data_sha256": "eval data contents",
+                  "base_layout_fingerprint": "factored base (ranks, residual or dtypes)"}.get(k, k) for k in changed]
+        raise MoorizeError(f"cannot resume: the run was started with different {', '.join(names)}")
+
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward over this rank's micro-batches, clip, check, and take the optimizer step."""
+        acc, module = self.accelerator, self.module
+        micro, denom = self.plan.step(step, acc.process_index)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, idx in enumerate(micro):
+            batch = {k: v.to(self.device) for k, v in collate([self.ds.train[j] for j in idx], self.pad_id).items()}
+            self.tokens += int(batch["attention_mask"].sum())
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(module)
+            with sync:
+                loss_rows, _, _ = _forward(module, batch, self.ds.kind)
+                loss = loss_rows.sum() / denom
+                acc.backward(loss * self.world)  # DDP averages over ranks; the step's mean is a sum
+            loss_sum += loss.detach().double()
+        grad_norm = (acc.clip_grad_norm_(list(self.trainable.values()), self.opts.max_grad_norm)
+                     if self.opts.max_grad_norm > 0 else None)
+        if self.world > 1:
+            loss_sum = acc.reduce(loss_sum, "sum")
+        _check_finite(step + 1, self.output, loss_sum, grad_norm)  # before the step: a NaN never reaches the weights
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
+
+    def after_step(self, done: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """Log every ``log_every`` steps, evaluate every ``eval_every``, checkpoint every ``save_every``."""
+        opts, total = self.opts, self.plan.total
+        self.window.append(float(loss))
+        self.bar.update(1)
+        if done % opts.log_every == 0 or done == total:
+            elapsed = time.perf_counter() - self.t0
+            record = {"kind": "train", "step": done, "epoch": round(self.plan.epoch_of(done), 4),
+                      "loss": sum(self.window) / len(self.window), "lr": self.scheduler.get_last_lr()[0],
+                      "tokens_per_s": self.tokens * self.world / elapsed, "elapsed_s": round(elapsed, 3)}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            self.metrics.write(record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self.window = []
+        if opts.eval_every and done % opts.eval_every == 0 and done != total:
+            self.evaluate(done)
+        if opts.save_every and done % opts.save_every == 0 and done != total:
+            _check_finite_parameters(self.trainable, done, self.output)
+            _save_checkpoint(self.run_dir, done, self.trainable, self.optimizer, self.scheduler, self.accelerator,
+                             opts.keep_checkpoints, {"epoch": self.plan.epoch_of(done)})
+
+    def evaluate(self, step: int) -> None:
+        if not self.ds.eval:
+            return
+        self.last_eval = evaluate(self.module, self.ds.eval, self.ds.table, self.ds.kind, self.opts.batch_size * 2,
+                                  self.pad_id, self.device, self.accelerator)
+        self.metrics.write({"kind": "eval", "step": step, "eval": self.last_eval})
+
+    def close(self) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.bar.close()
+        self.metrics.close()
+
+    def finish(self, overwrite: bool, resumed_from: int | None) -> TrainReport:
+        """Check what was trained, write the adapter into the run directory and publish it as the output."""
+        opts, total = self.opts, self.plan.total
+        _check_finite_parameters(self.trainable, total, self.output)
+        if self.accelerator.is_main_process:
+            write_adapter_files(self.routed, self.run_dir, heads=self.heads,
+                                extra={"training": {"options": asdict(opts), "steps": total, "kind": self.ds.kind,
+                                                    "final_eval": self.last_eval}})
+            if not opts.keep_checkpoints_at_end:
+                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+            publish(self.run_dir, self.output, overwrite)
+        self.accelerator.wait_for_everyone()
+        history = self.metrics.history
+        train_records = [r for r in history if r["kind"] == "train"]
+        return TrainReport(adapter=self.output, steps=total, tasks=self.ds.table.tasks, kind=self.ds.kind,
+                           train_loss=train_records[-1]["loss"] if train_records else None,
+                           eval=self.last_eval or {}, history=history, seconds=self.seconds,
+                           tokens_per_s=self.tokens * self.world / self.seconds if self.seconds else 0.0,
+                           resumed_from=resumed_from)
 
 
 def param_groups(trainable: dict[str, torch.nn.Parameter], opts: TrainOptions) -> list[dict]:
