@@ -117,6 +117,8 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("code", [
     "import moorize.cli; moorize.cli.cli(['--help'], standalone_mode=False)",
     "import moorize.cli; moorize.cli.cli(['inspect', '--help'], standalone_mode=False)",
+    "import moorize.cli; moorize.cli.cli(['train', '--help'], standalone_mode=False)",
+    "import moorize.cli; moorize.cli.cli(['convert', '--help'], standalone_mode=False)",
     "import moorize.exporters.ort",
     "import moorize; moorize.MoorizeError",
     # inspect reads moorize.json only: a real factored checkpoint, summarised without torch

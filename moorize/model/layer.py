@@ -22,49 +22,13 @@ formulation is kept as ``forward_reference``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import MoorizeError
-
-ROUTER_MODES = ("task", "sample", "task+sample")
-
-
-@dataclass
-class MoOREConfig:
-    """Hyper-parameters of every MoORE layer of a model (saved with adapters)."""
-
-    router: str = "task+sample"
-    tasks: list[str] = field(default_factory=lambda: ["default"])
-    task_dim: int = 64  # size of the task embedding e_t
-    router_experts: int = 128  # k_r, rows of C
-    householder: int = 8  # k reflections (even: they start as identical pairs)
-    train_sigma: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.router not in ROUTER_MODES:
-            raise MoorizeError(f"unknown router mode {self.router!r}: use one of {', '.join(ROUTER_MODES)}")
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise MoorizeError(f"tasks must be a non-empty list of distinct names, got {self.tasks!r}")
-        if self.householder < 0 or self.householder % 2:
-            raise MoorizeError(f"householder must be an even number >= 0 (pairs start as H = I), got {self.householder}")
-        for name in ("task_dim", "router_experts"):
-            if getattr(self, name) < 1:
-                raise MoorizeError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @property
-    def uses_task(self) -> bool:
-        return "task" in self.router
-
-    @property
-    def uses_sample(self) -> bool:
-        return "sample" in self.router
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .config import ROUTER_MODES, MoOREConfig  # noqa: F401  (re-exported: where the layer's config lives)
 
 
 class RoutingState:

@@ -50,28 +50,29 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
-def load(directory, adapter=None, *, router: str = "task+sample", tasks: list[str] | None = None,
-         dtype: torch.dtype | None = None, householder: int = 8, task_dim: int = 64, router_experts: int = 128,
-         train_sigma: bool = False, seed: int = 0):
+def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: torch.dtype | None = None,
+         **overrides):
     """The transformers model of a factored checkpoint with every target replaced by a MoORELinear.
 
     Without ``adapter`` the MoORE parameters are freshly initialised (the model computes
-    exactly the original); with it, the router mode, tasks, hyper-parameters and trained
+    exactly the original) from ``config`` and keyword overrides of its fields (``router``,
+    ``tasks``, ``task_dim``, ``router_experts``, ``householder``, ``train_sigma``, ``seed``); with it, the router mode, tasks, hyper-parameters and trained
     weights come from the adapter directory, which must belong to this base checkpoint: the same
     source, converted with the same ranks, residuals and factor dtypes (adapters record both).
 
     The model's ``save_pretrained(d)`` (and so ``push_to_hub``) writes the adapter, not a dense
     checkpoint: see ``save_pretrained`` in this module.
     """
+    if isinstance(adapter, MoOREConfig):  # load(base, config): the config given in the adapter's place
+        config, adapter = adapter, None
     _refuse_adapter_as_base(Path(directory))
     ckpt = FactoredCheckpoint(directory)
     adapter_state = None
-    if adapter is not None:
+    if adapter is not None:  # the adapter says how its layers were built; only typos are refused here
+        MoOREConfig.build(None, {k: v for k, v in overrides.items() if k != "tasks"})
         config, adapter_state = read_adapter(adapter, base=ckpt)
     else:
-        config = MoOREConfig(router=router, tasks=list(tasks or ["default"]), task_dim=task_dim,
-                             router_experts=router_experts, householder=householder, train_sigma=train_sigma,
-                             seed=seed)
+        config = MoOREConfig.build(config, overrides)
     model = _meta_model(ckpt.directory)
     prefix = getattr(model, "base_model_prefix", "") or ""
     state = RoutingState(config.tasks)

@@ -173,9 +173,7 @@ def _build_model(factored_dir: Path, table: TaskTable, kind: str, opts: TrainOpt
     """(module to train, routed model, task heads or None)."""
     from ..model.routed import load, prepare_for_training
 
-    model = load(factored_dir, router=opts.router, tasks=table.tasks, householder=opts.householder,
-                 task_dim=opts.task_dim, router_experts=opts.router_experts, train_sigma=opts.train_sigma,
-                 seed=opts.seed)
+    model = load(factored_dir, config=opts.moore_config(table.tasks))
     prepare_for_training(model)
     if kind == "causal":
         if not hasattr(model, "generate") or getattr(model, "get_output_embeddings", lambda: None)() is None:

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 
 from ..errors import MoorizeError
+from ..model.config import DEFAULTS as MOORE_DEFAULTS
+from ..model.config import MoOREConfig
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +26,12 @@ BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "keep_checkpoints
 class TrainOptions:
     """Every knob of a run (saved as train_config.json and checked on resume)."""
 
-    # MoORE layers
-    router: str = "task+sample"
-    householder: int = 8
-    task_dim: int = 64
-    router_experts: int = 128
-    train_sigma: bool = False
+    # MoORE layers (defaults: MoOREConfig's, the one place they are written)
+    router: str = MOORE_DEFAULTS.router
+    householder: int = MOORE_DEFAULTS.householder
+    task_dim: int = MOORE_DEFAULTS.task_dim
+    router_experts: int = MOORE_DEFAULTS.router_experts
+    train_sigma: bool = MOORE_DEFAULTS.train_sigma
     pooling: str | None = None  # classification: mean/cls/last (default by architecture)
     # optimisation
     lr: float = 1e-3
@@ -74,6 +76,12 @@ class TrainOptions:
             _check_number(name, value, kind, lo, hi, lo_open)
         if self.max_steps is None and not self.epochs > 0:
             raise MoorizeError(f"epochs must be positive, got {self.epochs}")
+
+    def moore_config(self, tasks: list[str]) -> MoOREConfig:
+        """The MoORE layers this run trains: its options, its tasks, and its seed."""
+        return MoOREConfig(router=self.router, tasks=list(tasks), task_dim=self.task_dim,
+                           router_experts=self.router_experts, householder=self.householder,
+                           train_sigma=self.train_sigma, seed=self.seed)
 
 
 # option -> (type, lowest, highest, lowest excluded); None: unbounded

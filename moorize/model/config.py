@@ -1,0 +1,61 @@
+"""``MoOREConfig``: the hyper-parameters of every MoORE layer of a model, saved with adapters.
+
+Its defaults are the defaults everywhere (``moorize.load``, ``TrainOptions``, ``moorize train``):
+no torch import, so the CLI can read them at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from ..errors import MoorizeError
+
+ROUTER_MODES = ("task", "sample", "task+sample")
+
+
+@dataclass
+class MoOREConfig:
+    """Hyper-parameters of every MoORE layer of a model (saved with adapters)."""
+
+    router: str = "task+sample"
+    tasks: list[str] = field(default_factory=lambda: ["default"])
+    task_dim: int = 64  # size of the task embedding e_t
+    router_experts: int = 128  # k_r, rows of C
+    householder: int = 8  # k reflections (even: they start as identical pairs)
+    train_sigma: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTER_MODES:
+            raise MoorizeError(f"unknown router mode {self.router!r}: use one of {', '.join(ROUTER_MODES)}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise MoorizeError(f"tasks must be a non-empty list of distinct names, got {self.tasks!r}")
+        if self.householder < 0 or self.householder % 2:
+            raise MoorizeError(f"householder must be an even number >= 0 (pairs start as H = I), got {self.householder}")
+        for name in ("task_dim", "router_experts"):
+            if getattr(self, name) < 1:
+                raise MoorizeError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def uses_task(self) -> bool:
+        return "task" in self.router
+
+    @property
+    def uses_sample(self) -> bool:
+        return "sample" in self.router
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def build(cls, config: MoOREConfig | None, overrides: dict) -> MoOREConfig:
+        """``config`` (or the defaults) with keyword ``overrides`` (``tasks=None`` means the default task)."""
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise MoorizeError(f"unknown MoORE option(s): {', '.join(sorted(unknown))}")
+        values = {**asdict(config or cls()), **overrides}
+        values["tasks"] = list(values["tasks"] or ["default"])
+        return cls(**values)
+
+
+DEFAULTS = MoOREConfig()
