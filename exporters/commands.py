@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from ..errors import MoorizeError
+from .options import DEFAULTS, DTYPES, MIN_OPSET, WEIGHTS, ExportOptions
 
 PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
 
@@ -34,12 +35,13 @@ PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong 
               help="Decoders: KV-cache inputs (past_key_values.*) and outputs (present.*), one token per step.")
 @click.option("--decompose", is_flag=True,
               help="ONNX: standard ops only instead of one ai.moorize::MoORELinear node per layer.")
-@click.option("--weights", type=click.Choice(["copy", "reference"]), default="copy", show_default=True,
+@click.option("--weights", type=click.Choice(WEIGHTS), default=DEFAULTS.weights, show_default=True,
               help="ONNX: copy the weights to model.onnx_data, or reference the factored shards (hard-linked "
                    "into DEST, no bytes copied; DEST must be on the same filesystem).")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULTS.dtype, show_default=True,
               help="ONNX: float16 for GPU deployment.")
-@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18 or newer).")
+@click.option("--opset", type=int, default=DEFAULTS.opset, show_default=True,
+              help=f"ONNX opset ({MIN_OPSET} or newer).")
 @click.option("--no-validate", is_flag=True, help="Skip the check against PyTorch after the export.")
 @click.option("--atol", type=float, default=None,
               help="Validation: each output's max |difference| from PyTorch must stay within atol + rtol * "
@@ -64,15 +66,14 @@ def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, with_past,
     targets = [d for d in (onnx_dest, ts_dest, pt2_dest) if d is not None]
     if not targets:
         raise MoorizeError("nothing to export: pass --onnx DEST, --torchscript DEST.pt or --pt2 DEST.pt2")
-    if (ts_dest or pt2_dest) and (decompose or weights != "copy" or dtype != "float32"):
-        raise MoorizeError("--decompose, --weights and --dtype apply to --onnx only")
-    validate_export = not no_validate
+    opts = ExportOptions(with_past=with_past, decompose=decompose, weights=weights, dtype=dtype, opset=opset,
+                         validate_export=not no_validate, atol=atol, rtol=rtol, overwrite=overwrite)
+    if ts_dest or pt2_dest:  # before any export runs
+        opts.check_file_backend()
     if onnx_dest is not None:
         from .onnx import export_onnx
 
-        report = export_onnx(factored_dir, onnx_dest, adapter, with_past=with_past, decompose=decompose,
-                             weights=weights, dtype=dtype, opset=opset, validate_export=validate_export,
-                             atol=atol, rtol=rtol, overwrite=overwrite)
+        report = export_onnx(factored_dir, onnx_dest, adapter, opts)
         op = "standard ops only" if decompose else f"{report.moore_nodes} ai.moorize::MoORELinear nodes"
         click.echo(f"wrote {report.dest}: {report.kind}, tasks {', '.join(report.tasks)}, opset {opset}, {op}, "
                    f"{dtype}{', with past' if with_past else ''} ({report.seconds:.1f} s)")
@@ -87,8 +88,7 @@ def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, with_past,
         if backend == "torchscript":
             click.echo(f"note: {TORCHSCRIPT_NOTE}", err=True)
         fn = export_torchscript if backend == "torchscript" else export_pt2
-        rep = fn(factored_dir, dest, adapter, with_past=with_past, validate_export=validate_export, atol=atol,
-                 rtol=rtol, overwrite=overwrite)
+        rep = fn(factored_dir, dest, adapter, opts)
         click.echo(f"wrote {rep.dest}: {backend}, {rep.kind}, tasks {', '.join(rep.tasks)}, {_mb(rep.bytes)} "
                    f"({rep.seconds:.1f} s)")
         _echo_validation(rep.validation)

@@ -30,15 +30,13 @@ from ..io.sources import check_safetensors_weights
 from . import ops
 from .graphs import ExportGraph, Routed, kv_layout, load_routed, sample_inputs, tokenizer_or_none
 from .metadata import META_FILE, common_metadata
-from .validate import Validation, check_tolerances, default_atol, validate
+from .options import DEFAULT_OPSET, MIN_OPSET, ExportOptions
+from .validate import Validation, default_atol, validate
 
 log = logging.getLogger(__name__)
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
-DEFAULT_OPSET = 20
-DTYPES = ("float32", "float16")
-WEIGHTS = ("copy", "reference")
 INLINE_BYTES = 1024  # smaller initializers stay inside the graph file
 ALIGN = 64
 
@@ -62,28 +60,28 @@ class ExportReport:
     files: list[str] = field(default_factory=list)
 
 
-def check_options(weights: str, dtype: str, opset: int) -> None:
+def check_opset(opset: int) -> None:
+    """The opset against this onnx (the options checked everything else already)."""
     import onnx
 
-    if weights not in WEIGHTS:
-        raise MoorizeError(f"unknown --weights {weights!r}: use copy or reference")
-    if dtype not in DTYPES:
-        raise MoorizeError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if opset < ops.MIN_OPSET:
+    if opset < MIN_OPSET:
         raise MoorizeError(f"opset {opset} is too old for the {ops.OP_DOMAIN}::{ops.OP_NAME} op and the exporter: "
-                           f"use --opset {ops.MIN_OPSET} or newer (default {DEFAULT_OPSET})")
+                           f"use --opset {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
     if opset > onnx.defs.onnx_opset_version():
         raise MoorizeError(f"opset {opset} is newer than this onnx ({onnx.__version__}) knows: "
                            f"use at most {onnx.defs.onnx_opset_version()}")
 
 
-def export_onnx(factored_dir, dest, adapter=None, *, with_past: bool = False, decompose: bool = False,
-                weights: str = "copy", dtype: str = "float32", opset: int = DEFAULT_OPSET, validate_export: bool = True,
-                atol: float | None = None, rtol: float | None = None, overwrite: bool = False) -> ExportReport:
-    """Export the routed model of ``factored_dir`` (+ ``adapter``) to the directory ``dest``."""
+def export_onnx(factored_dir, dest, adapter=None, options: ExportOptions | None = None, **overrides) -> ExportReport:
+    """Export the routed model of ``factored_dir`` (+ ``adapter``) to the directory ``dest``.
+
+    Options are the fields of ``ExportOptions``, given as ``options=`` or as keywords.
+    """
     t0 = time.perf_counter()
-    check_options(weights, dtype, opset)
-    check_tolerances(atol, rtol)
+    opts = ExportOptions.build(options, overrides)
+    with_past, decompose, weights, dtype, opset = opts.with_past, opts.decompose, opts.weights, opts.dtype, opts.opset
+    validate_export, atol, rtol, overwrite = opts.validate_export, opts.atol, opts.rtol, opts.overwrite
+    check_opset(opset)
     factored_dir, dest = Path(factored_dir), Path(dest)
     if weights == "reference" and dtype != "float32":
         raise MoorizeError("--weights reference serves the checkpoint's own bytes, so it needs --dtype float32")
@@ -373,7 +371,7 @@ def export_dense_onnx(model_dir, dest, *, with_past: bool = False, opset: int = 
     accepted and ignored (one task, 'dense')."""
     from transformers import AutoModelForCausalLM
 
-    check_options("copy", "float32", opset)
+    check_opset(opset)
     model_dir, dest = Path(model_dir), Path(dest)
     check_safetensors_weights(model_dir)  # a crafted header: our one-line error, not the library's exception
     try:

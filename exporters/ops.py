@@ -23,11 +23,11 @@ from torch import nn
 
 from ..errors import MoorizeError
 from ..model.layer import MoORELinear, householder_wy
+from .options import MIN_OPSET
 
 OP_DOMAIN = "ai.moorize"
 OP_NAME = "MoORELinear"
 OP_VERSION = 1
-MIN_OPSET = 18  # the torch exporter's own operator library starts here
 # name, optional?; the order is the op's input order
 OP_INPUTS = (("X", False), ("task_ids", False), ("gate_table", False), ("U", False), ("vh", False),
              ("router_in", True), ("router_out", True), ("residual", True), ("bias", True))

@@ -23,7 +23,8 @@ from ..io.outdir import atomic_output_file
 from . import ops
 from .graphs import ExportGraph, load_routed, sample_inputs, tokenizer_or_none
 from .metadata import META_FILE, common_metadata
-from .validate import Validation, check_tolerances, default_atol, validate
+from .options import ExportOptions
+from .validate import Validation, default_atol, validate
 
 TORCHSCRIPT_NOTE = ("TorchScript (torch.jit) is deprecated upstream: prefer --pt2 (torch.export), "
                     "or --onnx for ONNX Runtime")
@@ -47,8 +48,10 @@ def _meta(graph: ExportGraph, routed, backend: str) -> str:
     return json.dumps({**meta, "base_fingerprint": routed.model.moore.base_fingerprint})
 
 
-def _export(backend: str, factored_dir, dest, adapter, with_past: bool, validate_export: bool, atol, rtol, overwrite):
-    check_tolerances(atol, rtol)
+def _export(backend: str, factored_dir, dest, adapter, opts: ExportOptions):
+    opts.check_file_backend()
+    with_past, validate_export, atol, rtol, overwrite = (opts.with_past, opts.validate_export, opts.atol, opts.rtol,
+                                                         opts.overwrite)
     t0 = time.perf_counter()
     routed = load_routed(factored_dir, adapter)
     tokenizer = tokenizer_or_none(Path(factored_dir))
@@ -101,16 +104,15 @@ def _runner(module):
     return run
 
 
-def export_torchscript(factored_dir, dest, adapter=None, *, with_past: bool = False, validate_export: bool = True,
-                       atol: float | None = None, rtol: float | None = None, overwrite: bool = False
+def export_torchscript(factored_dir, dest, adapter=None, options: ExportOptions | None = None, **overrides
                        ) -> FileExportReport:
     """``torch.jit.trace`` of the routed model to ``dest`` (a .pt file). Deprecated upstream: see ``export_pt2``."""
-    return _export("torchscript", factored_dir, dest, adapter, with_past, validate_export, atol, rtol, overwrite)
+    return _export("torchscript", factored_dir, dest, adapter, ExportOptions.build(options, overrides))
 
 
-def export_pt2(factored_dir, dest, adapter=None, *, with_past: bool = False, validate_export: bool = True,
-               atol: float | None = None, rtol: float | None = None, overwrite: bool = False) -> FileExportReport:
+def export_pt2(factored_dir, dest, adapter=None, options: ExportOptions | None = None, **overrides
+               ) -> FileExportReport:
     """``torch.export`` ExportedProgram of the routed model to ``dest`` (a .pt2 file), dynamic batch and length."""
     if Path(dest).suffix != ".pt2":
         raise MoorizeError(f"{dest}: torch.export files end in .pt2")
-    return _export("pt2", factored_dir, dest, adapter, with_past, validate_export, atol, rtol, overwrite)
+    return _export("pt2", factored_dir, dest, adapter, ExportOptions.build(options, overrides))

@@ -9,7 +9,6 @@ report (``present`` = every cache tensor).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -67,15 +66,6 @@ class Validation:
 
 def _group(name: str) -> str:
     return "present" if name.startswith("present.") else name
-
-
-def check_tolerances(atol: float | None, rtol: float | None) -> None:
-    """--atol / --rtol, checked before the export runs: finite and non-negative (a NaN would pass nothing)."""
-    for name, value in (("atol", atol), ("rtol", rtol)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise MoorizeError(f"--{name} must be a finite number >= 0, got {value!r}")
 
 
 def validate(graph: ExportGraph, routed: Routed, tokenizer, run: Callable[[Sequence[torch.Tensor]], list],
