@@ -50,8 +50,7 @@ PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong 
               help="Validation: see --atol [default: 1e-5 in float32 (rounding grows with the output's scale), "
                    "5e-2 in float16].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DEST (only once the new one is complete).")
-def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, with_past, decompose, weights, dtype, opset,
-           no_validate, atol, rtol, overwrite) -> None:
+def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, no_validate: bool, **options) -> None:
     """Export the routed model of FACTORED_DIR for deployment, validated against PyTorch.
 
     Every task is served by one graph: the task is an input (task_ids, int64 [batch]).
@@ -66,17 +65,16 @@ def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, with_past,
     targets = [d for d in (onnx_dest, ts_dest, pt2_dest) if d is not None]
     if not targets:
         raise MoorizeError("nothing to export: pass --onnx DEST, --torchscript DEST.pt or --pt2 DEST.pt2")
-    opts = ExportOptions(with_past=with_past, decompose=decompose, weights=weights, dtype=dtype, opset=opset,
-                         validate_export=not no_validate, atol=atol, rtol=rtol, overwrite=overwrite)
+    opts = ExportOptions(validate_export=not no_validate, **options)
     if ts_dest or pt2_dest:  # before any export runs
         opts.check_file_backend()
     if onnx_dest is not None:
         from .onnx import export_onnx
 
         report = export_onnx(factored_dir, onnx_dest, adapter, opts)
-        op = "standard ops only" if decompose else f"{report.moore_nodes} ai.moorize::MoORELinear nodes"
-        click.echo(f"wrote {report.dest}: {report.kind}, tasks {', '.join(report.tasks)}, opset {opset}, {op}, "
-                   f"{dtype}{', with past' if with_past else ''} ({report.seconds:.1f} s)")
+        op = "standard ops only" if opts.decompose else f"{report.moore_nodes} ai.moorize::MoORELinear nodes"
+        click.echo(f"wrote {report.dest}: {report.kind}, tasks {', '.join(report.tasks)}, opset {opts.opset}, {op}, "
+                   f"{opts.dtype}{', with past' if opts.with_past else ''} ({report.seconds:.1f} s)")
         click.echo(f"  graph {_mb(report.graph_bytes)}, model.onnx_data {_mb(report.data_bytes)}, "
                    f"referenced in the factored shards {_mb(report.referenced_bytes)}")
         _echo_validation(report.validation)

@@ -60,9 +60,7 @@ def _progress_bar(enabled: bool):
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of the randomized solver.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def convert(model_dir: Path, out_dir: Path, targets, rank, residual, solver, oversample, power_iters, svd_dtype,
-            dtype, device, gguf_file, allow_pickle, overwrite, max_shard_size, batch_size, seed, as_json,
-            no_progress) -> None:
+def convert(model_dir: Path, out_dir: Path, as_json: bool, no_progress: bool, **options) -> None:
     """Factor the weights of MODEL_DIR (HF directory or .gguf file) into OUT_DIR.
 
     Every target W [out, in] is stored as W = U diag(S) Vh (moorize.json records rank,
@@ -82,12 +80,9 @@ def convert(model_dir: Path, out_dir: Path, targets, rank, residual, solver, ove
 
     update, bar = _progress_bar(not no_progress and not as_json and sys.stderr.isatty())
     try:
-        options = ConvertOptions(
-            targets=list(targets) or None, rank=list(rank) or None, residual=residual, solver=solver,
-            svd_dtype=svd_dtype, dtype=dtype, device=device, gguf_file=gguf_file, allow_pickle=allow_pickle,
-            overwrite=overwrite, max_shard_size=max_shard_size, batch_size=batch_size, oversample=oversample,
-            power_iters=power_iters, seed=seed)
-        report = run_convert(model_dir, out_dir, options, progress=update)
+        # repeatable options arrive as tuples; none given means the library's default
+        options.update(targets=list(options["targets"]) or None, rank=list(options["rank"]) or None)
+        report = run_convert(model_dir, out_dir, ConvertOptions(**options), progress=update)
     finally:
         if bar is not None:
             bar.close()
