@@ -7,9 +7,10 @@ The keywords of ``export_onnx`` / ``export_torchscript`` / ``export_pt2`` and th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from ..errors import MoorizeError
+from ..options import with_overrides
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the torch exporter's own operator library starts here
@@ -47,10 +48,7 @@ class ExportOptions:
     @classmethod
     def build(cls, options: ExportOptions | None, overrides: dict) -> ExportOptions:
         """``options`` (or the defaults) with keyword ``overrides``; an unknown keyword is one line."""
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise MoorizeError(f"unknown export option(s): {', '.join(sorted(unknown))}")
-        return cls(**{**asdict(options or cls()), **overrides})
+        return with_overrides(cls, options, overrides, "export")
 
     def check_file_backend(self) -> None:
         """TorchScript and .pt2 have no ONNX choices: a non-default one is refused, not silently dropped."""

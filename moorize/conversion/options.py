@@ -4,9 +4,10 @@ one place). No torch import: the CLI builds its options from this module at star
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from ..errors import MoorizeError
+from ..options import with_overrides
 
 RESIDUALS = ("keep", "drop")
 SOLVERS = ("auto", "gram", "svd", "randomized")
@@ -52,10 +53,7 @@ class ConvertOptions:
     @classmethod
     def build(cls, options: ConvertOptions | None, overrides: dict) -> ConvertOptions:
         """``options`` (or the defaults) with keyword ``overrides``; an unknown keyword is one line."""
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise MoorizeError(f"unknown conversion option(s): {', '.join(sorted(unknown))}")
-        return cls(**{**asdict(options or cls()), **overrides})
+        return with_overrides(cls, options, overrides, "conversion")
 
 
 DEFAULTS = ConvertOptions()

@@ -6,9 +6,10 @@ no torch import, so the CLI can read them at start-up.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from ..errors import MoorizeError
+from ..options import with_overrides
 
 ROUTER_MODES = ("task", "sample", "task+sample")
 
@@ -50,12 +51,9 @@ class MoOREConfig:
     @classmethod
     def build(cls, config: MoOREConfig | None, overrides: dict) -> MoOREConfig:
         """``config`` (or the defaults) with keyword ``overrides`` (``tasks=None`` means the default task)."""
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise MoorizeError(f"unknown MoORE option(s): {', '.join(sorted(unknown))}")
-        values = {**asdict(config or cls()), **overrides}
-        values["tasks"] = list(values["tasks"] or ["default"])
-        return cls(**values)
+        if "tasks" in overrides:
+            overrides = {**overrides, "tasks": list(overrides["tasks"] or ["default"])}
+        return with_overrides(cls, config, overrides, "MoORE")
 
 
 DEFAULTS = MoOREConfig()

@@ -31,7 +31,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -50,6 +50,7 @@ from ..io.outdir import (
 )
 from ..model.adapter import write_adapter_files
 from ..model.heads import MoOREClassifier, TaskHeads, default_pooling
+from ..options import with_overrides
 from .checkpoints import _checkpoint_dirs, _load_checkpoint, _read_json, _save_checkpoint
 from .data import IGNORE_INDEX, Example, TaskTable, collate, encode, length_grouped_batches, read_examples
 from .losses import _forward, evaluate
@@ -338,12 +339,7 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
     ``callbacks`` get every metrics record (a dict) as it is logged. ``output`` is locked while
     the run writes it; it may not be, or contain, any of the run's inputs.
     """
-    opts = options or TrainOptions()
-    if overrides:
-        unknown = set(overrides) - {f.name for f in fields(TrainOptions)}
-        if unknown:
-            raise MoorizeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        opts = TrainOptions(**{**asdict(opts), **overrides})
+    opts = with_overrides(TrainOptions, options, overrides, "training") if overrides else options or TrainOptions()
     factored_dir, output = Path(factored_dir), Path(output)
     data_paths, eval_paths = _as_paths(data), _as_paths(eval_data)
     FactoredCheckpoint(factored_dir).close()  # a clear error if it is not a factored checkpoint
