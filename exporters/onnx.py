@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MoorizeError
+from ..errors import MoorizeBug, MoorizeError
 from ..io.factored import FactoredCheckpoint, factor_key
 from ..io.hf import copy_aux_files
 from ..io.outdir import atomic_output_dir
@@ -102,7 +102,7 @@ def export_onnx(factored_dir, dest, adapter=None, options: ExportOptions | None 
         log.info("traced (%.1f s)", time.perf_counter() - t0)
         report.moore_nodes = ops.attach_functions(model, opset)
         if report.moore_nodes != len(routed.model.moore.layer_paths):
-            raise MoorizeError(f"internal: {report.moore_nodes} {ops.OP_NAME} nodes for "
+            raise MoorizeBug(f"{report.moore_nodes} {ops.OP_NAME} nodes for "
                                f"{len(routed.model.moore.layer_paths)} MoORE layers")
         if decompose:
             model = _inline(model)
