@@ -195,7 +195,7 @@ def check_graph(path: Path, model, weights: str) -> None:
     try:
         onnx.checker.check_model(str(path) if weights == "copy" else model, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise MoorizeError(f"internal: the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+        raise MoorizeBug(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
 
 
 def _inline(model):
