@@ -31,6 +31,7 @@ from . import ops
 from .graphs import ExportGraph, Routed, kv_layout, load_routed, sample_inputs, tokenizer_or_none
 from .metadata import META_FILE, common_metadata
 from .options import DEFAULT_OPSET, MIN_OPSET, ExportOptions
+from .pipeline import ExportJob, run_export
 from .validate import Validation, default_atol, validate
 
 log = logging.getLogger(__name__)
@@ -77,51 +78,57 @@ def export_onnx(factored_dir, dest, adapter=None, options: ExportOptions | None 
 
     Options are the fields of ``ExportOptions``, given as ``options=`` or as keywords.
     """
-    t0 = time.perf_counter()
-    opts = ExportOptions.build(options, overrides)
-    with_past, decompose, weights, dtype, opset = opts.with_past, opts.decompose, opts.weights, opts.dtype, opts.opset
-    validate_export, atol, rtol, overwrite = opts.validate_export, opts.atol, opts.rtol, opts.overwrite
-    check_opset(opset)
-    factored_dir, dest = Path(factored_dir), Path(dest)
-    if weights == "reference" and dtype != "float32":
-        raise MoorizeError("--weights reference serves the checkpoint's own bytes, so it needs --dtype float32")
-    routed = load_routed(factored_dir, adapter)
-    log.info("loaded %s (%.1f s)", factored_dir, time.perf_counter() - t0)
-    exported = load_routed(factored_dir, adapter) if dtype != "float32" else routed
-    if dtype != "float32":
-        exported.model.to(getattr(torch, dtype))
-        if exported.heads is not None:
-            exported.heads.to(getattr(torch, dtype))
-    tokenizer = tokenizer_or_none(factored_dir)
-    holder = ops.TaskIds()
-    graph = ExportGraph(exported, with_past, holder)
-    report = ExportReport(dest, routed.kind, routed.tasks, with_past, decompose, weights, dtype, opset, 0)
-    protect = [factored_dir] + ([Path(adapter)] if adapter is not None else [])
-    with atomic_output_dir(dest, overwrite, protect=protect) as tmp:
-        model = _trace(graph, exported, tokenizer, holder, dtype, opset, tmp, fold_rotation=weights == "copy")
-        log.info("traced (%.1f s)", time.perf_counter() - t0)
-        report.moore_nodes = ops.attach_functions(model, opset)
+    return run_export(OnnxBackend(), factored_dir, dest, adapter, ExportOptions.build(options, overrides))
+
+
+class OnnxBackend:
+    """The ONNX backend of the export pipeline: a directory with the graph, its weights and metadata."""
+
+    output = "dir"
+
+    def check(self, opts: ExportOptions, dest: Path) -> None:
+        check_opset(opts.opset)
+        if opts.weights == "reference" and opts.dtype != "float32":
+            raise MoorizeError("--weights reference serves the checkpoint's own bytes, so it needs --dtype float32")
+
+    def write(self, job: ExportJob, tmp: Path) -> ExportReport:
+        opts, routed = job.opts, job.routed
+        self.exported, self.graph, self.holder = routed, job.graph, job.holder
+        if opts.dtype != "float32":  # a second copy to cast: the float32 one stays the validation reference
+            self.exported = load_routed(job.factored_dir, job.adapter)
+            self.exported.model.to(getattr(torch, opts.dtype))
+            if self.exported.heads is not None:
+                self.exported.heads.to(getattr(torch, opts.dtype))
+            self.holder = ops.TaskIds()
+            self.graph = ExportGraph(self.exported, opts.with_past, self.holder)
+        report = ExportReport(job.dest, routed.kind, routed.tasks, opts.with_past, opts.decompose, opts.weights,
+                              opts.dtype, opts.opset, 0)
+        model = _trace(self.graph, self.exported, job.tokenizer, self.holder, opts.dtype, opts.opset, tmp,
+                       fold_rotation=opts.weights == "copy")
+        log.info("traced (%.1f s)", time.perf_counter() - job.t0)
+        report.moore_nodes = ops.attach_functions(model, opts.opset)
         if report.moore_nodes != len(routed.model.moore.layer_paths):
             raise MoorizeBug(f"{report.moore_nodes} {ops.OP_NAME} nodes for "
-                               f"{len(routed.model.moore.layer_paths)} MoORE layers")
-        if decompose:
+                             f"{len(routed.model.moore.layer_paths)} MoORE layers")
+        if opts.decompose:
             model = _inline(model)
-        refs = _reference_map(factored_dir, graph, exported) if weights == "reference" else {}
-        report.data_bytes, report.referenced_bytes = _write_graph(model, tmp, refs, factored_dir, weights)
-        log.info("written and checked (%.1f s)", time.perf_counter() - t0)
-        copy_aux_files(factored_dir, tmp)
+        refs = _reference_map(job.factored_dir, self.graph, self.exported) if opts.weights == "reference" else {}
+        report.data_bytes, report.referenced_bytes = _write_graph(model, tmp, refs, job.factored_dir, opts.weights)
+        copy_aux_files(job.factored_dir, tmp)
         (tmp / "moorize.json").unlink(missing_ok=True)  # an export, not a factored checkpoint
-        meta = export_metadata(routed, graph, dtype, opset, decompose, weights, factored_dir, adapter)
+        meta = export_metadata(routed, self.graph, opts.dtype, opts.opset, opts.decompose, opts.weights,
+                               job.factored_dir, job.adapter)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if validate_export:
-            reference = graph if exported is routed else ExportGraph(routed, with_past, ops.TaskIds())
-            report.validation = validate_onnx(tmp / GRAPH_FILE, reference, routed, tokenizer, dtype,
-                                              atol if atol is not None else default_atol(dtype), rtol)
-        log.info("validated (%.1f s)", time.perf_counter() - t0)
+        return report
+
+    def validate(self, job: ExportJob, tmp: Path, report: ExportReport) -> Validation:
+        opts = job.opts
+        return validate_onnx(tmp / GRAPH_FILE, job.graph, job.routed, job.tokenizer, opts.dtype,
+                             opts.atol if opts.atol is not None else default_atol(opts.dtype), opts.rtol)
+
+    def finish(self, job: ExportJob, tmp: Path, report: ExportReport) -> None:
         report.graph_bytes = (tmp / GRAPH_FILE).stat().st_size
         report.files = sorted(p.name for p in tmp.iterdir())
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _trace(graph: ExportGraph, routed: Routed, tokenizer, holder, dtype: str, opset: int, tmp: Path,

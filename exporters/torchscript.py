@@ -11,7 +11,6 @@ validated against the routed model like the ONNX export.
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,11 @@ from pathlib import Path
 import torch
 
 from ..errors import MoorizeError
-from ..io.outdir import atomic_output_file
 from . import ops
-from .graphs import ExportGraph, load_routed, sample_inputs, tokenizer_or_none
+from .graphs import ExportGraph, sample_inputs
 from .metadata import META_FILE, common_metadata
 from .options import ExportOptions
+from .pipeline import ExportJob, run_export
 from .validate import Validation, default_atol, validate
 
 TORCHSCRIPT_NOTE = ("TorchScript (torch.jit) is deprecated upstream: prefer --pt2 (torch.export), "
@@ -48,22 +47,25 @@ def _meta(graph: ExportGraph, routed, backend: str) -> str:
     return json.dumps({**meta, "base_fingerprint": routed.model.moore.base_fingerprint})
 
 
-def _export(backend: str, factored_dir, dest, adapter, opts: ExportOptions):
-    opts.check_file_backend()
-    with_past, validate_export, atol, rtol, overwrite = (opts.with_past, opts.validate_export, opts.atol, opts.rtol,
-                                                         opts.overwrite)
-    t0 = time.perf_counter()
-    routed = load_routed(factored_dir, adapter)
-    tokenizer = tokenizer_or_none(Path(factored_dir))
-    holder = ops.TaskIds()
-    graph = ExportGraph(routed, with_past, holder)
-    args = sample_inputs(routed, tokenizer, with_past, past=3)
-    report = FileExportReport(Path(dest), backend, routed.kind, routed.tasks, with_past)
-    protect = [Path(factored_dir)] + ([Path(adapter)] if adapter is not None else [])
-    with atomic_output_file(Path(dest), overwrite, protect) as tmp:
-        meta = _meta(graph, routed, backend)
-        with ops.export_layers(routed.model, holder, torch.float32, use_op=False), torch.no_grad():
-            if backend == "torchscript":
+class FileBackend:
+    """The TorchScript and .pt2 backends of the export pipeline: one file, metadata inside the archive."""
+
+    output = "file"
+
+    def __init__(self, backend: str):
+        self.backend = backend  # torchscript | pt2
+
+    def check(self, opts: ExportOptions, dest: Path) -> None:
+        opts.check_file_backend()
+        if self.backend == "pt2" and dest.suffix != ".pt2":
+            raise MoorizeError(f"{dest}: torch.export files end in .pt2")
+
+    def write(self, job: ExportJob, tmp: Path) -> FileExportReport:
+        routed, graph = job.routed, job.graph
+        args = sample_inputs(routed, job.tokenizer, job.opts.with_past, past=3)
+        meta = _meta(graph, routed, self.backend)
+        with ops.export_layers(routed.model, job.holder, torch.float32, use_op=False), torch.no_grad():
+            if self.backend == "torchscript":
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # tracer warnings about Python values in HF code
                     traced = torch.jit.trace(graph, args, check_trace=False, strict=False)
@@ -71,13 +73,16 @@ def _export(backend: str, factored_dir, dest, adapter, opts: ExportOptions):
             else:
                 program = torch.export.export(graph, args, dynamic_shapes=graph.dynamic_shapes())
                 torch.export.save(program, str(tmp), extra_files={META_FILE: meta})
-        if validate_export:
-            loaded = load_file(tmp, backend, with_past)
-            report.validation = validate(graph, routed, tokenizer, _runner(loaded), backend_title(backend),
-                                         atol if atol is not None else default_atol("float32"), rtol=rtol)
+        return FileExportReport(job.dest, self.backend, routed.kind, routed.tasks, job.opts.with_past)
+
+    def validate(self, job: ExportJob, tmp: Path, report: FileExportReport) -> Validation:
+        opts = job.opts
+        loaded = load_file(tmp, self.backend, opts.with_past)
+        return validate(job.graph, job.routed, job.tokenizer, _runner(loaded), backend_title(self.backend),
+                        opts.atol if opts.atol is not None else default_atol("float32"), rtol=opts.rtol)
+
+    def finish(self, job: ExportJob, tmp: Path, report: FileExportReport) -> None:
         report.bytes = tmp.stat().st_size
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def backend_title(backend: str) -> str:
@@ -107,12 +112,10 @@ def _runner(module):
 def export_torchscript(factored_dir, dest, adapter=None, options: ExportOptions | None = None, **overrides
                        ) -> FileExportReport:
     """``torch.jit.trace`` of the routed model to ``dest`` (a .pt file). Deprecated upstream: see ``export_pt2``."""
-    return _export("torchscript", factored_dir, dest, adapter, ExportOptions.build(options, overrides))
+    return run_export(FileBackend("torchscript"), factored_dir, dest, adapter, ExportOptions.build(options, overrides))
 
 
 def export_pt2(factored_dir, dest, adapter=None, options: ExportOptions | None = None, **overrides
                ) -> FileExportReport:
     """``torch.export`` ExportedProgram of the routed model to ``dest`` (a .pt2 file), dynamic batch and length."""
-    if Path(dest).suffix != ".pt2":
-        raise MoorizeError(f"{dest}: torch.export files end in .pt2")
-    return _export("pt2", factored_dir, dest, adapter, ExportOptions.build(options, overrides))
+    return run_export(FileBackend("pt2"), factored_dir, dest, adapter, ExportOptions.build(options, overrides))
