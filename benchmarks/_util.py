@@ -346,6 +346,17 @@ def run_benchmark(title: str, prefix: str, args, parts: Sequence[Callable[[Path]
     return 0 if ok else 1
 
 
+def quiet_torch(threads: int) -> None:
+    """Benchmarks print tables, not progress bars or transformers' advice; torch uses ``threads`` threads."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+
+
 def randomize_routers(model, seed: int = 0) -> None:
     """The tests' stand-in for a trained adapter (tests/helpers.py): benchmarks route exactly as tests do."""
     tests = str(Path(__file__).resolve().parent.parent / "tests")

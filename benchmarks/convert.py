@@ -168,15 +168,20 @@ def _write_synthetic(dest: str, shapes: dict, n_layers: int, shard_bytes: int, s
 
 def _load_targets(model_dir: Path):
     """The matrices moorize factors by default, as [out, in] float32 tensors (also warms the imports)."""
-    from moorize.conversion.targets import find_targets
+    from moorize.conversion.module_space import to_module_space
+    from moorize.conversion.targets import build_meta_model, find_targets
+    from moorize.io.factored import as_stored
     from moorize.io.sources import open_checkpoint
 
-    with open_checkpoint(model_dir) as ckpt:
-        targets = find_targets(ckpt.model_dir, ckpt.tensors, None)
+    with open_checkpoint(model_dir) as opened:
+        arch = build_meta_model(opened.model_dir)
+        ckpt = to_module_space(opened, arch)
+        targets = find_targets(arch, ckpt.tensors, None)
         mats = []
         for t in targets:
             w = ckpt.tensors[t.weight_key].load()
-            mats.append((w.t() if t.layout == "conv1d" else w).float().contiguous())
+            w = w if t.index is None else w[t.index]
+            mats.append(as_stored(w, t.layout).float().contiguous())
     return targets, mats
 
 

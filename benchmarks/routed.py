@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -389,13 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     args.layer_repeat = args.layer_repeat or (5 if args.quick else 100)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
+    U.quiet_torch(args.threads)
 
     parts = ([] if args.skip_model else [lambda work: part_a(work, args)]) + \
         ([] if args.skip_layer else [lambda work: part_b(args)])

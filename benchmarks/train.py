@@ -21,7 +21,6 @@ process on one machine; the ratio MoORE / LoRA is the figure the goal (≤ 1.5×
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -112,13 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args.repeat = args.repeat or (2 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else 1
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
+    U.quiet_torch(args.threads)
     return U.run_benchmark("moorize training-step benchmark", "moorize-bench-train-", args,
                            [lambda work: part(work, args)])
 

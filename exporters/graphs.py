@@ -106,6 +106,7 @@ class ExportGraph(nn.Module):
 
     def forward(self, input_ids, attention_mask, task_ids, *past):
         self.holder.ids = task_ids
+        self.holder.token_ids = task_ids.unsqueeze(1).expand_as(input_ids).reshape(-1)  # rows flattened
         if self.kind == "encoder":
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return hidden if self.heads is None else self.heads(hidden, attention_mask, task_ids)

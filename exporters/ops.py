@@ -99,16 +99,27 @@ class ExportMoORELinear(nn.Module):
             self.register_buffer("bias", None if layer.bias is None else layer.bias.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # tokens flattened from the rows (a sparse-MoE block's shared expert)
+            return self.routed(x, self.holder.token_ids)
         vh = self.Vh - ((self.Vh @ self.wy_y) @ self.wy_t) @ self.wy_y.t() if self.rotate else self.vh
         op = torch.ops.moorize.moore_linear if self.use_op else moore_linear_math
         return op(x.to(self.U.dtype), self.holder.ids, self.gate_table, self.U, vh, self.router_in, self.router_out, self.residual,
                                               self.bias).to(x.dtype)
 
 
+    def routed(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of x [tokens, n] with a task id each (sparse-MoE experts): the op with one token per row."""
+        op = torch.ops.moorize.moore_linear if self.use_op else moore_linear_math
+        vh = self.Vh - ((self.Vh @ self.wy_y) @ self.wy_t) @ self.wy_y.t() if self.rotate else self.vh
+        return op(x.to(self.U.dtype).unsqueeze(1), task_ids, self.gate_table, self.U, vh, self.router_in,
+                  self.router_out, self.residual, self.bias).squeeze(1).to(x.dtype)
+
+
 class TaskIds:
     """The export wrapper's ``task_ids`` input, read by every ExportMoORELinear of one model."""
 
     ids: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None  # the same, one per token (sparse-MoE experts see rows flattened)
 
 
 @contextlib.contextmanager

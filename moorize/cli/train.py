@@ -45,6 +45,8 @@ DEFAULTS = TrainOptions()
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS.precision, show_default=True,
               help="Autocast (auto: bf16 on a GPU that has it, none on the CPU).")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute each block's activations in backward: less memory, about a third more compute.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
 @click.option("--max-length", type=int, default=DEFAULTS.max_length, show_default=True, help="Longest example in tokens.")
 @click.option("--truncate/--no-truncate", default=True, show_default=True,

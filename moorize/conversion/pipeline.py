@@ -29,12 +29,13 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import MoorizeError
-from ..io.factored import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, factor_key
+from ..io.factored import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, as_stored, factor_key
 from ..io.hf import copy_aux_files
 from ..io.outdir import check_out_dir, is_main_process, output_lock, partial_dir, publish, raise_for_os_error
 from ..io.safetensors import ST_TO_TORCH, ShardFile, ShardPart, TensorInfo, dtype_name, finalize_shards, parse_size
 from ..io.sources import SourceCheckpoint, open_checkpoint
 from ..version import __version__
+from .module_space import to_module_space
 from .options import DEFAULT_BATCH, ConvertOptions
 from .svd import (
     SVD_TORCH_DTYPES,
@@ -45,7 +46,7 @@ from .svd import (
     resolve_device,
     resolve_solver,
 )
-from .targets import Target, find_targets
+from .targets import Target, build_meta_model, find_targets
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,9 @@ class WorkItem:
 
 def _plan(ckpt: SourceCheckpoint, targets: list[Target], rules: RankRules, residual: str,
           store_dtype: torch.dtype | None, batch_bytes: int) -> list[WorkItem]:
-    by_weight = {t.weight_key: t for t in targets}
+    by_weight: dict[str, list[Target]] = {}  # a 3-D expert tensor holds several targets
+    for t in targets:
+        by_weight.setdefault(t.weight_key, []).append(t)
     items: list[WorkItem] = []
 
     def new() -> WorkItem:
@@ -125,15 +128,16 @@ def _plan(ckpt: SourceCheckpoint, targets: list[Target], rules: RankRules, resid
         copy_item: WorkItem | None = None
         pending: dict[tuple, list[tuple[Target, TensorInfo]]] = {}
         for info in infos:
-            t = by_weight.get(info.name)
-            if t is None:
+            ts = by_weight.get(info.name)
+            if ts is None:
                 if copy_item is None or copy_item.est_bytes >= batch_bytes:
                     copy_item = new()
                 copy_item.copies.append(info)
                 copy_item.out_names.append(info.name)
                 copy_item.est_bytes += info.nbytes
                 continue
-            pending.setdefault((t.shape, info.dtype), []).append((t, info))
+            for t in ts:
+                pending.setdefault((t.shape, info.dtype), []).append((t, info))
         for (shape, st_dtype), group in pending.items():
             m, n = shape
             src_size = ST_TO_TORCH[st_dtype].itemsize
@@ -193,7 +197,9 @@ def _prefetch(items: list[WorkItem], depth: int = 2) -> Iterator[tuple[WorkItem,
                 if stop.is_set():
                     return
                 # copies are streamed by the writer straight from the source file
-                data = [_load_matrix(t, info) for t, info in zip(item.targets, item.target_infos)]
+                loaded: dict[str, torch.Tensor] = {}  # a 3-D expert tensor is read once per item
+                data = [_load_matrix(t, info, loaded) for t, info in zip(item.targets, item.target_infos)]
+                del loaded
                 q.put((item, data))
             q.put(sentinel)
         except BaseException as e:  # handed to the consumer
@@ -228,10 +234,13 @@ def _heap_trimmer() -> Callable[[], object]:
         return lambda: None
 
 
-def _load_matrix(t: Target, info: TensorInfo) -> torch.Tensor:
-    """The [out, in] matrix the layer applies (GPT-2 Conv1D stores its transpose)."""
-    w = info.load()
-    return w.t() if t.layout == "conv1d" else w
+def _load_matrix(t: Target, info: TensorInfo, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The [out, in] matrix the layer applies (GPT-2 Conv1D and transposed experts store its transpose)."""
+    if t.index is None:
+        return as_stored(info.load(), t.layout)
+    if info.name not in loaded:
+        loaded[info.name] = info.load()
+    return as_stored(loaded[info.name][t.index], t.layout)
 
 
 def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, tag: str, job: _Job,
@@ -385,8 +394,10 @@ class _Job:
 def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
     src, out, rules, opts = job.src, job.out, job.rules, job.opts
     tmp = partial_dir(out)
-    with open_checkpoint(src, gguf_file=job.gguf_file, allow_pickle=job.allow_pickle) as ckpt:
-        tlist = find_targets(ckpt.model_dir, ckpt.tensors, job.targets)
+    with open_checkpoint(src, gguf_file=job.gguf_file, allow_pickle=job.allow_pickle) as opened:
+        arch = build_meta_model(opened.model_dir)
+        ckpt = to_module_space(opened, arch)
+        tlist = find_targets(arch, ckpt.tensors, job.targets)
         for t in tlist:
             pol = rules.for_layer(t.name)
             if pol.kind == "fixed" and pol.value > min(t.shape):

@@ -6,6 +6,13 @@ inspected. Every ``nn.Linear`` or GPT-2 ``Conv1D`` inside a repeated block (a pa
 with a numeric component such as ``layers.3``) is a default target; embeddings,
 norms, ``lm_head``, poolers and classifier heads live outside the blocks or are not
 linear, so they never are. ``--targets`` patterns override the default.
+
+Sparse-MoE layers keep their experts as 3-D tensors ([E, out, in], one per projection) in a
+module following transformers' experts interface (``has_gate``, ``is_transposed``): each
+expert's matrix is a target of its own, named ``<tensor>.<e>``. The token router (``gate``)
+is a linear layer outside the experts and stays one, so routing between experts is the
+original's. Names are those of the model's modules: the source has been put in module
+space first (``module_space``), as transformers would load it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import MoorizeError
-from ..io.hf import _model_class, checkpoint_name
+from ..io.factored import weight_slot
+from ..io.hf import EXPERT_TENSORS, _model_class, checkpoint_name, is_experts_module
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +38,12 @@ class Target:
     """One weight matrix to factor.
 
     ``shape`` is (out, in) of the map the layer applies. ``layout`` says how the
-    checkpoint stores it: "linear" as [out, in], "conv1d" (GPT-2) as [in, out]; in
-    both cases the factors describe the [out, in] matrix.
+    checkpoint stores it (``moorize.io.factored.LAYOUTS``): "linear" as [out, in], "conv1d"
+    (GPT-2) as [in, out], "expert"/"expert_t" as slice ``index`` of a 3-D tensor; in every
+    case the factors describe the [out, in] matrix.
     """
 
-    name: str  # module path as in the checkpoint, e.g. model.layers.0.self_attn.q_proj
+    name: str  # module path as in the checkpoint, e.g. model.layers.0.self_attn.q_proj (experts: <tensor>.<e>)
     layout: str
     shape: tuple[int, int]
     has_bias: bool
@@ -42,7 +51,12 @@ class Target:
 
     @property
     def weight_key(self) -> str:
-        return f"{self.name}.weight"
+        """The stored tensor holding the weight (for an expert, the 3-D tensor of all the layer's experts)."""
+        return weight_slot(self.name, self.layout)[0]
+
+    @property
+    def index(self) -> int | None:
+        return weight_slot(self.name, self.layout)[1]
 
     @property
     def bias_key(self) -> str:
@@ -69,6 +83,30 @@ def validate_pattern(pattern: str) -> None:
             raise MoorizeError(f"invalid regex in pattern {pattern!r}: {e}") from None
     elif not pattern:
         raise MoorizeError("empty target pattern")
+
+
+def _expert_targets(model: nn.Module, prefix: str, tensors: dict) -> list[Target]:
+    out = []
+    for mname, module in model.named_modules():
+        params = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and n in EXPERT_TENSORS}
+        if not params:
+            continue
+        if not is_experts_module(module):
+            log.warning("%s keeps 3-D expert tensors (%s) outside transformers' experts interface: left dense",
+                        mname, ", ".join(params))
+            continue
+        layout = "expert_t" if module.is_transposed else "expert"
+        for pname in EXPERT_TENSORS:
+            key = checkpoint_name(f"{mname}.{pname}", prefix, tensors) if pname in params else None
+            if key is None:
+                continue
+            shape = tuple(tensors[key].shape)
+            if shape != tuple(params[pname].shape):
+                raise MoorizeError(f"{key} has shape {list(shape)} but the architecture expects "
+                                   f"{list(params[pname].shape)}: config.json does not match the weights")
+            mat = (shape[2], shape[1]) if layout == "expert_t" else (shape[1], shape[2])
+            out += [Target(f"{key}.{e}", layout, mat, False, type(module).__name__) for e in range(shape[0])]
+    return out
 
 
 def build_meta_model(model_dir: Path) -> nn.Module:
@@ -102,6 +140,16 @@ def _in_block(name: str) -> bool:
     return any(p.isdigit() for p in name.split("."))
 
 
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def _is_token_router(name: str) -> bool:
+    """A sparse-MoE layer's token router (``mlp.gate``, ``router``): it chooses experts and stays dense, as
+    the paper keeps routing outside the factored experts; ``--targets`` can still name it."""
+    last = name.rsplit(".", 1)[-1]
+    return last in ROUTER_NAMES or last.endswith("_router")
+
+
 def collapse_names(names: list[str]) -> list[str]:
     """model.layers.0.mlp.up_proj, model.layers.1.mlp.up_proj -> model.layers.*.mlp.up_proj."""
     seen: dict[str, None] = {}
@@ -110,14 +158,13 @@ def collapse_names(names: list[str]) -> list[str]:
     return list(seen)
 
 
-def find_targets(model_dir: Path, tensors: dict, patterns: list[str] | None = None) -> list[Target]:
-    """Map the architecture's linear layers to checkpoint tensors and pick the targets.
+def find_targets(model: nn.Module, tensors: dict, patterns: list[str] | None = None) -> list[Target]:
+    """Map the architecture's linear layers and expert tensors to checkpoint tensors and pick the targets.
 
-    ``tensors`` maps checkpoint names to objects with a ``shape``. Module paths and
-    checkpoint keys may differ by the model's ``base_model_prefix`` (``bert.``), so
-    both spellings are tried.
+    ``model`` is the architecture on the meta device (``build_meta_model``); ``tensors`` maps
+    checkpoint names (in module space) to objects with a ``shape``. Module paths and checkpoint
+    keys may differ by the model's ``base_model_prefix`` (``bert.``), so both spellings are tried.
     """
-    model = build_meta_model(model_dir)
     prefix = getattr(model, "base_model_prefix", "") or ""
     candidates: list[Target] = []
     not_float: dict[str, torch.dtype] = {}
@@ -146,8 +193,9 @@ def find_targets(model_dir: Path, tensors: dict, patterns: list[str] | None = No
         candidates.append(
             Target(ckpt_name, layout, out_in, f"{ckpt_name}.bias" in tensors, type(module).__name__)
         )
+    candidates += _expert_targets(model, prefix, tensors)
     if not patterns:
-        chosen = [t for t in candidates if _in_block(t.name)]
+        chosen = [t for t in candidates if _in_block(t.name) and not _is_token_router(t.name)]
         if not chosen:
             raise MoorizeError(
                 "found no linear layers inside transformer blocks; pass --targets to choose among: "

@@ -31,6 +31,44 @@ FACTOR_NAMES = ("U", "S", "Vh", "residual")
 LAYOUT_FIELDS = ("shape", "rank", "residual", "dtype")  # what a trained adapter depends on, per layer
 
 
+# How a layer's [out, in] matrix is stored in the model: "linear" as ``<name>.weight`` [out, in], GPT-2's
+# "conv1d" as ``<name>.weight`` [in, out]; a sparse-MoE expert ``<tensor>.<e>`` as slice e of the 3-D
+# ``<tensor>`` [E, out, in] ("expert") or [E, in, out] ("expert_t", transformers' is_transposed experts).
+LAYOUTS = ("linear", "conv1d", "expert", "expert_t")
+EXPERT_LAYOUTS = ("expert", "expert_t")
+
+
+def weight_slot(name: str, layout: str) -> tuple[str, int | None]:
+    """Where a layer's weight lives in the dense model: (tensor key, expert index or None)."""
+    if layout in EXPERT_LAYOUTS:
+        key, _, index = name.rpartition(".")
+        return key, int(index)
+    return f"{name}.weight", None
+
+
+def as_stored(W: "torch.Tensor", layout: str) -> "torch.Tensor":
+    """The [out, in] matrix as the layout stores it (and back: the map is its own inverse)."""
+    return W.t() if layout in ("conv1d", "expert_t") else W
+
+
+def dense_weights(layers: Iterator[tuple[str, str, "torch.Tensor"]]) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """(layer name, layout, [out, in] matrix) -> (tensor key, stored tensor): experts are stacked back
+    into their 3-D tensor (all experts of a tensor must be given, in any order)."""
+    import torch
+
+    experts: dict[str, dict[int, "torch.Tensor"]] = {}
+    for name, layout, W in layers:
+        key, index = weight_slot(name, layout)
+        if index is None:
+            yield key, as_stored(W, layout).contiguous()
+        else:
+            experts.setdefault(key, {})[index] = as_stored(W, layout)
+    for key, by_index in experts.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise MoorizeError(f"{key}: experts {sorted(by_index)} do not cover 0..{len(by_index) - 1}")
+        yield key, torch.stack([by_index[i] for i in range(len(by_index))]).contiguous()
+
+
 def factor_key(layer: str, part: str) -> str:
     """``model.layers.0.mlp.up_proj``, ``U`` -> ``model.layers.0.mlp.up_proj.moore.U``."""
     return f"{layer}.moore.{part}"
@@ -42,7 +80,7 @@ class LayerRecord:
 
     name: str
     shape: tuple[int, int]  # (out, in)
-    layout: str  # linear | conv1d
+    layout: str  # one of LAYOUTS
     rank: int
     energy_kept: float
     rel_error: float
@@ -179,17 +217,18 @@ class FactoredCheckpoint:
         import torch
 
         rec = self._layer(name)
-        W = self.reconstruct(name, torch.float64)
-        if rec.layout == "conv1d":
-            W = W.t()
+        W = as_stored(self.reconstruct(name, torch.float64), rec.layout)
         return W.to(getattr(torch, rec.source_dtype)).contiguous()
 
     def dense_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor of the original model, targets rebuilt from their factors."""
+        """Every tensor of the original model, targets rebuilt from their factors (experts restacked)."""
+        import torch
+
         for key in self.passthrough_names():
             yield key, self.tensor(key)
-        for name in self.layers:
-            yield f"{name}.weight", self.reconstruct_weight(name)
+        yield from dense_weights(
+            (n, r.layout, self.reconstruct(n, torch.float64).to(getattr(torch, r.source_dtype)))
+            for n, r in self.layers.items())
 
     def dense_model(self):
         """The original transformers model rebuilt from the factors (for checks and dense merges)."""

@@ -38,6 +38,14 @@ def _model_class(config):
 
 
 
+EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj")  # the 3-D tensors of transformers' experts modules
+
+
+def is_experts_module(module) -> bool:
+    """A module implementing transformers' experts interface (its flags say how to apply its 3-D tensors)."""
+    return hasattr(module, "is_transposed") and hasattr(module, "has_gate")
+
+
 def checkpoint_name(module_path: str, prefix: str, names) -> str | None:
     """The spelling of a module path (or state-dict key) that ``names`` uses, if any.
 

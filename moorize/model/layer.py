@@ -209,9 +209,14 @@ class MoORELinear(nn.Module):
         return hit[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        task_ids = self.state.current(x.shape[0], x.device) if self.config.uses_task else None
+        return self.routed(x, task_ids)
+
+    def routed(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """The layer with explicit task ids, one per row of ``x``'s first dimension (a sparse-MoE expert
+        sees a subset of the batch's tokens, each with its own row's task)."""
         lead = tuple(x.shape[:-1])
         xin = x.to(self.Vh.dtype)
-        task_ids = self.state.current(lead[0], x.device) if self.config.uses_task else None
         if self.config.router == "task" and self._inference:
             first = int(task_ids[0])
             if bool((task_ids == first).all()):
@@ -225,6 +230,15 @@ class MoORELinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """What model code reads of a linear layer's weight (dtype, device, shape), without materialising W.
+
+        Some architectures read ``proj.weight.dtype`` to cast their activations (T5's feed-forward);
+        the dense matrix does not exist here, so any computation with this stand-in is refused.
+        """
+        return WeightStandIn.of(self)
 
     # ---- reference and merging -------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,6 +280,33 @@ class MoORELinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, router={self.config.router}, "
                 f"householder={self.config.householder}, residual={self.residual is not None}, "
                 f"bias={self.bias is not None}")
+
+
+class WeightStandIn(torch.Tensor):
+    """A [out, in] tensor of the layer's dtype and device that holds no data (one zero, expanded) and
+    refuses to be computed with: reading dtype, device, shape or requires_grad works."""
+
+    _ALLOWED = frozenset({torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.shape.__get__,
+                          torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndim.__get__,
+                          torch.Tensor.is_floating_point, torch.Tensor.requires_grad.__get__,
+                          torch.Tensor.is_cuda.__get__, torch.Tensor.is_meta.__get__, torch.Tensor.numel,
+                          torch.Tensor.element_size, torch.Tensor.stride, torch.Tensor.__repr__,
+                          torch.Tensor.__format__})
+
+    @staticmethod
+    def of(layer: "MoORELinear") -> "WeightStandIn":
+        base = torch.zeros((), dtype=layer.Vh.dtype, device=layer.Vh.device).expand(layer.out_features,
+                                                                                   layer.in_features)
+        return base.as_subclass(WeightStandIn)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._ALLOWED:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise MoorizeError(f"model code computed with the weight of a MoORE layer ({getattr(func, '__name__', func)}): "
+                           "a MoORELinear holds factors, not a dense weight; this architecture needs support "
+                           "in moorize (please report it)")
 
 
 @dataclass

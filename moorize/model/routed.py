@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from ..errors import MoorizeError
-from ..io.factored import MANIFEST, FactoredCheckpoint
-from ..io.hf import checkpoint_name, copy_aux_files, model_class
+from ..io.factored import EXPERT_LAYOUTS, MANIFEST, FactoredCheckpoint, dense_weights, weight_slot
+from ..io.hf import checkpoint_name, copy_aux_files, is_experts_module, model_class
 from ..io.outdir import atomic_output_dir, output_lock, raise_for_os_error
 from ..io.safetensors import ShardFile, ShardPart, finalize_shards, parse_size
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from .adapter import HEADS_PREFIX, read_adapter, write_adapter_files
 from .adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from .experts import install as install_experts
 from .layer import MoOREConfig, MoORELinear, MoOREState, RoutingState, moore_layers, trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -77,20 +78,7 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
     prefix = getattr(model, "base_model_prefix", "") or ""
     state = RoutingState(config.tasks)
     gen = torch.Generator().manual_seed(config.seed)
-    modules = dict(model.named_modules())
-    placed: dict[str, str] = {}  # checkpoint layer name -> module path
-    for path in modules:
-        name = checkpoint_name(path, prefix, ckpt.layers)
-        if name is not None and name not in placed:
-            placed[name] = path
-    missing = [n for n in ckpt.layers if n not in placed]
-    if missing:
-        raise MoorizeError(f"{ckpt.directory}: factored layers not found in the architecture: {missing[:3]}")
-    for name, path in placed.items():
-        rec = ckpt.layers[name]
-        U, S, Vh, R = ckpt.factors(name)
-        bias = ckpt.tensor(f"{name}.bias") if rec.bias else None
-        _set_submodule(model, path, MoORELinear(U, S, Vh, R, bias, config, state, generator=gen))
+    placed = _place_layers(model, ckpt, prefix, config, state, gen)
 
     target_biases = {f"{n}.bias" for n, r in ckpt.layers.items() if r.bias}  # held by the MoORE layers
     passthrough = set(ckpt.passthrough_names()) - target_biases
@@ -112,9 +100,91 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
     if adapter_state is not None:  # task heads, when present, are loaded by moorize.load_classifier
         _load_adapter_state(model, placed, {k: v for k, v in adapter_state.items() if not k.startswith(HEADS_PREFIX)})
     if dtype is not None:
-        model.to(dtype)
+        _cast_frozen(model, dtype)
     _install_routing(model, state, config, ckpt, placed)
     return model.eval()
+
+
+def _place_layers(model: nn.Module, ckpt: FactoredCheckpoint, prefix: str, config: MoOREConfig,
+                  state: RoutingState, gen: torch.Generator) -> dict[str, str]:
+    """Put a MoORELinear in place of every factored layer (experts: in place of their 3-D tensors);
+    returns checkpoint layer name -> module path."""
+    paths = [p for p, _ in model.named_modules()]
+    experts: dict[str, dict[str, dict[int, str]]] = {}  # experts module -> tensor -> expert -> layer name
+    plain = {}
+    for name, rec in ckpt.layers.items():
+        if rec.layout in EXPERT_LAYOUTS:
+            key, index = weight_slot(name, rec.layout)
+            owner, _, tensor = key.rpartition(".")
+            experts.setdefault(owner, {}).setdefault(tensor, {})[index] = name
+        else:
+            plain[name] = rec
+
+    def where(names) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for path in paths:
+            name = checkpoint_name(path, prefix, names)
+            if name is not None and name not in found:
+                found[name] = path
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise MoorizeError(f"{ckpt.directory}: factored layers not found in the architecture: {missing[:3]}")
+        return found
+
+    def layer(name: str) -> MoORELinear:
+        U, S, Vh, R = ckpt.factors(name)
+        bias = ckpt.tensor(f"{name}.bias") if ckpt.layers[name].bias else None
+        return MoORELinear(U, S, Vh, R, bias, config, state, generator=gen)
+
+    placed = where(plain)
+    for name, path in placed.items():
+        _set_submodule(model, path, layer(name))
+    for owner, path in where(experts).items():
+        module = model.get_submodule(path)
+        if not is_experts_module(module):
+            raise MoorizeError(f"{ckpt.directory}: {path} holds factored experts but is not a transformers "
+                               "experts module in this version of transformers")
+        tensors = {}
+        for tensor, by_index in experts[owner].items():
+            stored = getattr(module, tensor, None)
+            if not isinstance(stored, nn.Parameter) or sorted(by_index) != list(range(stored.shape[0])):
+                raise MoorizeError(f"{ckpt.directory}: experts of {owner}.{tensor} do not match the architecture")
+            tensors[tensor] = [layer(by_index[e]) for e in range(len(by_index))]
+            placed.update({by_index[e]: f"{path}.{tensor}.{e}" for e in by_index})
+        install_experts(module, tensors)
+    return placed
+
+
+def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """``load(dtype=...)``: every floating tensor in ``dtype`` except the MoORE parameters, which train and
+    accumulate small updates, so they stay in float32 (as ``moorize train`` keeps them)."""
+    keep = {id(p) for layer in model.modules() if isinstance(layer, MoORELinear) for p in layer.parameters()}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point() and id(p) not in keep:
+                module._parameters[name] = nn.Parameter(p.data.to(dtype), requires_grad=p.requires_grad)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point():
+                module._buffers[name] = b.to(dtype)
+    model.tie_weights()  # tied embeddings were cast once each: tie them again
+    model.config.dtype = dtype
+
+
+def _routing_contexts(state: RoutingState):
+    """torch.utils.checkpoint's ``context_fn``: a recomputed block routes with the task ids its first forward
+    saw (by the time backward recomputes it, the model's forward has returned and cleared them)."""
+    seen = (state.task_ids, state.sticky)
+
+    @contextlib.contextmanager
+    def recompute():
+        previous = (state.task_ids, state.sticky)
+        state.task_ids, state.sticky = seen
+        try:
+            yield
+        finally:
+            state.task_ids, state.sticky = previous
+
+    return contextlib.nullcontext(), recompute()
 
 
 def _refuse_adapter_as_base(d: Path) -> None:
@@ -176,6 +246,20 @@ def _install_routing(model, state: RoutingState, config: MoOREConfig, ckpt: Fact
 
         model.generate = types.MethodType(generate, model)
 
+    original_checkpointing = getattr(model, "gradient_checkpointing_enable", None)
+    if original_checkpointing is not None:
+
+        @functools.wraps(original_checkpointing)
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            kwargs = dict(gradient_checkpointing_kwargs or {})
+            if kwargs.get("use_reentrant"):
+                raise MoorizeError("reentrant gradient checkpointing cannot give recomputed MoORE layers their "
+                                   "task ids; moorize uses use_reentrant=False")
+            kwargs.update(use_reentrant=False, context_fn=functools.partial(_routing_contexts, state))
+            return original_checkpointing(gradient_checkpointing_kwargs=kwargs)
+
+        model.gradient_checkpointing_enable = types.MethodType(gradient_checkpointing_enable, model)
+
     def set_default_task(self, task) -> None:
         state.default = None if task is None else state.task_id(task)
 
@@ -236,7 +320,7 @@ def _write_dense(model, directory, task: str, dest, *, overwrite: bool, max_shar
             raise MoorizeError(f"the factored checkpoint {ckpt.directory} changed since this model was loaded "
                                "from it; load it again")
         passthrough = ckpt.passthrough_names()
-        names = passthrough + [f"{n}.weight" for n in ckpt.layers]
+        names = passthrough + list(dict.fromkeys(weight_slot(n, r.layout)[0] for n, r in ckpt.layers.items()))
         parts: list[ShardPart] = []
         shard: ShardFile | None = None
         size = 0
@@ -254,12 +338,11 @@ def _write_dense(model, directory, task: str, dest, *, overwrite: bool, max_shar
 
         for key in passthrough:
             add(key, ckpt.tensor(key))
-        for name, layer in layers.items():
-            rec = ckpt.layers[name]
-            W = layer.merged_weight(task_id)
-            if rec.layout == "conv1d":
-                W = W.t()
-            add(f"{name}.weight", W.to(getattr(torch, rec.source_dtype)).contiguous())
+        merged = ((name, ckpt.layers[name].layout,
+                   layer.merged_weight(task_id).to(getattr(torch, ckpt.layers[name].source_dtype)))
+                  for name, layer in layers.items())
+        for key, W in dense_weights(merged):
+            add(key, W)
         if shard is not None:
             parts.append(shard.close())
         finalize_shards(tmp, parts)

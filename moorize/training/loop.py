@@ -176,6 +176,10 @@ def _build_model(factored_dir: Path, table: TaskTable, kind: str, opts: TrainOpt
 
     model = load(factored_dir, config=opts.moore_config(table.tasks))
     prepare_for_training(model)
+    if opts.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise MoorizeError(f"{type(model).__name__} does not support gradient checkpointing in transformers")
+        model.gradient_checkpointing_enable()
     if kind == "causal":
         if not hasattr(model, "generate") or getattr(model, "get_output_embeddings", lambda: None)() is None:
             raise MoorizeError(f"{factored_dir} is not a language model ({type(model).__name__}): "

@@ -47,6 +47,7 @@ class TrainOptions:
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
     precision: str = "auto"  # autocast: bf16 where the GPU has it, none on the CPU
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward (transformers' own)
     seed: int = 0
     # data
     max_length: int = 512

@@ -1,0 +1,104 @@
+"""Tiny random models of many transformers families, and inputs for their forward.
+
+Each entry is built from the family's own config class (no download), saved with
+``save_pretrained`` (so the stored tensor names are the ones transformers writes, which for
+some families differ from the module names), and driven with inputs of the right kind:
+token ids, ids plus decoder ids, or pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
+DECODER = dict(SMALL, num_key_value_heads=2)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family: its config class and kwargs, the model class, what its forward takes, and what it shows."""
+
+    name: str
+    model_class: str
+    config: dict
+    inputs: str = "ids"  # "ids" | "seq2seq" | "pixels"
+    note: str = ""
+    moe: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def build(self, seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        cfg = transformers.AutoConfig.for_model(self.name, **self.config)
+        model = getattr(transformers, self.model_class)(cfg).eval()
+        with torch.no_grad():  # off init, so no weight is exactly zero or identity
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        return model
+
+    def example_inputs(self, model, batch: int = 2, seq: int = 7, seed: int = 0) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        cfg = model.config
+        if self.inputs == "pixels":
+            size, ch = cfg.image_size, cfg.num_channels
+            return {"pixel_values": torch.randn(batch, ch, size, size, generator=g)}
+        vocab = cfg.get_text_config().vocab_size
+        ids = torch.randint(3, vocab, (batch, seq), generator=g)
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.inputs == "seq2seq":
+            out["decoder_input_ids"] = torch.randint(3, vocab, (batch, seq - 2), generator=g)
+        return out
+
+
+def _f(name, model_class, config, **kw) -> Family:
+    return Family(name, model_class, config, **kw)
+
+
+FAMILIES = [
+    # decoder-only
+    _f("llama", "LlamaForCausalLM", DECODER),
+    _f("mistral", "MistralForCausalLM", dict(DECODER, sliding_window=None)),
+    _f("qwen2", "Qwen2ForCausalLM", DECODER, note="q/k/v biases"),
+    _f("qwen3", "Qwen3ForCausalLM", dict(DECODER, head_dim=8), note="q/k norms"),
+    _f("gemma2", "Gemma2ForCausalLM", dict(DECODER, head_dim=8), note="soft-capping, sandwich norms"),
+    _f("phi3", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+       note="fused qkv and gate_up"),
+    _f("gpt2", "GPT2LMHeadModel", dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=1, eos_token_id=2), note="Conv1D stores [in, out]"),
+    _f("gpt_neox", "GPTNeoXForCausalLM", SMALL, note="stored names differ from module names"),
+    _f("opt", "OPTForCausalLM", dict(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)),
+    _f("falcon", "FalconForCausalLM", dict(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4), note="fused query_key_value"),
+    # encoder-only
+    _f("bert", "BertModel", SMALL),
+    _f("roberta", "RobertaModel", dict(SMALL, pad_token_id=1)),
+    _f("distilbert", "DistilBertModel", dict(vocab_size=96, dim=32, hidden_dim=48, n_layers=2, n_heads=4,
+                                             max_position_embeddings=64)),
+    _f("deberta-v2", "DebertaV2Model", SMALL, note="relative attention"),
+    # encoder-decoder
+    _f("t5", "T5ForConditionalGeneration", dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                num_heads=4, decoder_start_token_id=0),
+       inputs="seq2seq", note="reads .weight of its projections"),
+    _f("bart", "BartForConditionalGeneration", dict(vocab_size=96, d_model=32, encoder_layers=2,
+                                                    decoder_layers=2, encoder_attention_heads=4,
+                                                    decoder_attention_heads=4, encoder_ffn_dim=48,
+                                                    decoder_ffn_dim=48, max_position_embeddings=64),
+       inputs="seq2seq"),
+    # vision transformers
+    _f("vit", "ViTModel", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=16, patch_size=4), inputs="pixels"),
+    _f("clip_vision_model", "CLIPVisionModel", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=16, patch_size=4),
+       inputs="pixels"),
+    # sparse mixture-of-experts decoders (experts stored as one 3-D tensor per layer in the modules)
+    _f("mixtral", "MixtralForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2,
+                                             sliding_window=None), moe=True),
+    _f("qwen2_moe", "Qwen2MoeForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2,
+                                                moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                                decoder_sparse_step=1), moe=True, note="plus a shared expert"),
+]
+BY_NAME = {f.name: f for f in FAMILIES}

@@ -1,0 +1,175 @@
+"""Every family transformers loads: tiny random models of 20 families (decoders, encoders,
+encoder-decoders, vision transformers, sparse-MoE decoders) convert at full rank and load with the
+original outputs; adapters round-trip; task merges load in transformers with no moorize; the
+sparse-MoE experts are factored expert by expert, route each token with its row's task, and export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from families import BY_NAME, FAMILIES
+from helpers import perturb
+from safetensors.torch import load_file, save_file
+
+import moorize
+from moorize.errors import MoorizeError
+from moorize.io.factored import FactoredCheckpoint
+from moorize.model.layer import MoORELinear, moore_layers
+
+TASKS = ["a", "b"]
+
+
+def output_of(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Factory: name -> (original model, inputs, source dir, factored dir, report), built once per family."""
+    root = tmp_path_factory.mktemp("families")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            fam = BY_NAME[name]
+            model = fam.build()
+            src, out = root / f"{name}-hf", root / f"{name}-f"
+            model.save_pretrained(src)
+            report = moorize.convert(src, out)
+            cache[name] = (model, fam.example_inputs(model), src, out, report)
+        return cache[name]
+
+    return get
+
+
+def test_the_table_spans_the_kinds_the_issue_names():
+    kinds = {f.inputs for f in FAMILIES}
+    assert len(FAMILIES) >= 15 and kinds == {"ids", "seq2seq", "pixels"}
+    assert sum(f.moe for f in FAMILIES) >= 2
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_full_rank_conversion_loads_with_the_original_outputs(name, converted):
+    model, inputs, src, out, report = converted(name)
+    with torch.no_grad():
+        ref = output_of(model(**inputs))
+        routed = moorize.load(out)
+        got = output_of(routed(**inputs))
+    assert report.layers and report.worst_rel_error < 1e-5
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert all(isinstance(m, MoORELinear) for m in moore_layers(routed).values())
+    if BY_NAME[name].moe:
+        layouts = {r.layout for r in report.layers}
+        assert "expert" in layouts, "the experts' 3-D tensors were not factored"
+        experts = [r for r in report.layers if r.layout == "expert"]
+        n_experts = routed.config.num_local_experts if name == "mixtral" else routed.config.num_experts
+        per_tensor: dict[str, int] = {}
+        for r in experts:
+            per_tensor[r.name.rpartition(".")[0]] = per_tensor.get(r.name.rpartition(".")[0], 0) + 1
+        assert set(per_tensor.values()) == {n_experts}
+        assert not any(r.name.endswith((".gate", "mlp.gate")) for r in report.layers), "the token router stays dense"
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_adapter_round_trip_and_merge_load_in_plain_transformers(name, converted, tmp_path):
+    model, inputs, src, out, _ = converted(name)
+    routed = moorize.load(out, tasks=TASKS, router="task")
+    perturb(routed, seed=1)
+    moorize.save_adapter(routed, tmp_path / "ad")
+    rows = inputs[next(iter(inputs))].shape[0]
+    with torch.no_grad():
+        tuned = output_of(routed(**inputs, task_ids=["b"] * rows))
+        again = output_of(moorize.load(out, tmp_path / "ad")(**inputs, task_ids=["b"] * rows))
+        base = output_of(model(**inputs))
+    assert torch.equal(tuned, again)
+    assert (tuned - base).abs().max().item() > 1e-3, "the perturbed routers must change the outputs"
+    moorize.merge(out, tmp_path / "ad", "b", tmp_path / "merged")
+    dense = getattr(transformers, BY_NAME[name].model_class).from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        merged = output_of(dense(**inputs))
+    assert (merged - tuned).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_tokens_route_with_their_own_rows_task(name, converted):
+    """Experts see the batch's tokens flattened and gathered: each must still carry its row's task."""
+    _, inputs, _, out, _ = converted(name)
+    routed = moorize.load(out, tasks=TASKS, router="task+sample")
+    perturb(routed, seed=2)
+    with torch.no_grad():
+        mixed = routed(**inputs, task_ids=["a", "b"]).logits
+        row0 = routed(**{k: v[:1] for k, v in inputs.items()}, task_ids=["a"]).logits
+        row1 = routed(**{k: v[1:] for k, v in inputs.items()}, task_ids=["b"]).logits
+        both_a = routed(**inputs, task_ids=["a", "a"]).logits
+    assert torch.allclose(mixed[0], row0[0], atol=1e-5) and torch.allclose(mixed[1], row1[0], atol=1e-5)
+    assert (both_a[1] - mixed[1]).abs().max() > 1e-3, "row 1's task must matter"
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_export_with_past_runs_in_onnx_runtime_as_in_pytorch(name, converted, tmp_path):
+    from moorize.exporters.onnx import export_onnx
+    from moorize.exporters.ort import MoOREOrtModel
+
+    _, inputs, _, out, _ = converted(name)
+    routed = moorize.load(out, tasks=TASKS, router="task+sample")
+    perturb(routed, seed=3)
+    moorize.save_adapter(routed, tmp_path / "ad")
+    report = export_onnx(out, tmp_path / "onnx", tmp_path / "ad", with_past=True)  # validated per task inside
+    assert report.moore_nodes == len(moore_layers(routed))
+    ort = MoOREOrtModel.from_export(tmp_path / "onnx")
+    ids = inputs["input_ids"]
+    got = ort.generate_ids(ids.numpy(), task=["a", "b"], max_new_tokens=6)
+    with torch.no_grad():
+        want = routed.generate(ids, attention_mask=torch.ones_like(ids), task_ids=["a", "b"], max_new_tokens=6,
+                               do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_legacy_stored_names_convert_the_way_transformers_loads_them(converted, tmp_path):
+    """A BERT checkpoint with TF-era names (LayerNorm.gamma/beta): transformers renames them on load; so does
+    moorize, and the factored checkpoint holds the module names."""
+    model, inputs, src, _, _ = converted("bert")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (legacy / f.name).write_bytes(f.read_bytes())
+    sd = load_file(src / "model.safetensors")
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in sd.items()}
+    assert renamed.keys() != sd.keys()
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
+    moorize.convert(legacy, tmp_path / "f")
+    with FactoredCheckpoint(tmp_path / "f") as ckpt:
+        names = set(ckpt.passthrough_names())
+    assert not any("gamma" in n or "beta" in n for n in names)
+    with torch.no_grad():
+        got = moorize.load(tmp_path / "f")(**inputs).last_hidden_state
+        ref = model(**inputs).last_hidden_state
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_vit_blocks_are_found_under_their_module_names(converted):
+    """ViT stores encoder.layer.N.attention.attention.query; its modules are layers.N.attention.q_proj."""
+    _, _, src, out, report = converted("vit")
+    stored = json.loads((src / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (src / "model.safetensors").read_bytes()[:8], "little")])
+    assert any(".attention.attention.query." in k for k in stored)
+    assert {r.name.rsplit(".", 1)[-1] for r in report.layers} >= {"q_proj", "k_proj", "v_proj"}
+
+
+def test_a_moore_layer_answers_what_model_code_reads_of_a_weight_and_refuses_computing_with_it(converted):
+    _, _, _, out, _ = converted("t5")
+    layer = next(iter(moore_layers(moorize.load(out)).values()))
+    w = layer.weight
+    assert w.dtype == layer.U.dtype and w.device == layer.U.device
+    assert tuple(w.shape) == (layer.out_features, layer.in_features)
+    assert w.stride() == (0, 0), "the dense matrix must not be materialised (one zero, expanded)"
+    with pytest.raises(MoorizeError, match="weight of a MoORE layer"):
+        torch.nn.functional.linear(torch.ones(1, layer.in_features), w)
+    with pytest.raises(MoorizeError):
+        torch.ones(1, layer.out_features) @ w.T
