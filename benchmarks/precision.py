@@ -107,7 +107,7 @@ def part(work: Path, args) -> bool:
                      U.fmt_pct(same_rows), U.fmt_pct(same_tokens), size))
         del model
     U.heading(f"SmolLM2-135M-Instruct against float32: {len(prompts)} prompts, {new_tokens} greedy tokens", 3)
-    print(U.table(["model", "max |Δ logits|", "mean |Δ logits|", "top-1 agree", "greedy rows equal",
+    print(U.table(["model", "max abs Δ logits", "mean abs Δ logits", "top-1 agree", "greedy rows equal",
                    "greedy tokens equal", "checkpoint"], rows, align="lrrrrrr"))
     U.note(f"logits of the float32 original span [{ref.min().item():.1f}, {ref.max().item():.1f}]")
     return True

@@ -280,7 +280,7 @@ def _layer(m: int, n: int, seed: int):
     """A full-rank MoORELinear of a random m x n weight with every MoORE parameter perturbed."""
     import torch
 
-    from moorize.model.layer import MoOREConfig, MoORELinear, RoutingState
+    from moorize.model.layer import MoOREConfig, MoORELinear, RoutingState, layer_trainable
 
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, n, generator=g) / math.sqrt(n)
@@ -289,7 +289,7 @@ def _layer(m: int, n: int, seed: int):
     state = RoutingState(cfg.tasks)
     layer = MoORELinear(Uf.contiguous(), S.contiguous(), Vh.contiguous(), None, None, cfg, state, generator=g)
     with torch.no_grad():
-        for p in layer.parameters():
+        for p in layer_trainable(layer).values():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return layer, W
 
@@ -301,6 +301,8 @@ def _rel(a, b) -> float:
 def part_b(args) -> bool:
     import torch
     import torch.nn.functional as F
+
+    from moorize.model.layer import layer_trainable
 
     shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # SmolLM2: q/o, k/v, gate/up, down
     U.heading("B. One MoORELinear, forward+backward: `forward` vs the per-token `forward_reference`")
@@ -320,7 +322,7 @@ def part_b(args) -> bool:
         g = torch.Generator().manual_seed(1)
         x = torch.randn(1, args.layer_tokens, n, generator=g).requires_grad_(True)
         gy = torch.randn(1, args.layer_tokens, m, generator=g)
-        params = list(layer.parameters())
+        params = list(layer_trainable(layer).values())
 
         def step(f):
             def run():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moorize.model.layer import moore_layers
+from moorize.model.layer import layer_trainable, moore_layers
 
 
 def perturb(model: nn.Module, scale: float = 0.05, seed: int = 1) -> None:
@@ -13,7 +13,7 @@ def perturb(model: nn.Module, scale: float = 0.05, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in moore_layers(model).values():
-            for p in layer.parameters():
+            for p in layer_trainable(layer).values():
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 

@@ -23,7 +23,7 @@ from moorize.exporters.onnx import export_onnx
 from moorize.exporters.ort import MoOREOrtModel
 from moorize.exporters.torchscript import export_pt2, export_torchscript, load_file
 from moorize.model.heads import TaskHeads
-from moorize.model.layer import MoOREConfig, MoORELinear, RoutingState
+from moorize.model.layer import MoOREConfig, MoORELinear, RoutingState, layer_trainable
 
 TASKS = ["a", "b", "c"]
 
@@ -71,7 +71,7 @@ def test_op_matches_moorelinear_and_its_onnx_function(router, residual, bias):
     state = RoutingState(TASKS)
     layer = MoORELinear(U, S, Vh, R, b, cfg, state).eval()
     with torch.no_grad():
-        for p in layer.parameters():
+        for p in layer_trainable(layer).values():
             p.add_(torch.randn_like(p) * 0.3)
     x = torch.randn(3, 4, n)
     ids = torch.tensor([2, 0, 1])

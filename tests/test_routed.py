@@ -13,7 +13,7 @@ from helpers import perturb as _perturb
 
 import moorize
 from moorize import MoOREConfig, MoORELinear, MoorizeError, moore_layers
-from moorize.model.layer import RoutingState
+from moorize.model.layer import RoutingState, layer_trainable
 
 TASKS = ["alpha", "beta", "gamma"]
 
@@ -82,7 +82,7 @@ def test_layer_matches_published_per_token_formulation():
     dense = x @ ((U * S) @ Vh + R).t() + b
     assert torch.allclose(at_init, dense, atol=1e-5)  # H = I, A = B = 0: exactly W x + b
     with torch.no_grad():
-        for p in layer.parameters():
+        for p in layer_trainable(layer).values():
             p.add_(torch.randn_like(p) * 0.1)
     fast, ref = layer(x), layer.forward_reference(x, torch.tensor([0, 1]))
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
@@ -92,7 +92,7 @@ def test_layer_matches_published_per_token_formulation():
     for out in (layer(x), layer.forward_reference(x, torch.tensor([0, 1]))):
         layer.zero_grad()
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+        grads.append({n: p.grad.clone() for n, p in layer_trainable(layer).items()})
     for n in grads[0]:
         assert ((grads[0][n] - grads[1][n]).norm() / grads[1][n].norm()).item() < 1e-5, n
     # the cached inference path (eval, no grad) too
@@ -115,7 +115,7 @@ def test_layer_in_half_precision(dtype, tol):
     cfg = MoOREConfig(tasks=["a"], householder=4, router_experts=8, task_dim=4)
     layer = MoORELinear(U, torch.rand(32) + 0.5, Vh, None, None, cfg, RoutingState(cfg.tasks))
     with torch.no_grad():
-        for p in layer.parameters():
+        for p in layer_trainable(layer).values():
             p.add_(torch.randn_like(p) * 0.1)
     x = torch.randn(3, 6, 32)
     ref = layer.forward_reference(x)

@@ -20,6 +20,7 @@ import torch
 import moorize
 from moorize import moore_layers
 from moorize.model.adapter import WEIGHTS_NAME
+from moorize.model.layer import layer_trainable
 from moorize.quickstart import greedy
 
 pytestmark = pytest.mark.slow  # every test here
@@ -220,7 +221,7 @@ def test_minilm_routed_hidden_states_equal_original(minilm_path, outputs):
 
 def test_smollm2_adapter_roundtrip(smol_routed, smollm2_full, smollm2_dir, smol_ids, ref_logits, tmp_path):
     """Perturbs the shared routed model like training would, and puts it back afterwards."""
-    params = [p for layer in moore_layers(smol_routed).values() for p in layer.parameters()]
+    params = [p for layer in moore_layers(smol_routed).values() for p in layer_trainable(layer).values()]
     saved = [p.detach().clone() for p in params]
     g = torch.Generator().manual_seed(0)
     try:

@@ -348,3 +348,29 @@ def test_sample_router_lr_scales_only_the_sample_router(tiny_llama, tmp_path):
     assert any(not torch.equal(v, start[k]) for k, v in trained.items() if k.endswith(".task_router"))
     with pytest.raises(moorize.MoorizeError, match="sample_router_lr"):
         moorize.train(tiny_llama, data, tmp_path / "b", sample_router_lr=-1.0, **FAST)
+
+
+def test_fsdp_two_processes_shard_the_factors_and_train_like_one(tiny_llama, tmp_path):
+    """FSDP2 (torchrun, gloo, 2 CPU ranks, batch 4 each) ends at the adapter of 1 process accumulating 2 x 4,
+    and each rank holds half of the frozen factors' bytes instead of all of them."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(24))
+    common = [str(tiny_llama), "--data", data, "--max-steps", "3", "--batch-size", "4", "--no-progress",
+              "--router-experts", "16", "--task-dim", "8", "--lr", "0.03", "--cpu", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("fsdp", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]),
+                           ("one", [])):
+        extra = ["--fsdp"] if name == "fsdp" else ["--grad-accum", "2"]
+        run = subprocess.run([sys.executable, *launcher, "-m", "moorize", "train", *common, *extra,
+                              "--output", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[name] = json.JSONDecoder().raw_decode(run.stdout[run.stdout.index("{"):])[0]  # each rank prints one
+    a, b = moorize.read_adapter(tmp_path / "fsdp")[1], moorize.read_adapter(tmp_path / "one")[1]
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    one, sharded = runs["one"]["frozen_bytes_per_process"], runs["fsdp"]["frozen_bytes_per_process"]
+    assert one > 0 and sharded <= 0.55 * one, (one, sharded)

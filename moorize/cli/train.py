@@ -47,6 +47,9 @@ DEFAULTS = TrainOptions()
               help="Autocast (auto: bf16 on a GPU that has it, none on the CPU).")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="Recompute each block's activations in backward: less memory, about a third more compute.")
+@click.option("--fsdp", is_flag=True,
+              help="Under several processes, shard the frozen factors and the MoORE state (FSDP2) instead of "
+                   "replicating them.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
 @click.option("--max-length", type=int, default=DEFAULTS.max_length, show_default=True, help="Longest example in tokens.")
 @click.option("--truncate/--no-truncate", default=True, show_default=True,
@@ -78,7 +81,8 @@ def train(factored_dir: Path, data, output: Path, eval_data, resume: bool, overw
     if as_json:
         click.echo(json.dumps({"adapter": str(report.adapter), "steps": report.steps, "kind": report.kind,
                                "tasks": report.tasks, "train_loss": report.train_loss, "eval": report.eval,
-                               "seconds": report.seconds, "tokens_per_s": report.tokens_per_s}, indent=2))
+                               "seconds": report.seconds, "tokens_per_s": report.tokens_per_s,
+                               "frozen_bytes_per_process": report.frozen_bytes_per_process}, indent=2))
         return
     click.echo(f"wrote adapter {report.adapter}: {report.steps} steps in {report.seconds:.1f} s "
                f"({report.tokens_per_s:.0f} tokens/s), final train loss {report.train_loss:.4f}")

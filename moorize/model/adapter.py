@@ -38,12 +38,17 @@ def save_adapter(model, directory, *, heads=None, overwrite: bool = True, extra:
     return directory
 
 
-def write_adapter_files(model, directory: Path, *, heads=None, extra: dict | None = None) -> None:
-    """The two adapter files inside an existing directory; the config goes last, so it marks them complete."""
+def write_adapter_files(model, directory: Path, *, heads=None, extra: dict | None = None,
+                        tensors: dict | None = None) -> None:
+    """The two adapter files inside an existing directory; the config goes last, so it marks them complete.
+    ``tensors`` replaces the model's own (training passes them gathered from every FSDP process)."""
     config: MoOREConfig = model.moore.config
-    params = dict(trainable_parameters(model))
-    if heads is not None:
-        params.update(heads.state_tensors())
+    if tensors is not None:
+        params = dict(tensors)
+    else:
+        params = dict(trainable_parameters(model))
+        if heads is not None:
+            params.update(heads.state_tensors())
     write_tensors(directory / WEIGHTS_NAME, params)
     meta = {
         "format": ADAPTER_FORMAT,

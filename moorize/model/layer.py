@@ -108,14 +108,11 @@ class MoORELinear(nn.Module):
         self.in_features, self.out_features, self.rank = n, m, r
         self.config = config
         self.state = state
-        self.register_buffer("U", U)
-        self.register_buffer("Vh", Vh)
-        self.register_buffer("residual", residual)
-        self.register_buffer("bias", bias)
-        if config.train_sigma:
-            self.sigma = nn.Parameter(S.clone())
-        else:
-            self.register_buffer("sigma", S)
+        # The frozen factors are parameters that never train (requires_grad=False), not buffers: FSDP shards
+        # parameters across ranks and replicates buffers, and the factors are nearly all of the model's bytes.
+        for name, t in (("U", U), ("Vh", Vh), ("residual", residual), ("bias", bias)):
+            self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=False))
+        self.sigma = nn.Parameter(S.clone() if config.train_sigma else S, requires_grad=config.train_sigma)
         pdt = torch.promote_types(U.dtype, torch.float32)  # trainable parts in float32 or wider
         k = config.householder
         if k:
@@ -336,10 +333,19 @@ def moore_layers(model: nn.Module) -> dict[str, MoORELinear]:
     return {name: model.get_submodule(path) for name, path in model.moore.layer_paths.items()}
 
 
+TRAINABLE = ("householder", "task_embedding", "task_router", "router_in", "router_out")  # + sigma with train_sigma
+
+
+def layer_trainable(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """A MoORE layer's trainable parameters by name (the frozen factors are parameters too, for FSDP)."""
+    names = TRAINABLE + (("sigma",) if layer.config.train_sigma else ())
+    return {n: p for n, p in layer.named_parameters() if n in names}
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The MoORE parameters (routers, Householder vectors, σ when enabled) by adapter key."""
     out = {}
     for name, layer in moore_layers(model).items():
-        for pname, p in layer.named_parameters():
+        for pname, p in layer_trainable(layer).items():
             out[f"{name}.{pname}"] = p
     return out

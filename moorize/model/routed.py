@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,15 @@ from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from .adapter import HEADS_PREFIX, read_adapter, write_adapter_files
 from .adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from .experts import install as install_experts
-from .layer import MoOREConfig, MoORELinear, MoOREState, RoutingState, moore_layers, trainable_parameters
+from .layer import (
+    MoOREConfig,
+    MoORELinear,
+    MoOREState,
+    RoutingState,
+    layer_trainable,
+    moore_layers,
+    trainable_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +167,7 @@ def _place_layers(model: nn.Module, ckpt: FactoredCheckpoint, prefix: str, confi
 def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     """``load(dtype=...)``: every floating tensor in ``dtype`` except the MoORE parameters, which train and
     accumulate small updates, so they stay in float32 (as ``moorize train`` keeps them)."""
-    keep = {id(p) for layer in model.modules() if isinstance(layer, MoORELinear) for p in layer.parameters()}
+    keep = {id(p) for layer in model.modules() if isinstance(layer, MoORELinear) for p in layer_trainable(layer).values()}
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_floating_point() and id(p) not in keep:
@@ -204,7 +213,7 @@ def _load_adapter_state(model: nn.Module, placed: dict[str, str], state: dict[st
     expected = set()
     for name, path in placed.items():
         layer = model.get_submodule(path)
-        for pname, p in layer.named_parameters():
+        for pname, p in layer_trainable(layer).items():
             key = f"{name}.{pname}"
             expected.add(key)
             if key not in state:
@@ -249,14 +258,18 @@ def _install_routing(model, state: RoutingState, config: MoOREConfig, ckpt: Fact
     original_checkpointing = getattr(model, "gradient_checkpointing_enable", None)
     if original_checkpointing is not None:
 
+        # transformers >= 5.2x routes activation_checkpointing_enable (every_n_layers=, offload=) through an
+        # overridden gradient_checkpointing_enable, so both entry points arrive here
         @functools.wraps(original_checkpointing)
-        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **options):
             kwargs = dict(gradient_checkpointing_kwargs or {})
             if kwargs.get("use_reentrant"):
                 raise MoorizeError("reentrant gradient checkpointing cannot give recomputed MoORE layers their "
                                    "task ids; moorize uses use_reentrant=False")
             kwargs.update(use_reentrant=False, context_fn=functools.partial(_routing_contexts, state))
-            return original_checkpointing(gradient_checkpointing_kwargs=kwargs)
+            with warnings.catch_warnings():  # the deprecated name is the one transformers lets us wrap
+                warnings.simplefilter("ignore", FutureWarning)
+                return original_checkpointing(gradient_checkpointing_kwargs=kwargs, **options)
 
         model.gradient_checkpointing_enable = types.MethodType(gradient_checkpointing_enable, model)
 

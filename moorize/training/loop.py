@@ -74,6 +74,7 @@ class TrainReport:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     resumed_from: int | None = None
+    frozen_bytes_per_process: int = 0  # bytes of frozen parameters (the factors) this process held: sharded by FSDP
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -222,9 +223,32 @@ def _accelerator(opts: TrainOptions):
     if precision == "auto":
         precision = "bf16" if (not opts.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) \
             else "no"
-    # the frozen factors are buffers: broadcasting them every step would move the whole model
+    # nothing the model keeps as a buffer changes: broadcasting buffers every step would only cost time
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(mixed_precision=precision, cpu=opts.cpu, kwargs_handlers=[ddp])
+
+
+def _shard(module: torch.nn.Module, routed, accelerator) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``) over every block transformers names in ``_no_split_modules``, then the root: each
+    parameter, the frozen factors included (parameters that never train), is split across the processes and
+    gathered only while its block runs. Applied here rather than through accelerate's plugin, which has no
+    FSDP on the CPU, so the same path runs on CPU ranks (gloo) and GPUs."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise MoorizeError(f"--fsdp needs FSDP2 (torch >= 2.6); this torch is {torch.__version__}") from None
+    if accelerator.num_processes < 2:
+        log.warning("--fsdp with one process: nothing to shard")
+        return module
+    names = set(getattr(routed, "_no_split_modules", None) or ())
+    blocks = [m for m in module.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise MoorizeError(f"--fsdp: {type(routed).__name__} names no blocks to shard (_no_split_modules)")
+    module.to(accelerator.device)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(module)
+    return module
 
 
 def _tokenizer(factored_dir: Path):
@@ -391,11 +415,20 @@ class _Run:
                        "data_sha256": file_digests(data), "eval_data_sha256": file_digests(eval_data or []),
                        "tasks": self.ds.table.tasks, "kind": self.ds.kind, "train_examples": len(self.ds.train),
                        "total_steps": self.plan.total}
+        if opts.fsdp:  # before the optimizer: sharding replaces the parameters
+            self.module = _shard(self.module, self.routed, self.accelerator)
+            self.trainable = _trainable(self.routed, self.heads)
         optimizer = torch.optim.AdamW(param_groups(self.trainable, opts), lr=opts.lr, weight_decay=opts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opts, self.plan.total))
         # the scheduler is stepped by hand, once a step
-        self.module, self.optimizer = self.accelerator.prepare(self.module, optimizer)
+        if opts.fsdp:
+            self.optimizer = self.accelerator.prepare(optimizer)
+        else:
+            self.module, self.optimizer = self.accelerator.prepare(self.module, optimizer)
         self.device, self.world = self.accelerator.device, self.accelerator.num_processes
+        self.frozen_bytes = sum(_local(p).numel() * p.element_size() for p in self.module.parameters()
+                                if not p.requires_grad)
+        log.info("frozen parameters held by this process: %d bytes", self.frozen_bytes)
         self.tokens, self.window, self.last_eval = 0, [], None
 
     def begin(self, resume_from: Path | None, callbacks, progress) -> int:
@@ -491,8 +524,9 @@ class _Run:
         """Check what was trained, write the adapter into the run directory and publish it as the output."""
         opts, total = self.opts, self.plan.total
         _check_finite_parameters(self.trainable, total, self.output)
+        tensors = {k: _full(t) for k, t in _adapter_tensors(self.routed, self.heads).items()}  # every rank gathers
         if self.accelerator.is_main_process:
-            write_adapter_files(self.routed, self.run_dir, heads=self.heads,
+            write_adapter_files(self.routed, self.run_dir, heads=self.heads, tensors=tensors,
                                 extra={"training": {"options": asdict(opts), "steps": total, "kind": self.ds.kind,
                                                     "final_eval": self.last_eval}})
             if not opts.keep_checkpoints_at_end:
@@ -505,7 +539,7 @@ class _Run:
                            train_loss=train_records[-1]["loss"] if train_records else None,
                            eval=self.last_eval or {}, history=history, seconds=self.seconds,
                            tokens_per_s=self.tokens * self.world / self.seconds if self.seconds else 0.0,
-                           resumed_from=resumed_from)
+                           resumed_from=resumed_from, frozen_bytes_per_process=self.frozen_bytes)
 
 
 def param_groups(trainable: dict[str, torch.nn.Parameter], opts: TrainOptions) -> list[dict]:
@@ -518,6 +552,25 @@ def param_groups(trainable: dict[str, torch.nn.Parameter], opts: TrainOptions) -
     if sample:
         groups.append({"params": sample, "lr": opts.lr * opts.sample_router_lr})
     return groups
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor FSDP sharded (a DTensor), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, gathered from every process when FSDP sharded it (a collective: call on every rank)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
+def _adapter_tensors(routed, heads) -> dict[str, torch.Tensor]:
+    from ..model.layer import trainable_parameters
+
+    out = dict(trainable_parameters(routed))
+    if heads is not None:
+        out.update(heads.state_tensors())
+    return out
 
 
 def _trainable(routed, heads) -> dict[str, torch.nn.Parameter]:

@@ -48,6 +48,7 @@ class TrainOptions:
     max_steps: int | None = None  # overrides epochs
     precision: str = "auto"  # autocast: bf16 where the GPU has it, none on the CPU
     gradient_checkpointing: bool = False  # recompute each block's activations in backward (transformers' own)
+    fsdp: bool = False  # shard the frozen factors and the MoORE state over the processes (FSDP2), not replicate
     seed: int = 0
     # data
     max_length: int = 512
@@ -75,6 +76,9 @@ class TrainOptions:
             if value is None and name in ("max_steps", "eval_max_examples"):
                 continue
             _check_number(name, value, kind, lo, hi, lo_open)
+        if self.fsdp and self.save_every:
+            raise MoorizeError("--fsdp runs cannot save intermediate checkpoints yet (their optimizer state is "
+                               "sharded): drop --save-every, or train with DDP")
         if self.max_steps is None and not self.epochs > 0:
             raise MoorizeError(f"epochs must be positive, got {self.epochs}")
 
