@@ -129,10 +129,15 @@ def train_peak(a: Architecture, r0: float, batch: int, seq: int, checkpointing: 
 
 
 def export_peak(a: Architecture, r0: float) -> float:
-    """The loaded model, the export's rotated Vh H (a new [r, n] per layer), and ONNX Runtime's own copy of every
-    weight while validation runs the exported graph beside PyTorch."""
+    """The larger of the two phases. Tracing and checking: the loaded model, the rotated Vh H the trace folds
+    into constants (a new [r, n] per layer), then the references' inference cache [Vh H; C] per layer (the
+    tracer's constants may not be returned yet). Validation: the model released, ONNX Runtime's own copy of every
+    weight (the graph stores Vh H in place of Vh: the factors' size) and the router tensors."""
     vh = a.layers * sum(min(m, n) * n for m, n in a.targets()) * S
-    return load_peak(a, r0) + vh + (a.factor_elements() + a.other_elements()) * S
+    router_in = a.layers * sum(MOORE["router_experts"] * n for _, n in a.targets()) * S  # C: k_r × n per layer
+    tracing = load_peak(a, r0) + 2 * vh + router_in
+    runtime = r0 + (a.factor_elements() + a.other_elements() + a.trainable_elements()) * S
+    return max(tracing, runtime)
 
 
 # ---- time ---------------------------------------------------------------------------------------------------

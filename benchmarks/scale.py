@@ -42,7 +42,9 @@ def _stage(name: str, argv: list[str]) -> None:
 
     U.quiet_torch(2)
     import moorize
+    from moorize.process import return_freed_memory
 
+    return_freed_memory()  # as the moorize command does for every command
     t0 = time.perf_counter()
     out: dict = {}
     if name == "convert":

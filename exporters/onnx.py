@@ -32,7 +32,7 @@ from .graphs import ExportGraph, Routed, kv_layout, load_routed, sample_inputs, 
 from .metadata import META_FILE, common_metadata
 from .options import DEFAULT_OPSET, MIN_OPSET, ExportOptions
 from .pipeline import ExportJob, run_export
-from .validate import Validation, default_atol, validate
+from .validate import Validation, compare, default_atol, references
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,12 @@ class OnnxBackend:
 
     def validate(self, job: ExportJob, tmp: Path, report: ExportReport) -> Validation:
         opts = job.opts
-        return validate_onnx(tmp / GRAPH_FILE, job.graph, job.routed, job.tokenizer, opts.dtype,
-                             opts.atol if opts.atol is not None else default_atol(opts.dtype), opts.rtol)
+        refs = references(job.graph, job.routed, job.tokenizer)
+        self.exported = self.graph = None
+        job.release_model()  # ONNX Runtime is about to load its own copy of every weight
+        atol = opts.atol if opts.atol is not None else default_atol(opts.dtype)
+        return compare(refs, ort_runner(validation_session(tmp / GRAPH_FILE), refs.input_names), "ONNX Runtime",
+                       atol, opts.dtype, opts.rtol)
 
     def finish(self, job: ExportJob, tmp: Path, report: ExportReport) -> None:
         report.graph_bytes = (tmp / GRAPH_FILE).stat().st_size
@@ -153,6 +157,11 @@ def _trace(graph: ExportGraph, routed: Routed, tokenizer, holder, dtype: str, op
             first = lines[at + 1] if at is not None and at + 1 < len(lines) else (lines or [type(e).__name__])[0]
             raise MoorizeError(f"torch.onnx.export failed: {first} (rerun with --debug for details)") from e
     prog.save(tmp / "trace.onnx", external_data=True)  # onnx_ir writes the weights: no 2 GB proto limit
+    # Something in the exporter's stack outlives the export with its graph, whose initializers wrap the
+    # model's own tensors: cut them loose, so validation can release the model before ONNX Runtime loads.
+    for value in prog.model.graph.initializers.values():
+        value.const_value = None
+    del prog, program
     model = onnx.load(str(tmp / "trace.onnx"), load_external_data=False)
     _name_dims(model, graph)
     return model
@@ -360,15 +369,13 @@ def ort_runner(session, input_names: list[str]):
     return run
 
 
-def validate_onnx(path: Path, graph: ExportGraph, routed: Routed, tokenizer, dtype: str, atol: float,
-                  rtol: float | None = None) -> Validation:
+def validation_session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     # ORT's idle threads spin after each run; alternating with PyTorch on few cores, that starves PyTorch
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return validate(graph, routed, tokenizer, ort_runner(session, graph.input_names), "ONNX Runtime", atol, dtype, rtol)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def export_dense_onnx(model_dir, dest, *, with_past: bool = False, opset: int = DEFAULT_OPSET,

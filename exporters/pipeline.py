@@ -8,6 +8,7 @@ wrapper, protecting the inputs, the atomic (locked) output and the timing live h
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -37,6 +38,12 @@ class ExportJob:
     holder: ops.TaskIds
     t0: float
 
+    def release_model(self) -> None:
+        """Drop the PyTorch model once nothing needs it (validation has its references), so a runtime
+        loading the artefact's own copy of the weights does not hold both."""
+        self.routed = self.graph = None
+        gc.collect()
+
 
 class Backend(Protocol):
     output: str  # "dir" (a directory) or "file"
@@ -65,6 +72,7 @@ def run_export(backend: Backend, factored_dir, dest, adapter, opts: ExportOption
     holder = ops.TaskIds()
     job = ExportJob(factored_dir, dest, adapter, opts, routed, tokenizer_or_none(factored_dir),
                     ExportGraph(routed, opts.with_past, holder), holder, t0)
+    del routed  # the job holds it, and may release it
     protect = [factored_dir] + ([adapter] if adapter is not None else [])
     atomic = atomic_output_dir if backend.output == "dir" else atomic_output_file
     with atomic(dest, opts.overwrite, protect=protect) as tmp:

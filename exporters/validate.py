@@ -68,35 +68,53 @@ def _group(name: str) -> str:
     return "present" if name.startswith("present.") else name
 
 
-def validate(graph: ExportGraph, routed: Routed, tokenizer, run: Callable[[Sequence[torch.Tensor]], list],
-             backend: str, atol: float, dtype: str = "float32", rtol: float | None = None) -> Validation:
-    """Run the exported artefact (``run``: tensors in, arrays out) against the reference for every task."""
+@dataclass
+class References:
+    """What the reference model gave, task by task: each step's inputs and outputs. Computed before the
+    artefact is run, so the PyTorch model can be released first (its weights and the runtime's copy of
+    them need not be resident together)."""
+
+    output_names: list[str]
+    input_names: list[str]
+    steps: dict[str, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = field(default_factory=dict)
+
+
+def references(graph: ExportGraph, routed: Routed, tokenizer) -> References:
+    """The reference outputs for every task: a prefill (3 rows × 5 tokens, not the traced shapes) and,
+    with a cache, one decoding step fed the prefill's reference cache."""
     from ..model.routed import use_task
 
+    out = References(list(graph.output_names), list(graph.input_names))
+    for t, task in enumerate(routed.tasks):
+        args = sample_inputs(routed, tokenizer, graph.with_past, batch=3, seq=5)
+        args = (args[0], args[1], torch.full_like(args[2], t), *args[3:])
+        steps, step = [], args
+        while step is not None:
+            with torch.no_grad(), use_task(routed.model, step[2]):
+                ref = graph(*step)
+            ref = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+            steps.append((list(step), ref))
+            if not graph.with_past or len(steps) == 2:
+                break
+            nxt = ref[0][:, -1].argmax(-1, keepdim=True)
+            step = (nxt, torch.ones(nxt.shape[0], args[1].shape[1] + 1, dtype=torch.long), args[2], *ref[1:])
+        out.steps[task] = steps
+    return out
+
+
+def compare(refs: References, run: Callable[[Sequence[torch.Tensor]], list], backend: str, atol: float,
+            dtype: str = "float32", rtol: float | None = None) -> Validation:
+    """Run the exported artefact (``run``: tensors in, arrays out) on the references' inputs."""
     tdtype = getattr(torch, dtype)
     if rtol is None:
         rtol = TOLERANCES[dtype][1]
     report = Validation(backend, atol, rtol, dtype)
-    names = graph.output_names
-    for t, task in enumerate(routed.tasks):
+    for task, steps in refs.steps.items():
         diffs: dict[str, float] = {}
         ratios: dict[str, float] = {}
-        args = sample_inputs(routed, tokenizer, graph.with_past, batch=3, seq=5)  # not the traced shapes
-        args = (args[0], args[1], torch.full_like(args[2], t), *args[3:])
-        steps = [args]
-        if graph.with_past:
-            steps.append(None)  # the decoding step, built from the prefill's reference cache
-        prev_logits, prev_cache = None, ()  # set by the prefill step, read by the decoding step
-        for step in steps:
-            if step is None:
-                nxt = prev_logits[:, -1].argmax(-1, keepdim=True)
-                step = (nxt, torch.ones(nxt.shape[0], args[1].shape[1] + 1, dtype=torch.long), args[2], *prev_cache)
-            with torch.no_grad(), use_task(routed.model, step[2]):
-                ref = graph(*step)
-            ref = list(ref) if isinstance(ref, (tuple, list)) else [ref]
-            feed = [x.to(tdtype) if x.is_floating_point() else x for x in step]
-            got = run(feed)
-            for name, r, g in zip(names, ref, got):
+        for step, ref in steps:
+            got = run([x.to(tdtype) if x.is_floating_point() else x for x in step])
+            for name, r, g in zip(refs.output_names, ref, got):
                 g, r = torch.as_tensor(np.asarray(g)).double(), r.double()
                 if tuple(g.shape) != tuple(r.shape):
                     raise MoorizeError(f"{backend}: output {name} has shape {list(g.shape)}, PyTorch gives "
@@ -108,7 +126,6 @@ def validate(graph: ExportGraph, routed: Routed, tokenizer, run: Callable[[Seque
                 key = _group(name)
                 diffs[key] = max(diffs.get(key, 0.0), d)
                 ratios[key] = max(ratios.get(key, 0.0), q) if q == q else float("nan")
-            prev_logits, prev_cache = ref[0], ref[1:]
         report.diffs[task], report.ratios[task] = diffs, ratios
     if not report.ok:
         bad = [f"{task}/{k} {report.diffs[task][k]:.2e}" for task, p in report.ratios.items()
@@ -116,3 +133,9 @@ def validate(graph: ExportGraph, routed: Routed, tokenizer, run: Callable[[Seque
         raise MoorizeError(f"validation failed: {backend} differs from PyTorch by more than {report.tolerance()} "
                            f"({', '.join(bad[:4])}); nothing was written")
     return report
+
+
+def validate(graph: ExportGraph, routed: Routed, tokenizer, run: Callable[[Sequence[torch.Tensor]], list],
+             backend: str, atol: float, dtype: str = "float32", rtol: float | None = None) -> Validation:
+    """The exported artefact against the reference for every task (both in memory at once)."""
+    return compare(references(graph, routed, tokenizer), run, backend, atol, dtype, rtol)

@@ -18,6 +18,7 @@ ROOTS = {"moorize": REPO / "moorize", "moorize.exporters": REPO / "exporters"}
 ALLOWED = {
     "errors": set(),
     "version": set(),
+    "process": set(),
     "options": {"errors"},
     "assets": {"errors"},
     "io": {"errors"},
@@ -26,7 +27,7 @@ ALLOWED = {
     "training": {"options", "model", "io", "errors"},
     "exporters": {"options", "model", "io", "errors", "version"},
     "quickstart": {"conversion", "model", "io", "errors", "assets"},
-    "cli": {"conversion", "model", "training", "exporters", "io", "errors", "quickstart", "version"},
+    "cli": {"conversion", "model", "training", "exporters", "io", "errors", "quickstart", "version", "process"},
     "__main__": {"cli"},
     "moorize": {"errors", "version", "io", "conversion", "model", "training"},  # the lazy public API
 }

@@ -15,6 +15,7 @@ import sys
 import click
 
 from ..errors import MoorizeError
+from ..process import return_freed_memory
 from ..version import __version__
 
 log = logging.getLogger("moorize")
@@ -84,6 +85,7 @@ def cli(debug: bool, verbose: int) -> None:
     moorize quickstart                   convert the real SmolLM2-135M checkpoint and check it
     """
     level = logging.WARNING - 10 * min(verbose, 2)
+    return_freed_memory()  # this process is ours: let peak memory follow the live tensors
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
