@@ -52,3 +52,62 @@ def interrupted_run(factored, data, out, monkeypatch, **train_kw):
     monkeypatch.setattr(loop, "_save_checkpoint", real)
     step = train_kw["save_every"]
     return out.parent / f".{out.name}.moorize-partial" / "checkpoints" / f"step-{step:07d}"
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}a:{% endif %}")
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer for tiny models (96 ids: <unk> <s> </s>, newline, ' '..'{'), BOS added,
+    with a chat template: text in, text out, no download."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 124)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_export(root, arch: str, tasks: list[str], with_heads: bool = False, positions: int = 128):
+    """A tiny random model (llama or bert) with the character tokenizer, converted, its routers perturbed per
+    task, exported to ONNX (decoders with past): the export directory."""
+    import transformers
+
+    import moorize
+    from moorize.exporters.onnx import export_onnx
+    from moorize.model.heads import TaskHeads
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=positions)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, bos_token_id=1,
+                                                                       eos_token_id=2, **common))
+    else:
+        model = transformers.BertModel(transformers.BertConfig(**common))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf, fac, ad = root / f"{arch}-hf", root / f"{arch}-f", root / f"{arch}-ad"
+    model.eval().save_pretrained(hf)
+    char_tokenizer().save_pretrained(hf)
+    moorize.convert(hf, fac)
+    routed = moorize.load(fac, tasks=tasks)
+    perturb(routed, scale=0.3, seed=0)
+    heads = None
+    if with_heads:
+        labels = {t: [f"{t}-{k}" for k in range(2 + i)] for i, t in enumerate(tasks)}
+        heads = TaskHeads(routed.config.hidden_size, tasks, labels)
+        with torch.no_grad():
+            heads.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    moorize.save_adapter(routed, ad, heads=heads)
+    export_onnx(fac, root / f"{arch}-onnx", ad, with_past=arch == "llama")
+    return root / f"{arch}-onnx"

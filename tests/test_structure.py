@@ -25,8 +25,9 @@ ALLOWED = {
     "model": {"options", "io", "errors"},
     "training": {"options", "model", "io", "errors"},
     "exporters": {"options", "model", "io", "errors", "version"},
+    "serving": {"exporters", "io", "errors", "version"},
     "quickstart": {"conversion", "model", "io", "errors", "assets"},
-    "cli": {"conversion", "model", "training", "exporters", "io", "errors", "quickstart", "version"},
+    "cli": {"conversion", "model", "training", "exporters", "serving", "io", "errors", "quickstart", "version"},
     "__main__": {"cli"},
     "moorize": {"errors", "version", "io", "conversion", "model", "training"},  # the lazy public API
 }
@@ -121,6 +122,8 @@ def test_no_import_cycles():
     "import moorize.cli; moorize.cli.cli(['train', '--help'], standalone_mode=False)",
     "import moorize.cli; moorize.cli.cli(['convert', '--help'], standalone_mode=False)",
     "import moorize.exporters.ort",
+    "import moorize.cli; moorize.cli.cli(['serve', '--help'], standalone_mode=False)",
+    "import moorize.serving.app, moorize.serving.engine, moorize.serving.server",
     "import moorize; moorize.MoorizeError",
     # inspect reads moorize.json only: a real factored checkpoint, summarised without torch
     f"import moorize.cli; moorize.cli.cli(['inspect', {str(REPO / 'tests/fixtures/v0_1/factored')!r}], "
