@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -111,3 +113,55 @@ def tiny_export(root, arch: str, tasks: list[str], with_heads: bool = False, pos
     moorize.save_adapter(routed, ad, heads=heads)
     export_onnx(fac, root / f"{arch}-onnx", ad, with_past=arch == "llama")
     return root / f"{arch}-onnx"
+
+
+class ServerProcess:
+    """``python -m moorize serve EXPORT`` on a free 127.0.0.1 port, ready once /health answers; ``stop()`` ends it."""
+
+    def __init__(self, export_dir, *args: str, env: dict | None = None, api_key: str | None = None,
+                 timeout: float = 180.0):
+        import os
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(export_dir).parent / f"server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moorize", "serve", str(export_dir), "--port",
+                                      str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
+            try:
+                with urllib.request.urlopen(urllib.request.Request(self.url + "/health", headers=headers), timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"server not ready after {timeout} s: {self.output()}") from None
+                time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

@@ -219,6 +219,10 @@ class Engine:
         if req.ended:
             return
         req.ended = True
+        if self.metrics is not None:
+            self.metrics.inc("moorize_finished_total", reason=reason)
+            if reason != "cancelled" or req.generated:
+                self.metrics.observe("moorize_request_seconds", time.perf_counter() - req.arrived)
         try:
             req.on_end(reason, message)
         except Exception:  # a callback must never stop the engine

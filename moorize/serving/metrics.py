@@ -101,6 +101,7 @@ def server_metrics() -> Metrics:
     m.declare("moorize_requests_total", "counter", "HTTP requests by endpoint and status code.")
     m.declare("moorize_prompt_tokens_total", "counter", "Prompt tokens admitted, by model (task).")
     m.declare("moorize_generated_tokens_total", "counter", "Tokens generated, by model (task).")
+    m.declare("moorize_finished_total", "counter", "Generations ended, by reason (stop, length, cancelled, error).")
     m.declare("moorize_queue_length", "gauge", "Requests waiting for a batch row.")
     m.declare("moorize_running_rows", "gauge", "Rows in the running batch.")
     m.declare("moorize_batch_size", "histogram", "Rows per ONNX Runtime decoding run.", BATCH_BUCKETS)
@@ -108,6 +109,8 @@ def server_metrics() -> Metrics:
     m.declare("moorize_step_seconds", "histogram", "Seconds per engine step (prefill and decode).",
               LATENCY_BUCKETS)
     m.declare("moorize_request_latency_seconds", "histogram", "Seconds from arrival to the last token, by endpoint.",
+              LATENCY_BUCKETS)
+    m.declare("moorize_request_seconds", "histogram", "Seconds from a generation's arrival to its end (engine side).",
               LATENCY_BUCKETS)
     m.declare("moorize_time_to_first_token_seconds", "histogram", "Seconds from arrival to the first token.",
               LATENCY_BUCKETS)

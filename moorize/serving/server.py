@@ -60,10 +60,10 @@ def serve(export_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     import uvicorn
 
     api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+    sock = bind(host, port)
     app = build_app(export_dir, api_key, max_batch_size, max_queue, providers, threads)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    sock = bind(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5)
     log.warning("serving %s on http://%s:%d", export_dir, host, sock.getsockname()[1])
