@@ -103,3 +103,15 @@ def smollm2_full(smollm2_dir, tmp_path_factory):
 def smollm2_original(smollm2_dir):
     """The original SmolLM2 model (float32, eval), loaded once per session."""
     return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def serving_exports(tmp_path_factory):
+    """Tiny exports with a character tokenizer and two tasks (math, poem): a Llama with past (512 positions)
+    and a BERT with task heads; shared by the serving and onnxruntime-genai tests."""
+    from helpers import tiny_export
+
+    root = tmp_path_factory.mktemp("serving")
+    tasks = ["math", "poem"]
+    return {"llama": tiny_export(root, "llama", tasks, positions=512),
+            "bert": tiny_export(root, "bert", tasks, with_heads=True, positions=64)}

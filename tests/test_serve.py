@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
-from helpers import ServerProcess, tiny_export
+from helpers import ServerProcess
 
 from moorize.exporters.ort import MoOREOrtModel
 
@@ -31,10 +31,8 @@ PROMPTS = ["Hello world", "The cat sat on", "1+2=", "abc", "Once upon a time", "
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    return {"llama": tiny_export(root, "llama", TASKS, positions=512),
-            "bert": tiny_export(root, "bert", TASKS, with_heads=True, positions=64)}
+def exports(serving_exports):
+    return serving_exports
 
 
 @pytest.fixture(scope="module")
