@@ -115,3 +115,25 @@ def serving_exports(tmp_path_factory):
     tasks = ["math", "poem"]
     return {"llama": tiny_export(root, "llama", tasks, positions=512),
             "bert": tiny_export(root, "bert", tasks, with_heads=True, positions=64)}
+
+
+SMOL_TASKS = ["math", "poem", "code"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2_full, tmp_path_factory):
+    """SmolLM2 routed (three tasks, routers moved off their initialisation), exported once per session with
+    past and the custom op: (factored dir, adapter, export dir, export report)."""
+    from helpers import randomize_routers
+
+    import moorize
+    from moorize.exporters.onnx import export_onnx
+
+    factored, _ = smollm2_full
+    root = tmp_path_factory.mktemp("smol-export")
+    model = moorize.load(factored, tasks=SMOL_TASKS)
+    randomize_routers(model)
+    moorize.save_adapter(model, root / "adapter")
+    del model
+    report = export_onnx(factored, root / "onnx", root / "adapter", with_past=True)
+    return factored, root / "adapter", root / "onnx", report
