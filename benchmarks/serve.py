@@ -31,8 +31,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -175,13 +173,10 @@ BAD = [  # (body bytes, expected status): malformed JSON, invalid parameters, un
 
 
 def post(url: str, body: bytes) -> tuple[int, dict | None]:
-    req = urllib.request.Request(url + "/v1/completions", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+    from helpers import http
+
+    reply = http("POST", url + "/v1/completions", content=body)
+    return reply.status_code, json.loads(reply.content or b"null")
 
 
 def load_part(args, export: Path):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -165,3 +169,34 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+class Reply:
+    """A raw HTTP answer (status, headers, body): for what the openai client hides or cannot send."""
+
+    def __init__(self, status: int, headers, body: bytes):
+        self.status_code, self.headers, self.content = status, headers, body
+        self.text = body.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def http(method: str, url: str, json_body=None, content: bytes | None = None, headers: dict | None = None) -> Reply:
+    data = json.dumps(json_body).encode() if json_body is not None else content
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return Reply(r.status, r.headers, r.read())
+    except urllib.error.HTTPError as e:
+        return Reply(e.code, e.headers, e.read())
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """One sample of a Prometheus series on the server's /metrics (0 when absent)."""
+    text = http("GET", url + "/metrics").text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name + ("{" + want + "}" if want else "")) + r" (\S+)"
+    m = re.search(r"^" + pattern + "$", text, re.M)
+    return float(m.group(1)) if m else 0.0

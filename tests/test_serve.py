@@ -15,14 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import openai
 import pytest
-from helpers import ServerProcess
+from helpers import Reply, ServerProcess, http, metric
 
 from moorize.exporters.ort import MoOREOrtModel
 
@@ -73,36 +71,6 @@ def solo_chat(ortm, messages, task: str, n: int) -> str:
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tok.decode(solo_ids(ortm, tok(text, add_special_tokens=False)["input_ids"], task, n),
                       skip_special_tokens=True)
-
-
-class Reply:
-    """A raw HTTP answer (status, headers, body): for what the openai client hides or cannot send."""
-
-    def __init__(self, status: int, headers, body: bytes):
-        self.status_code, self.headers, self.content = status, headers, body
-        self.text = body.decode("utf-8", "replace")
-
-    def json(self):
-        return json.loads(self.text)
-
-
-def http(method: str, url: str, json_body=None, content: bytes | None = None, headers: dict | None = None) -> Reply:
-    data = json.dumps(json_body).encode() if json_body is not None else content
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return Reply(r.status, r.headers, r.read())
-    except urllib.error.HTTPError as e:
-        return Reply(e.code, e.headers, e.read())
-
-
-def metric(url: str, name: str, **labels) -> float:
-    text = http("GET", url + "/metrics").text
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name + ("{" + want + "}" if want else "")) + r" (\S+)"
-    m = re.search(r"^" + pattern + "$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 # ---- the OpenAI endpoints -----------------------------------------------------------------------

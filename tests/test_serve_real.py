@@ -5,6 +5,7 @@ mixed tasks at once equal their solo greedy runs, chat through the checkpoint's 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnxruntime_genai as og
 import openai
 import pytest
 from conftest import SMOL_TASKS
-from helpers import ServerProcess
+from helpers import ServerProcess, metric
 
 from moorize.exporters.ort import MoOREOrtModel
 
@@ -34,10 +35,15 @@ def ortm(smol):
 
 
 @pytest.fixture(scope="module")
-def client(smol):
+def server(smol):
     srv = ServerProcess(smol, "--max-batch-size", "8")
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def test_smollm2_mixed_tasks_at_once_equal_solo(client, ortm):
@@ -89,3 +95,17 @@ def test_smollm2_genai_equals_moore_ort_model(smol, ortm):
         eos = set(ortm.meta["eos_token_id"])
         out = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
         assert tokenizer.decode(out) == ortm.generate(prompt, task=task, max_new_tokens=20)
+
+
+def test_smollm2_a_client_that_gives_up_frees_its_row(server):
+    """Not streamed: the client times out after 1 s of a 300-token request; the row is cancelled early."""
+    cancelled = metric(server.url, "moorize_finished_total", reason="cancelled")
+    impatient = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="code", prompt="def fibonacci(n):", max_tokens=300, temperature=0)
+    for _ in range(100):
+        if metric(server.url, "moorize_finished_total", reason="cancelled") > cancelled:
+            break
+        time.sleep(0.1)
+    assert metric(server.url, "moorize_finished_total", reason="cancelled") == cancelled + 1
+    assert metric(server.url, "moorize_running_rows") == 0
