@@ -29,18 +29,13 @@ PROMPTS = ["Hello world", "The cat sat on", "1+2=", "abc", "Once upon a time", "
 
 
 @pytest.fixture(scope="module")
-def exports(serving_exports):
-    return serving_exports
+def ortm(serving_exports):
+    return MoOREOrtModel.from_export(serving_exports["llama"])
 
 
 @pytest.fixture(scope="module")
-def ortm(exports):
-    return MoOREOrtModel.from_export(exports["llama"])
-
-
-@pytest.fixture(scope="module")
-def server(exports):
-    srv = ServerProcess(exports["llama"], "--max-batch-size", "8")
+def server(serving_exports):
+    srv = ServerProcess(serving_exports["llama"], "--max-batch-size", "8")
     yield srv
     srv.stop()
 
@@ -262,8 +257,8 @@ def test_metrics_are_prometheus_text(server):
 
 
 # ---- limits and the API key -----------------------------------------------------------------------
-def test_full_queue_is_429_and_the_api_key_is_required(exports, ortm):
-    srv = ServerProcess(exports["llama"], "--max-batch-size", "1", "--max-queue", "1",
+def test_full_queue_is_429_and_the_api_key_is_required(serving_exports, ortm):
+    srv = ServerProcess(serving_exports["llama"], "--max-batch-size", "1", "--max-queue", "1",
                         env={"MOORIZE_API_KEY": "s3cret"}, api_key="s3cret")
     try:
         for key in ("wrong", None):
@@ -295,10 +290,10 @@ def test_full_queue_is_429_and_the_api_key_is_required(exports, ortm):
 
 
 # ---- encoders --------------------------------------------------------------------------------------
-def test_classify_an_encoder_export(exports):
-    srv = ServerProcess(exports["bert"])
+def test_classify_an_encoder_export(serving_exports):
+    srv = ServerProcess(serving_exports["bert"])
     try:
-        clf = MoOREOrtModel.from_export(exports["bert"])
+        clf = MoOREOrtModel.from_export(serving_exports["bert"])
         texts = ["good film", "terrible plot", "okay"]
         for task in TASKS:
             r = http("POST", srv.url + "/v1/classify", {"model": task, "input": texts})
@@ -319,8 +314,8 @@ def test_classify_an_encoder_export(exports):
 
 
 # ---- the command line -----------------------------------------------------------------------------
-def test_cli_errors_are_one_line(tmp_path, server, exports):
-    cases = [[str(tmp_path / "missing")], [exports["llama"], "--port", str(server.port)]]
+def test_cli_errors_are_one_line(tmp_path, server, serving_exports):
+    cases = [[str(tmp_path / "missing")], [serving_exports["llama"], "--port", str(server.port)]]
     for args in cases:
         res = subprocess.run([sys.executable, "-m", "moorize", "serve", *map(str, args)], capture_output=True,
                              text=True, timeout=120)
