@@ -28,6 +28,7 @@ from ..io.outdir import atomic_output_dir
 from ..io.safetensors import SafetensorsFile
 from ..io.sources import check_safetensors_weights
 from . import ops
+from .genai import write_genai_config
 from .graphs import ExportGraph, Routed, kv_layout, load_routed, sample_inputs, tokenizer_or_none
 from .metadata import META_FILE, common_metadata
 from .options import DEFAULT_OPSET, MIN_OPSET, ExportOptions
@@ -119,6 +120,8 @@ class OnnxBackend:
         meta = export_metadata(routed, self.graph, opts.dtype, opts.opset, opts.decompose, opts.weights,
                                job.factored_dir, job.adapter)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if routed.kind == "decoder" and opts.with_past:  # onnxruntime-genai runs it as it is
+            write_genai_config(tmp, meta)
         return report
 
     def validate(self, job: ExportJob, tmp: Path, report: ExportReport) -> Validation:

@@ -262,7 +262,7 @@ class MoOREOrtModel:
             t0 = time.perf_counter()
             outputs = self.run(step_ids, mask, tids, past)
             logits = outputs[0][:, -1].astype(np.float32)
-            nxt = _sample(logits, rng, temperature, top_p) if do_sample else logits.argmax(-1)
+            nxt = sample_nucleus(logits, rng, temperature, top_p) if do_sample else logits.argmax(-1)
             nxt = np.where(done, pad, nxt)
             dt = time.perf_counter() - t0
             if i == 0:
@@ -337,7 +337,7 @@ def _ort_input_errors() -> tuple[type[BaseException], ...]:
     return (InvalidArgument,)
 
 
-def _sample(logits: np.ndarray, rng, temperature: float, top_p: float) -> np.ndarray:
+def sample_nucleus(logits: np.ndarray, rng, temperature: float, top_p: float) -> np.ndarray:
     """Nucleus sampling per row: the smallest set of tokens whose probability reaches top_p."""
     z = logits / temperature
     z = z - z.max(-1, keepdims=True)

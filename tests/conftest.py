@@ -103,3 +103,37 @@ def smollm2_full(smollm2_dir, tmp_path_factory):
 def smollm2_original(smollm2_dir):
     """The original SmolLM2 model (float32, eval), loaded once per session."""
     return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def serving_exports(tmp_path_factory):
+    """Tiny exports with a character tokenizer and two tasks (math, poem): a Llama with past (512 positions)
+    and a BERT with task heads; shared by the serving and onnxruntime-genai tests."""
+    from helpers import tiny_export
+
+    root = tmp_path_factory.mktemp("serving")
+    tasks = ["math", "poem"]
+    return {"llama": tiny_export(root, "llama", tasks, positions=512),
+            "bert": tiny_export(root, "bert", tasks, with_heads=True, positions=64)}
+
+
+SMOL_TASKS = ["math", "poem", "code"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2_full, tmp_path_factory):
+    """SmolLM2 routed (three tasks, routers moved off their initialisation), exported once per session with
+    past and the custom op: (factored dir, adapter, export dir, export report)."""
+    from helpers import randomize_routers
+
+    import moorize
+    from moorize.exporters.onnx import export_onnx
+
+    factored, _ = smollm2_full
+    root = tmp_path_factory.mktemp("smol-export")
+    model = moorize.load(factored, tasks=SMOL_TASKS)
+    randomize_routers(model)
+    moorize.save_adapter(model, root / "adapter")
+    del model
+    report = export_onnx(factored, root / "onnx", root / "adapter", with_past=True)
+    return factored, root / "adapter", root / "onnx", report

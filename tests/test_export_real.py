@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import SMOL_TASKS
 from helpers import randomize_routers
 
 import moorize
@@ -20,20 +21,13 @@ from moorize.model.heads import TaskHeads
 
 pytestmark = pytest.mark.slow
 
-SMOL_TASKS = ["math", "poem", "code"]
 PROMPTS = ["The capital of France is", "Write a haiku about autumn leaves:", "def fibonacci(n):"]
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_full, tmp_path_factory):
+def smol(smollm2_export):
     """(factored dir, adapter, ONNX export with past and the custom op, its report)."""
-    factored, _ = smollm2_full
-    root = tmp_path_factory.mktemp("smol-export")
-    model = moorize.load(factored, tasks=SMOL_TASKS)
-    randomize_routers(model)
-    moorize.save_adapter(model, root / "adapter")
-    report = export_onnx(factored, root / "onnx", root / "adapter", with_past=True)
-    return factored, root / "adapter", root / "onnx", report
+    return smollm2_export
 
 
 def test_smollm2_custom_op_logits_every_task(smol):

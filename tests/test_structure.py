@@ -26,8 +26,10 @@ ALLOWED = {
     "model": {"options", "io", "errors"},
     "training": {"options", "model", "io", "errors"},
     "exporters": {"options", "model", "io", "errors", "version"},
+    "serving": {"exporters", "io", "errors", "version", "process"},
     "quickstart": {"conversion", "model", "io", "errors", "assets"},
-    "cli": {"conversion", "model", "training", "exporters", "io", "errors", "quickstart", "version", "process"},
+    "cli": {"conversion", "model", "training", "exporters", "serving", "io", "errors", "quickstart", "version",
+            "process"},
     "__main__": {"cli"},
     "moorize": {"errors", "version", "io", "conversion", "model", "training"},  # the lazy public API
 }
@@ -122,6 +124,8 @@ def test_no_import_cycles():
     "import moorize.cli; moorize.cli.cli(['train', '--help'], standalone_mode=False)",
     "import moorize.cli; moorize.cli.cli(['convert', '--help'], standalone_mode=False)",
     "import moorize.exporters.ort",
+    "import moorize.cli; moorize.cli.cli(['serve', '--help'], standalone_mode=False)",
+    "import moorize.serving.app, moorize.serving.engine, moorize.serving.server",
     "import moorize; moorize.MoorizeError",
     # inspect reads moorize.json only: a real factored checkpoint, summarised without torch
     f"import moorize.cli; moorize.cli.cli(['inspect', {str(REPO / 'tests/fixtures/v0_1/factored')!r}], "

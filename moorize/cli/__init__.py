@@ -10,9 +10,10 @@ from .convert import convert
 from .inspect import inspect
 from .merge import merge
 from .quickstart import quickstart
+from .serve import serve
 from .train import train
 
-for _command in (convert, inspect, merge, train, quickstart, export, run):
+for _command in (convert, inspect, merge, train, quickstart, export, run, serve):
     cli.add_command(_command)
 
 __all__ = ["BROKEN_PIPE_EXIT", "MoorizeGroup", "cli", "main"]
