@@ -50,7 +50,7 @@ def session_options(threads: int | None):
     The CPU arena grows by doubling regions and never shrinks; with batch and cache
     lengths that change at every join and leave it kept growing under load (+240 MiB in
     three minutes on SmolLM2). Without it, tensors are plain allocations returned when
-    freed; see ``steady_malloc`` for the other half.
+    freed; ``moorize.process.return_freed_memory`` is the other half.
     """
     import onnxruntime as ort
 
