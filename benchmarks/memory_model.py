@@ -81,17 +81,32 @@ def per_item(a: Architecture) -> dict[tuple[int, int], int]:
     return {(m, n): min(max(1, ITEM_BYTES // (m * n * S)), c) for (m, n), c in counts.items()}
 
 
+def work_items(a: Architecture) -> list[tuple[tuple[int, int], int]]:
+    """(shape, matrices) of each work item, in the converter's order for a one-file checkpoint: the targets
+    grouped by shape (in the order a block lists them), each group cut into items of 64 MB // W matrices."""
+    counts: dict[tuple[int, int], int] = {}
+    for t in a.targets():
+        counts[t] = counts.get(t, 0) + a.layers
+    items = []
+    for (m, n), c in counts.items():
+        per = max(1, ITEM_BYTES // (m * n * S))
+        items += [((m, n), min(per, c - k)) for k in range(0, c, per)]
+    return items
+
+
 def convert_peak(a: Architecture, r0: float, factoring: dict) -> float:
-    """The largest working set over the matrix shapes: three work items in the reader's hands (two queued, one
-    being read), one being factored (``factoring[shape]``: the peak one of moorize's factorisations of a whole
-    item adds, its input included; measured by ``probe_factoring``, since it is LAPACK's workspace and the
-    solver's float64 copies), and the float32 factors of the previous item, which the writer thread may still be
-    writing (factoring is the slow stage, so the writer is otherwise idle and the reader's queue full)."""
+    """The largest working set along the converter's sequence of work items: while item i is factored
+    (``factoring[shape]``: the peak one factorisation of a whole item adds, its input included, measured by
+    ``probe_factoring``; scaled to the item's matrices), the reader holds the next three (two queued, one being
+    read) and the writer thread may still hold the factors of item i − 1 (factoring is the slow stage, so the
+    writer is otherwise idle and the reader's queue full)."""
+    items, probed = work_items(a), per_item(a)
     worst = 0.0
-    for (m, n), per in per_item(a).items():
-        r = min(m, n)
-        factors = ((m + n) * r + r) * S
-        worst = max(worst, 3 * per * m * n * S + factoring[(m, n)] + per * factors)
+    for i, ((m, n), count) in enumerate(items):
+        ahead = sum(mm * nn * S * c for (mm, nn), c in items[i + 1:i + 4])
+        prev = items[i - 1] if i else None
+        writing = prev[1] * ((sum(prev[0]) * min(prev[0]) + min(prev[0])) * S) if prev else 0
+        worst = max(worst, ahead + factoring[(m, n)] * count / probed[(m, n)] + writing)
     return r0 + worst
 
 
@@ -158,6 +173,9 @@ def probe_factoring(a: Architecture) -> tuple[float, dict]:
     import torch
 
     from moorize.conversion.svd import RankRules, SVDOptions, decompose_group
+    from moorize.process import return_freed_memory
+
+    return_freed_memory()  # the allocator policy of the moorize command whose conversion this predicts
 
     counts: dict[tuple[int, int], int] = {}
     for t in a.targets():
