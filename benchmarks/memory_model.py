@@ -215,10 +215,20 @@ PROJECTED = {
 GPU_BYTES = 80e9
 
 
-def projection_table(fixed: dict | None = None, batch: int = 1, seq: int = 4096) -> str:
-    """Memory per stage at 8B and 70B (float32 and bfloat16 factors) and the 80 GB GPUs each needs: DDP keeps a
-    whole copy per GPU; FSDP shards parameters, gradients and optimizer state over the GPUs (activations stay
-    per GPU)."""
+def factoring_estimate(a: Architecture) -> dict[tuple[int, int], float]:
+    """Without a probe (shapes too large to time here): factoring an item adds, per matrix, its float32 copy,
+    the solver's float64 Gram matrix and eigenvectors (r × r each) and U (m × r), and the float32 factors. An
+    upper estimate: the solver works through an item's matrices a few at a time (SmolLM2's 50-matrix items
+    peak at 0.4× this), but the large shapes of 8B and 70B are one matrix per item."""
+    return {(m, n): per * (4 * m * n + 8 * (2 * min(m, n) ** 2 + m * min(m, n)) + S * ((m + n) * min(m, n)))
+            for (m, n), per in per_item(a).items()}
+
+
+def projection_table(fixed: dict, batch: int = 1, seq: int = 4096) -> str:
+    """Memory per stage at 8B and 70B (float32 and bfloat16 factors) and the 80 GB GPUs training needs: DDP keeps
+    a whole copy per GPU; FSDP shards parameters, gradients and optimizer state over the GPUs (activations stay
+    per GPU). Convert and export are host-memory stages (the conversion's working set does not grow with the
+    number of layers); ``fixed`` holds each stage's measured fixed cost."""
     import math
 
     rows = []
@@ -231,10 +241,16 @@ def projection_table(fixed: dict | None = None, batch: int = 1, seq: int = 4096)
             acts = a.layers * batch * seq * a.hidden * bytes_per + 2 * block * f + head
             ddp = weights + train_state + acts
             fsdp_gpus = max(1, math.ceil((weights + train_state) / max(GPU_BYTES - acts, 1)))
+            convert = convert_peak(a, fixed["convert"], factoring_estimate(a))
+            vh = a.layers * sum(min(m, n) * n for m, n in a.targets()) * bytes_per
+            router_in = a.layers * sum(MOORE["router_experts"] * n for _, n in a.targets()) * S
+            load = fixed["load"] + weights + a.trainable_elements() * S
+            export = max(load + 2 * vh + router_in, fixed["export"] + weights + a.trainable_elements() * S)
             rows.append((name, "float32" if bytes_per == 4 else "bfloat16",
-                         f"{a.parameters() * bytes_per / 1e9:.0f} GB", f"{weights / 1e9:.0f} GB",
-                         f"{ddp / 1e9:.0f} GB", "1" if ddp <= GPU_BYTES else f"does not fit ({ddp / GPU_BYTES:.1f}×)",
-                         str(fsdp_gpus)))
-    header = ("| model | factors | dense source | factored (load) | train step 1×4096, checkpointing | GPUs (80 GB), DDP "
-              "| GPUs (80 GB), FSDP |\n|---|---|--:|--:|--:|--:|--:|\n")
+                         f"{a.parameters() * bytes_per / 1e9:.0f} GB", f"{convert / 1e9:.1f} GB",
+                         f"{load / 1e9:.0f} GB", f"{ddp / 1e9:.0f} GB", f"{export / 1e9:.0f} GB",
+                         "1" if ddp <= GPU_BYTES else f"does not fit ({ddp / GPU_BYTES:.1f}×)", str(fsdp_gpus)))
+    header = ("| model | factors | dense source | convert (host) | load | train step 1×4096, checkpointing "
+              "| export --onnx (host) | GPUs (80 GB) to train, DDP | GPUs (80 GB) to train, FSDP |\n"
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|\n")
     return header + "\n".join("| " + " | ".join(r) + " |" for r in rows)
