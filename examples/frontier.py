@@ -191,7 +191,11 @@ def sweep(setting: dict, todo: list[tuple], path: Path, work: Path) -> None:
     mt.write_data(data_dir, setting["train_per_task"], setting["eval_per_task"])
     for i, key in enumerate(left, 1):
         t0 = time.perf_counter()
-        run = mt.in_child(run_one, key, s, dense, factored, data_dir, work)
+        try:
+            run = mt.in_child(run_one, key, s, dense, factored, data_dir, work)
+        except Exception as e:  # one broken run (a diverged baseline, a killed child) must not end the sweep
+            print(f"[{i}/{len(left)}] {key} FAILED: {type(e).__name__}: {e}", flush=True)
+            continue
         run["wall_s"] = time.perf_counter() - t0
         append_run(path, setting, run)
         kl = f", KL {run['kl_to_base']:.3f}" if "kl_to_base" in run else ""
