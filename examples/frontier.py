@@ -100,10 +100,12 @@ def plan(setting: dict, methods: list[str], lrs: list[float] | None, seeds: list
             for m in methods}
     if setting["name"] == "smoke" and not lrs:
         grid = {m: [METHODS[m].lrs[LR_ORDER[0]]] for m in methods}
+    # learning-rate rank outermost: every method gets a point before any gets its second
+    ranked = [(m, lr) for i in range(max(map(len, grid.values()))) for m in methods for lr in grid[m][i:i + 1]]
     out = [("base", 0.0, 0, "multi")]
-    out += [(m, lr, s, "multi") for s in seeds for m in methods for lr in grid[m]]
+    out += [(m, lr, s, "multi") for s in seeds for m, lr in ranked]
     if setting["single"]:
-        out += [(m, lr, seeds[0], "single") for m in methods for lr in grid[m]]
+        out += [(m, lr, seeds[0], "single") for m, lr in ranked]
     return out
 
 

@@ -82,6 +82,10 @@ def test_a_rerun_skips_finished_runs_and_refuses_another_setting(tmp_path, monke
     assert todo == [("base", 0.0, 0, "multi"), ("moore_task", 1e-3, 0, "multi"), ("lora", 1e-3, 0, "multi"),
                     ("moore_task", 1e-3, 1, "multi"), ("lora", 1e-3, 1, "multi"),
                     ("moore_task", 1e-3, 0, "single"), ("lora", 1e-3, 0, "single")]
+    order = frontier.plan(setting, ["moore_task", "lora"], None, [0])
+    assert order[1:5] == [("moore_task", 1e-3, 0, "multi"), ("lora", 3e-4, 0, "multi"),
+                          ("moore_task", 3e-3, 0, "multi"), ("lora", 1e-3, 0, "multi")]
+    assert len(order) == 1 + 8 + 8
     calls = []
 
     def fake_child(fn, key, *args):
