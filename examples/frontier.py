@@ -325,7 +325,9 @@ def plot(results: dict, png: Path, kl_budget: float, accuracy: float, planned: i
     partial = f"; PARTIAL: {len(results['runs'])} of {planned} runs" if planned and len(results["runs"]) < planned \
         else ""
     ax.set_title(f"SmolLM2-135M, {s['name']}: {s['steps']} steps × {s['batch_size']}, targets "
-                 f"{'/'.join(s['targets'])}; {done} multi-task runs{partial}", fontsize=9)
+                 f"{'/'.join(s['targets'])}; {done} multi-task runs{partial}\n"
+                 "points: seed means, labelled with the learning rate; bars: range over seeds; dots: single seeds; "
+                 f"dashed: KL {kl_budget:g}; dotted: exact match {accuracy:g}", fontsize=8)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
