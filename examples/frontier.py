@@ -10,8 +10,9 @@ Methods (the same data, batches, steps, schedule, loss and target modules for al
 * MoORE router ``task``, ``task+sample`` and ``sample`` (the sample router at a tenth of the learning
   rate, as in the multi-task example), and MoORE with the published recipe's settings (router
   ``task+sample``, one learning rate for every tensor, warmup then constant, weight decay 0.01);
-* PEFT LoRA r=8, PiSSA (LoRA initialised from the top singular triplets) and HRA (Householder
-  reflections), trained by the loop of ``run_peft``, which mirrors moorize.train's.
+* PEFT LoRA r=8, PiSSA (LoRA initialised from the top singular triplets) and OFT (block-diagonal
+  orthogonal rotations), trained by the loop of ``run_peft``, which mirrors moorize.train's; HRA
+  (Householder reflections) on request (PEFT builds it densely: GPU only).
 
 Every run is recorded (per-task and mean exact match, KL and perplexity on general text) and
 appended atomically to ``examples/results/frontier-<setting>.json`` as soon as it ends; a rerun
@@ -66,7 +67,9 @@ METHODS = {
                             "weight_decay": 0.01}),
     "lora": Method("LoRA r=8", "lora", (1e-4, 3e-4, 1e-3, 3e-3)),
     "pissa": Method("PiSSA r=8", "pissa", (3e-5, 1e-4, 3e-4, 1e-3)),
-    "hra": Method("HRA r=8", "hra", (3e-4, 1e-3, 3e-3, 1e-2)),
+    "oft": Method("OFT block 32", "oft", (1e-4, 3e-4, 1e-3, 3e-3)),
+    # PEFT's HRA multiplies dense in×in reflections every forward: 11.8 GB on the CPU, so GPU only (full setting)
+    "hra": Method("HRA r=8", "hra", (3e-4, 1e-3, 3e-3, 1e-2), extra=True),
     # remedies for the sample router's reach (B C x acts on every token): fewer router experts, its own lr
     "moore_ts_kr16": Method("MoORE task+sample, k_r=16", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
                             {"router": "task+sample", "sample_router_lr": 0.1, "router_experts": 16}, extra=True),
