@@ -138,17 +138,20 @@ def write_data(root: Path, train_per_task: int, eval_per_task: int, seed: int = 
 
 # ---- the checkpoint ----------------------------------------------------------------------------------------------
 
-def prepare_checkpoints(work: Path) -> tuple[Path, Path]:
-    """(de-quantised HF directory of SmolLM2, its factored checkpoint at full rank), made once."""
+def prepare_checkpoints(work: Path, targets: list[str] | None = None) -> tuple[Path, Path]:
+    """(de-quantised HF directory of SmolLM2, its factored checkpoint at full rank), made once.
+
+    ``targets``: module-name patterns to factor (default: every linear layer of the blocks)."""
     import moorize
     from moorize.assets import smollm2_gguf
     from moorize.io.sources import dequantize_gguf
 
-    dense, factored = work / "smollm2", work / "smollm2-factored"
+    dense = work / "smollm2"
+    factored = work / ("smollm2-factored" + ("" if targets is None else "-" + "-".join(targets)))
     if not (dense / "config.json").is_file():
         dequantize_gguf(smollm2_gguf(), dense)
     if not (factored / "moorize.json").is_file():
-        moorize.convert(dense, factored, overwrite=True)
+        moorize.convert(dense, factored, overwrite=True, targets=targets)
     return dense, factored
 
 
@@ -213,16 +216,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_moore(factored: Path, data: Path, eval_path: Path, out: Path, s: dict, label: str, options: dict) -> dict:
+def run_moore(factored: Path, data: Path, eval_path: Path, out: Path, s: dict, label: str, options: dict,
+              measure_oblivion: bool = True) -> dict:
+    """moorize.train at s["lr"] (seed s.get("seed", 0)), then exact match and general-text oblivion."""
     from transformers import AutoTokenizer
 
     import moorize
     import moorize.model.layer
 
-    torch.manual_seed(0)
+    seed = s.get("seed", 0)
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
     report = moorize.train(factored, data, out, overwrite=True, progress=False, max_steps=s["steps"],
-                           batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"], seed=0,
+                           batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"], seed=seed,
                            eval_data=eval_path, **options)
     train_s = report.seconds
     peak = peak_rss_mb()
@@ -230,19 +236,42 @@ def run_moore(factored: Path, data: Path, eval_path: Path, out: Path, s: dict, l
     tok = AutoTokenizer.from_pretrained(factored)
     items = encoded(eval_path, tok, list(report.tasks), s["max_length"])
     acc = task_accuracy(model, items, list(report.tasks), tok.pad_token_id, tok.eos_token_id, routed=True)
-    base = general_logprobs(moorize.load(factored), tok, task_id=0)  # fresh routers: exactly the original
-    per_task = {t: oblivion(general_logprobs(model, tok, i), base, tok) for i, t in enumerate(report.tasks)}
-    return {"method": label, "options": options, "accuracy": acc, "library_eval": report.eval,
-            "oblivion": {k: sum(v[k] for v in per_task.values()) / len(per_task) for k in ("perplexity",
-                                                                                          "kl_to_base")},
-            "oblivion_per_task": per_task, "steps": report.steps, "steps_per_s": report.steps / train_s,
-            "train_s": train_s, "peak_rss_mb": peak, "wall_s": time.perf_counter() - t0,
-            "trainable": sum(p.numel() for p in moorize.model.layer.trainable_parameters(model).values())}
+    result = {"method": label, "options": options, "accuracy": acc, "library_eval": report.eval,
+              "steps": report.steps, "steps_per_s": report.steps / train_s, "train_s": train_s, "peak_rss_mb": peak,
+              "trainable": sum(p.numel() for p in moorize.model.layer.trainable_parameters(model).values())}
+    if measure_oblivion:
+        base = general_logprobs(moorize.load(factored), tok, task_id=0)  # fresh routers: exactly the original
+        per_task = {t: oblivion(general_logprobs(model, tok, i), base, tok) for i, t in enumerate(report.tasks)}
+        result["oblivion"] = {k: sum(v[k] for v in per_task.values()) / len(per_task)
+                              for k in ("perplexity", "kl_to_base")}
+        result["oblivion_per_task"] = per_task
+    return {**result, "wall_s": time.perf_counter() - t0}
 
 
-def run_lora(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None, steps: int) -> dict:
-    """PEFT LoRA r=8 on the same targets, the same batches, schedule and loss normalisation as moorize.train."""
-    from peft import LoraConfig, get_peft_model
+def peft_config(method: str, targets: list[str]):
+    """The PEFT baselines on the same targets: LoRA r=8 (alpha 16), PiSSA r=8 (LoRA initialised with the top-8
+    singular triplets, which it removes from the frozen weight; alpha = r as published), OFT (a block-diagonal
+    orthogonal rotation of the input, blocks of 32), HRA r=8 (a chain of 8 Householder reflections multiplying
+    the frozen weight, the PEFT cousin of MoORE's H; PEFT builds it as dense in×in products every forward,
+    11.8 GB peak RSS on SmolLM2 with down_proj on the CPU)."""
+    from peft import HRAConfig, LoraConfig, OFTConfig
+
+    if method == "lora":
+        return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
+    if method == "pissa":
+        return LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights="pissa")
+    if method == "oft":
+        return OFTConfig(r=0, oft_block_size=32, target_modules=targets)
+    if method == "hra":
+        return HRAConfig(r=8, target_modules=targets)
+    raise ValueError(f"unknown PEFT method {method!r}")
+
+
+def run_peft(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None, steps: int,
+             method: str = "lora") -> dict:
+    """A PEFT method (``peft_config``) on s.get("targets", LORA_TARGETS), at s["lr"] and seed s.get("seed", 0),
+    with the same batches, schedule and loss normalisation as moorize.train."""
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moorize.training.data import TaskTable, collate, encode, length_grouped_batches, read_examples
@@ -250,18 +279,20 @@ def run_lora(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None
     from moorize.training.losses import causal_losses
     from moorize.training.options import TrainOptions
 
-    torch.manual_seed(0)
+    seed = s.get("seed", 0)
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(dense)
     table = TaskTable(list(TASKS), {})
     examples = [e for e in read_examples(data) if task is None or e.task == task]
     items = encode(examples, tok, table, s["max_length"])
-    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    base = general_logprobs(model, tok) if task is None else None  # before PiSSA rewrites the frozen weights
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    model = get_peft_model(model, peft_config(method, s.get("targets", LORA_TARGETS)))
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opts = TrainOptions(lr=s["lr"], batch_size=s["batch_size"], max_steps=steps)
+    opts = TrainOptions(lr=s["lr"], batch_size=s["batch_size"], max_steps=steps, seed=seed)
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opts, steps))
     lengths = [len(i["input_ids"]) for i in items]
@@ -284,14 +315,12 @@ def run_lora(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None
     eval_items = [i for i in encoded(eval_path, tok, list(TASKS), s["max_length"])
                   if task is None or TASKS[i["task_id"]] == task]
     acc = task_accuracy(model, eval_items, list(TASKS), tok.pad_token_id, tok.eos_token_id, routed=False)
-    result = {"method": "LoRA" if task is None else f"LoRA single ({task})", "accuracy": acc, "steps": steps,
+    name = {"lora": "LoRA", "pissa": "PiSSA", "oft": "OFT", "hra": "HRA"}[method]
+    result = {"method": name if task is None else f"{name} single ({task})", "accuracy": acc, "steps": steps,
               "steps_per_s": steps / train_s, "train_s": train_s, "peak_rss_mb": peak,
               "wall_s": time.perf_counter() - t0, "trainable": sum(p.numel() for p in params)}
     if task is None:
-        tuned = general_logprobs(model, tok)
-        with model.disable_adapter():
-            base = general_logprobs(model, tok)
-        result["oblivion"] = oblivion(tuned, base, tok)
+        result["oblivion"] = oblivion(general_logprobs(model, tok), base, tok)
     return result
 
 
@@ -306,10 +335,10 @@ def run_base(dense: Path, eval_path: Path, s: dict) -> dict:
             "oblivion": oblivion(base, base, tok)}
 
 
-def in_child(fn, *args) -> dict:
+def in_child(fn, *args, **kwargs) -> dict:
     """Run fn in a fresh process (its own peak memory; nothing carried over between methods)."""
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -365,11 +394,11 @@ def main(argv=None) -> int:
     for key, (label, options) in MOORE_VARIANTS.items():
         results[key] = in_child(run_moore, factored, data, eval_path, work / f"adapter-{key}", s, label, options)
         print(f"{label} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    results["lora"] = in_child(run_lora, dense, data, eval_path, s, None, s["steps"])
+    results["lora"] = in_child(run_peft, dense, data, eval_path, s, None, s["steps"])
     print(f"LoRA done ({time.perf_counter() - t0:.0f} s)", flush=True)
     results["single"] = {}
     for task in TASKS:  # each sees as many examples of its task as the multi-task runs did
-        results["single"][task] = in_child(run_lora, dense, data, eval_path, s, task, max(1, s["steps"] // 4))
+        results["single"][task] = in_child(run_peft, dense, data, eval_path, s, task, max(1, s["steps"] // 4))
     results["seconds"] = time.perf_counter() - t0
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(tables(results))
