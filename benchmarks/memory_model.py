@@ -110,9 +110,10 @@ def convert_peak(a: Architecture, r0: float, factoring: dict) -> float:
     return r0 + worst
 
 
-def load_peak(a: Architecture, r0: float) -> float:
-    """The factors and every other tensor, read once into memory, plus the MoORE parameters."""
-    return r0 + (a.factor_elements() + a.other_elements() + a.trainable_elements()) * S
+def load_peak(a: Architecture, r0: float, s: int = S) -> float:
+    """The factors and every other tensor (``s`` bytes each), read once into memory, plus the float32 MoORE
+    parameters."""
+    return r0 + (a.factor_elements() + a.other_elements()) * s + a.trainable_elements() * S
 
 
 def activation_bytes(a: Architecture, tokens: int) -> tuple[float, float]:
@@ -143,16 +144,14 @@ def train_peak(a: Architecture, r0: float, batch: int, seq: int, checkpointing: 
     return max(backward, step)
 
 
-def export_peak(a: Architecture, r0: float) -> float:
-    """The larger of the two phases. Tracing and checking: the loaded model, the rotated Vh H the trace folds
-    into constants (a new [r, n] per layer), then the references' inference cache [Vh H; C] per layer (the
-    tracer's constants may not be returned yet). Validation: the model released, ONNX Runtime's own copy of every
-    weight (the graph stores Vh H in place of Vh: the factors' size) and the router tensors."""
-    vh = a.layers * sum(min(m, n) * n for m, n in a.targets()) * S
+def export_peak(a: Architecture, r0: float, s: int = S) -> float:
+    """Tracing and checking: the loaded model, the rotated Vh H the trace folds into constants (a new [r, n] per
+    layer), then the references' inference cache [Vh H; C] per layer (the tracer's constants may not be returned
+    yet). Validation, with the model released, holds ONNX Runtime's own copy of every weight (the graph stores
+    Vh H in place of Vh): what load holds, so never the peak."""
+    vh = a.layers * sum(min(m, n) * n for m, n in a.targets()) * s
     router_in = a.layers * sum(MOORE["router_experts"] * n for _, n in a.targets()) * S  # C: k_r × n per layer
-    tracing = load_peak(a, r0) + 2 * vh + router_in
-    runtime = r0 + (a.factor_elements() + a.other_elements() + a.trainable_elements()) * S
-    return max(tracing, runtime)
+    return load_peak(a, r0, s) + 2 * vh + router_in
 
 
 # ---- time ---------------------------------------------------------------------------------------------------
@@ -242,10 +241,8 @@ def projection_table(fixed: dict, batch: int = 1, seq: int = 4096) -> str:
             ddp = weights + train_state + acts
             fsdp_gpus = max(1, math.ceil((weights + train_state) / max(GPU_BYTES - acts, 1)))
             convert = convert_peak(a, fixed["convert"], factoring_estimate(a))
-            vh = a.layers * sum(min(m, n) * n for m, n in a.targets()) * bytes_per
-            router_in = a.layers * sum(MOORE["router_experts"] * n for _, n in a.targets()) * S
-            load = fixed["load"] + weights + a.trainable_elements() * S
-            export = max(load + 2 * vh + router_in, fixed["export"] + weights + a.trainable_elements() * S)
+            load = load_peak(a, fixed["load"], bytes_per)
+            export = export_peak(a, fixed["load"], bytes_per)
             rows.append((name, "float32" if bytes_per == 4 else "bfloat16",
                          f"{a.parameters() * bytes_per / 1e9:.0f} GB", f"{convert / 1e9:.1f} GB",
                          f"{load / 1e9:.0f} GB", f"{ddp / 1e9:.0f} GB", f"{export / 1e9:.0f} GB",
