@@ -3,6 +3,7 @@
     python benchmarks/scale.py                     # SmolLM2-135M and a synthetic ~1.1B Llama (about 40 min)
     python benchmarks/scale.py --quick             # 4 SmolLM2 layers and a 2-layer "1.1B": smoke test only
     python benchmarks/scale.py --only checkpointing   # gradient checkpointing on SmolLM2 only
+    python benchmarks/scale.py --only stages --models 1.1b   # the 1.1B stages only (about 25 min)
 
 Stages, each in a fresh child process started from a small launcher (so its ``ru_maxrss``
 is its own peak): ``moorize convert`` (full rank), ``moorize.load``, one training step
@@ -145,6 +146,7 @@ def part_stages(work: Path, args) -> bool:
     U.note("fixed cost per stage (the stage on a 1-layer, 64-wide Llama): "
            + ", ".join(f"{k} {_gib(v)}" for k, v in fixed.items()))
     models = [("SmolLM2-135M", None), ("synthetic 1.1B Llama", TINYLLAMA)]
+    models = [m for m, key in zip(models, ("smollm2", "1.1b")) if key in args.models]
     for label, shapes in models:
         src = work / f"{label[:4]}-hf"
         if shapes is None:
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke test: 4 SmolLM2 layers, a 2-layer synthetic model")
     ap.add_argument("--only", choices=["checkpointing", "stages"], default=None, help="run one part")
+    ap.add_argument("--models", type=lambda t: t.split(","), default=["smollm2", "1.1b"],
+                    help="comma-separated, of smollm2 and 1.1b (stages part; default both)")
     ap.add_argument("--out-dir", type=Path, default=None, help="where to put generated data (default: temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     args = ap.parse_args(argv)

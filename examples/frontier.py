@@ -33,7 +33,9 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,19 +148,20 @@ def run_one(key: tuple, s: dict, dense: Path, factored: Path, data_dir: Path, wo
     """One run of the sweep (in a fresh process): its metrics, keyed by method, lr, seed and scope."""
     name, lr, seed, scope = key
     s = {**s, "lr": lr, "seed": seed}
+    tag = f"{name}-{lr:g}-{seed}-{scope}"  # runs in parallel never share an adapter directory
     data, eval_path = data_dir / "train.jsonl", data_dir / "eval.jsonl"
     if name == "base":
         result = mt.run_base(dense, eval_path, s)
         options = {}
     elif scope == "multi":
-        result = train_one(METHODS[name], s, dense, factored, data, eval_path, None, work / f"adapter-{name}")
+        result = train_one(METHODS[name], s, dense, factored, data, eval_path, None, work / f"adapter-{tag}")
         options = METHODS[name].options
     else:
         result, options = {"accuracy": {}, "train_s": 0.0}, METHODS[name].options
         single = {**s, "steps": max(1, s["steps"] // 4)}
         for task in mt.TASKS:
             one = train_one(METHODS[name], single, dense, factored, *task_files(data_dir, task), task,
-                            work / f"adapter-{name}-{task}")
+                            work / f"adapter-{tag}-{task}")
             result["accuracy"][task] = one["accuracy"][task]
             result["train_s"] += one["train_s"]
     acc = result["accuracy"]
@@ -183,8 +186,8 @@ def train_one(method: Method, s: dict, dense: Path, factored: Path, data: Path, 
         shutil.rmtree(out, ignore_errors=True)
 
 
-def sweep(setting: dict, todo: list[tuple], path: Path, work: Path) -> None:
-    """Run what the JSON lacks, one child process at a time, appending each run as it ends."""
+def sweep(setting: dict, todo: list[tuple], path: Path, work: Path, jobs: int = 1) -> None:
+    """Run what the JSON lacks in child processes, ``jobs`` at a time, appending each run as it ends."""
     s = {k: v for k, v in setting.items() if k not in ("name", "seeds", "single")}
     done = {run_key(r) for r in load_results(path, setting)["runs"]}
     left = [k for k in todo if k not in done]
@@ -194,18 +197,25 @@ def sweep(setting: dict, todo: list[tuple], path: Path, work: Path) -> None:
     dense, factored = mt.prepare_checkpoints(work, setting["targets"])
     data_dir = work / f"data-{setting['name']}"
     mt.write_data(data_dir, setting["train_per_task"], setting["eval_per_task"])
-    for i, key in enumerate(left, 1):
+    lock = threading.Lock()  # one writer of the JSON at a time
+
+    def one(i: int, key: tuple) -> None:
         t0 = time.perf_counter()
         try:
             run = mt.in_child(run_one, key, s, dense, factored, data_dir, work)
         except Exception as e:  # one broken run (a diverged baseline, a killed child) must not end the sweep
             print(f"[{i}/{len(left)}] {key} FAILED: {type(e).__name__}: {e}", flush=True)
-            continue
-        run["wall_s"] = time.perf_counter() - t0
-        append_run(path, setting, run)
+            return
+        run.update(wall_s=time.perf_counter() - t0, parallel_runs=jobs)
+        with lock:
+            append_run(path, setting, run)
         kl = f", KL {run['kl_to_base']:.3f}" if "kl_to_base" in run else ""
         print(f"[{i}/{len(left)}] {key}: exact match {run['mean_exact_match']:.3f}{kl} ({run['wall_s']:.0f} s)",
               flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:  # threads only wait: each run is its own process
+        for future in [pool.submit(one, i, key) for i, key in enumerate(left, 1)]:
+            future.result()
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
@@ -368,7 +378,9 @@ def main(argv=None) -> int:
     ap.add_argument("--accuracy", type=float, default=0.4, help="Mean exact match of the second table.")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="Where frontier-<setting>.json/png/md live.")
     ap.add_argument("--work", type=Path, default=Path("moorize-frontier"), help="Checkpoints, data, adapters.")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's choice).")
+    ap.add_argument("--jobs", type=int, default=1, help="Runs at a time, each in its own process (default 1).")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per run (default: the machine's cores shared among --jobs).")
     args = ap.parse_args(argv)
     name = "quick" if args.quick else "smoke" if args.smoke else "full"
     setting = {"name": name, **SETTINGS[name]}
@@ -380,10 +392,13 @@ def main(argv=None) -> int:
     todo = plan(setting, methods, args.lrs, seeds)
     stem = args.results_dir / f"frontier-{name}"
     path = stem.with_suffix(".json")
-    if args.threads:  # inherited by the child processes, read when their torch starts
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
+    threads = args.threads or (max(1, len(os.sched_getaffinity(0)) // args.jobs) if args.jobs > 1 else None)
+    if threads:  # inherited by the child processes, read when their torch starts
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     if not args.plot_only:
-        sweep(setting, todo, path, args.work)
+        sweep(setting, todo, path, args.work, args.jobs)
     results = load_results(path, setting)
     if not results["runs"]:
         raise SystemExit(f"no runs in {path} yet")

@@ -129,9 +129,8 @@ class OnnxBackend:
         refs = references(job.graph, job.routed, job.tokenizer)
         self.exported = self.graph = None
         job.release_model()  # ONNX Runtime is about to load its own copy of every weight
-        atol = opts.atol if opts.atol is not None else default_atol(opts.dtype)
         return compare(refs, ort_runner(validation_session(tmp / GRAPH_FILE), refs.input_names), "ONNX Runtime",
-                       atol, opts.dtype, opts.rtol)
+                       default_atol(opts.dtype, opts.atol), opts.dtype, opts.rtol)
 
     def finish(self, job: ExportJob, tmp: Path, report: ExportReport) -> None:
         report.graph_bytes = (tmp / GRAPH_FILE).stat().st_size

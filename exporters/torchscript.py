@@ -79,7 +79,7 @@ class FileBackend:
         opts = job.opts
         loaded = load_file(tmp, self.backend, opts.with_past)
         return validate(job.graph, job.routed, job.tokenizer, _runner(loaded), backend_title(self.backend),
-                        opts.atol if opts.atol is not None else default_atol("float32"), rtol=opts.rtol)
+                        default_atol("float32", opts.atol), rtol=opts.rtol)
 
     def finish(self, job: ExportJob, tmp: Path, report: FileExportReport) -> None:
         report.bytes = tmp.stat().st_size

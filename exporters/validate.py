@@ -23,8 +23,9 @@ from .graphs import ExportGraph, Routed, sample_inputs
 TOLERANCES = {"float32": (1e-4, 1e-5), "float16": (1e-3, 5e-2)}
 
 
-def default_atol(dtype: str) -> float:
-    return TOLERANCES[dtype][0]
+def default_atol(dtype: str, atol: float | None = None) -> float:
+    """The user's ``--atol`` when given, else the dtype's default."""
+    return TOLERANCES[dtype][0] if atol is None else atol
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """What moorize does to a process it owns (the ``moorize`` command line): give freed tensors back.
 
+Everything moorize asks of the C allocator lives here: the mmap threshold below, and
+``heap_trimmer`` for long multi-threaded runs (conversion).
+
 glibc serves a large allocation with its own mmap and unmaps it on free, until the first such
 free: then it raises its mmap threshold to that size (up to 32 MiB) and serves later tensors of
 that size from its heap, which it rarely returns. A training step with gradient checkpointing
@@ -17,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Callable
 
 DEFAULT_MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept instead of adapted upwards
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
@@ -41,3 +45,16 @@ def return_freed_memory(threshold: int | None = None) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, min(threshold, 2**31 - 1)))
+
+
+def heap_trimmer() -> Callable[[], object]:
+    """A function that hands memory freed by worker threads back to the OS (glibc's ``malloc_trim``).
+
+    glibc keeps what worker threads free in per-thread arenas; trimming after each work item of a
+    long conversion keeps resident memory flat. A no-op with another C library."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)

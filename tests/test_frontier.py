@@ -110,6 +110,33 @@ def test_a_rerun_skips_finished_runs_and_refuses_another_setting(tmp_path, monke
         frontier.sweep({**setting, "steps": 7}, todo, path, tmp_path)
 
 
+def test_parallel_runs_each_land_in_the_json_once(tmp_path, monkeypatch):
+    """--jobs 2: two children at once (a barrier that only two concurrent runs pass), every run saved once."""
+    import threading
+
+    setting = {"name": "quick", **frontier.SETTINGS["quick"]}
+    todo = frontier.plan(setting, ["moore_task", "lora"], [1e-3, 3e-3], [0])
+    barrier = threading.Barrier(2, timeout=20)
+    dirs = []
+
+    def fake_child(fn, key, s, dense, factored, data_dir, work):
+        if key[0] != "base":
+            barrier.wait()  # raises BrokenBarrierError (a failed run) unless a second run is in flight
+        dirs.append(key)
+        return run(key[0], key[1], key[2], 0.5, None if key[3] == "single" else 0.1, key[3])
+
+    monkeypatch.setattr(frontier.mt, "in_child", fake_child)
+    monkeypatch.setattr(frontier.mt, "prepare_checkpoints", lambda work, targets: (work, work))
+    monkeypatch.setattr(frontier.mt, "write_data", lambda *a: None)
+    path = tmp_path / "frontier-quick.json"
+    frontier.append_run(path, setting, run("base", 0.0, 0, 0.0, 0.0))
+    frontier.sweep(setting, todo, path, tmp_path, jobs=2)
+    saved = json.loads(path.read_text())["runs"]
+    assert sorted(map(frontier.run_key, saved)) == sorted(todo)
+    assert all(r["parallel_runs"] == 2 for r in saved if r["method"] != "base")
+    assert sorted(dirs) == sorted(todo[1:])
+
+
 @pytest.mark.slow
 def test_smoke_sweep_on_smollm2(tmp_path, smollm2_dir):
     """Four steps of MoORE task and LoRA on the real checkpoint, through the command line."""

@@ -22,7 +22,7 @@ ALLOWED = {
     "options": {"errors"},
     "assets": {"errors"},
     "io": {"errors"},
-    "conversion": {"options", "io", "errors", "version"},
+    "conversion": {"options", "io", "errors", "version", "process"},
     "model": {"options", "io", "errors"},
     "training": {"options", "model", "io", "errors"},
     "exporters": {"options", "model", "io", "errors", "version"},

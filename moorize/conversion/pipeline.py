@@ -12,7 +12,6 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as _dt
 import json
 import logging
@@ -34,6 +33,7 @@ from ..io.hf import copy_aux_files
 from ..io.outdir import check_out_dir, is_main_process, output_lock, partial_dir, publish, raise_for_os_error
 from ..io.safetensors import ST_TO_TORCH, ShardFile, ShardPart, TensorInfo, dtype_name, finalize_shards, parse_size
 from ..io.sources import SourceCheckpoint, open_checkpoint
+from ..process import heap_trimmer
 from ..version import __version__
 from .module_space import to_module_space
 from .options import DEFAULT_BATCH, ConvertOptions
@@ -224,16 +224,6 @@ def _prefetch(items: list[WorkItem], depth: int = 2) -> Iterator[tuple[WorkItem,
                 th.join(0.05)
 
 
-def _heap_trimmer() -> Callable[[], object]:
-    """glibc keeps memory freed by worker threads in per-thread arenas; trimming after each
-    work item hands it back, so resident memory stays flat over a long conversion."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return lambda: libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        return lambda: None
-
-
 def _load_matrix(t: Target, info: TensorInfo, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
     """The [out, in] matrix the layer applies (GPT-2 Conv1D and transposed experts store its transpose)."""
     if t.index is None:
@@ -270,7 +260,7 @@ def _run_items(items: list[WorkItem], shards: list[list[WorkItem]], tmp: Path, t
         if last_of_shard:
             parts.append(sf.close())
 
-    trim_heap = _heap_trimmer()
+    trim_heap = heap_trimmer()
     try:
         for item, data in _prefetch(items):
             si = shard_of[item.index]
