@@ -77,6 +77,9 @@ METHODS = {
                             {"router": "task+sample", "sample_router_lr": 0.1, "router_experts": 16}, extra=True),
     "moore_ts_slr001": Method("MoORE task+sample, sample lr ×0.01", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
                               {"router": "task+sample", "sample_router_lr": 0.01}, extra=True),
+    # the router sees x / rms(x): one step moves every token's gate alike, however large its activations
+    "moore_ts_rms": Method("MoORE task+sample, router input RMS-normalised", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+                           {"router": "task+sample", "sample_router_lr": 0.1, "router_norm": "rms"}, extra=True),
 }
 
 SETTINGS = {
@@ -99,7 +102,8 @@ def run_key(run: dict) -> tuple:
 
 def plan(setting: dict, methods: list[str], lrs: list[float] | None, seeds: list[int] | None) -> list[tuple]:
     """Every (method, lr, seed, scope) to run, most informative first: seed 0 of every method across its
-    grid, then the other seeds, then the single-task runs (conflict, seed 0)."""
+    grid, then the other seeds, then the single-task runs (conflict, seed 0) at the two middle learning rates
+    of each grid (where the curves' useful points lie; both ends barely learn or forget a lot)."""
     seeds = list(seeds if seeds is not None else setting["seeds"])
     grid = {m: sorted(lrs) if lrs else [METHODS[m].lrs[i] for i in LR_ORDER if i < len(METHODS[m].lrs)]
             for m in methods}
@@ -110,7 +114,8 @@ def plan(setting: dict, methods: list[str], lrs: list[float] | None, seeds: list
     out = [("base", 0.0, 0, "multi")]
     out += [(m, lr, s, "multi") for s in seeds for m, lr in ranked]
     if setting["single"]:
-        out += [(m, lr, seeds[0], "single") for m, lr in ranked]
+        middle = {m: set(sorted(grid[m])[1:3] if len(grid[m]) > 2 else grid[m]) for m in methods}
+        out += [(m, lr, seeds[0], "single") for m, lr in ranked if lr in middle[m]]
     return out
 
 

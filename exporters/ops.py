@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import MoorizeError
+from ..model.config import ROUTER_NORM_EPS
 from ..model.layer import MoORELinear, householder_wy
 from .options import MIN_OPSET
 
@@ -30,22 +31,28 @@ OP_NAME = "MoORELinear"
 OP_VERSION = 1
 # name, optional?; the order is the op's input order
 OP_INPUTS = (("X", False), ("task_ids", False), ("gate_table", False), ("U", False), ("vh", False),
-             ("router_in", True), ("router_out", True), ("residual", True), ("bias", True))
+             ("router_in", True), ("router_out", True), ("residual", True), ("bias", True), ("router_eps", True))
 
 
 # ---- PyTorch -------------------------------------------------------------------------------------
 
 def moore_linear_math(x: torch.Tensor, task_ids: torch.Tensor, gate_table: torch.Tensor, U: torch.Tensor,
                       vh: torch.Tensor, router_in: Optional[torch.Tensor], router_out: Optional[torch.Tensor],
-                      residual: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+                      residual: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      router_eps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = U (ReLU(gate_table[t] + B (C x)) ⊙ (vh x)) (+ R x) (+ b), x [batch, seq, n]; in x's dtype.
+    With ``router_eps`` (a scalar) the router sees x / sqrt(mean(x²) + eps), computed in float32.
 
     Plain aten ops: the custom op's kernel, and what TorchScript and .pt2 exports contain (they then
     load without moorize installed)."""
     z = x @ vh.t()
     g = gate_table[task_ids].unsqueeze(1)
     if router_in is not None:
-        g = g + (x @ router_in.t()) @ router_out.t()
+        xc = x @ router_in.t()
+        if router_eps is not None:
+            xf = x.float()
+            xc = (xc.float() * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + router_eps.float())).to(x.dtype)
+        g = g + xc @ router_out.t()
     y = (z * torch.relu(g)) @ U.t()
     if residual is not None:
         y = y + x @ residual.t()
@@ -57,13 +64,14 @@ def moore_linear_math(x: torch.Tensor, task_ids: torch.Tensor, gate_table: torch
 @torch.library.custom_op("moorize::moore_linear", mutates_args=())
 def moore_linear(x: torch.Tensor, task_ids: torch.Tensor, gate_table: torch.Tensor, U: torch.Tensor,
                  vh: torch.Tensor, router_in: Optional[torch.Tensor], router_out: Optional[torch.Tensor],
-                 residual: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+                 residual: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 router_eps: Optional[torch.Tensor]) -> torch.Tensor:
     """The MoORE layer as one op (see ``moore_linear_math``); the ONNX export maps it to ai.moorize."""
-    return moore_linear_math(x, task_ids, gate_table, U, vh, router_in, router_out, residual, bias)
+    return moore_linear_math(x, task_ids, gate_table, U, vh, router_in, router_out, residual, bias, router_eps)
 
 
 @moore_linear.register_fake
-def _moore_linear_fake(x, task_ids, gate_table, U, vh, router_in, router_out, residual, bias):
+def _moore_linear_fake(x, task_ids, gate_table, U, vh, router_in, router_out, residual, bias, router_eps):
     return x.new_empty(*x.shape[:-1], U.shape[0])
 
 
@@ -97,14 +105,16 @@ class ExportMoORELinear(nn.Module):
                 self.register_buffer(name, None if t is None else t.detach().to(dtype).contiguous())
             self.register_buffer("residual", None if layer.residual is None else layer.residual.to(dtype))
             self.register_buffer("bias", None if layer.bias is None else layer.bias.to(dtype))
+            rms = cfg.uses_sample and cfg.router_norm == "rms"
+            self.register_buffer("router_eps", torch.tensor(ROUTER_NORM_EPS, dtype=dtype) if rms else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # tokens flattened from the rows (a sparse-MoE block's shared expert)
             return self.routed(x, self.holder.token_ids)
         vh = self.Vh - ((self.Vh @ self.wy_y) @ self.wy_t) @ self.wy_y.t() if self.rotate else self.vh
         op = torch.ops.moorize.moore_linear if self.use_op else moore_linear_math
-        return op(x.to(self.U.dtype), self.holder.ids, self.gate_table, self.U, vh, self.router_in, self.router_out, self.residual,
-                                              self.bias).to(x.dtype)
+        return op(x.to(self.U.dtype), self.holder.ids, self.gate_table, self.U, vh, self.router_in, self.router_out,
+                  self.residual, self.bias, self.router_eps).to(x.dtype)
 
 
     def routed(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -112,7 +122,7 @@ class ExportMoORELinear(nn.Module):
         op = torch.ops.moorize.moore_linear if self.use_op else moore_linear_math
         vh = self.Vh - ((self.Vh @ self.wy_y) @ self.wy_t) @ self.wy_y.t() if self.rotate else self.vh
         return op(x.to(self.U.dtype).unsqueeze(1), task_ids, self.gate_table, self.U, vh, self.router_in,
-                  self.router_out, self.residual, self.bias).squeeze(1).to(x.dtype)
+                  self.router_out, self.residual, self.bias, self.router_eps).squeeze(1).to(x.dtype)
 
 
 class TaskIds:
@@ -165,16 +175,16 @@ def onnx_translation():
     op = onnxscript.values.Op(onnxscript.values.Opset(OP_DOMAIN, OP_VERSION), OP_NAME, onnx_schema())
 
     def moore_linear_onnx(x, task_ids, gate_table, U, vh, router_in=None, router_out=None, residual=None,
-                          bias=None):
-        return op(x, task_ids, gate_table, U, vh, router_in, router_out, residual, bias)
+                          bias=None, router_eps=None):
+        return op(x, task_ids, gate_table, U, vh, router_in, router_out, residual, bias, router_eps)
 
     return {torch.ops.moorize.moore_linear.default: moore_linear_onnx}
 
 
 def overload_of(present: set[str]) -> str:
-    """Function overload for the optional inputs a node has: 'base', 'sample', 'sample_residual_bias', ..."""
-    parts = [p for p, names in (("sample", ("router_in", "router_out")), ("residual", ("residual",)),
-                                ("bias", ("bias",))) if all(n in present for n in names)]
+    """Function overload for the optional inputs a node has: 'base', 'sample', 'sample_rms_residual_bias', ..."""
+    parts = [p for p, names in (("sample", ("router_in", "router_out")), ("rms", ("router_in", "router_eps")),
+                                ("residual", ("residual",)), ("bias", ("bias",))) if all(n in present for n in names)]
     return "_".join(parts) or "base"
 
 
@@ -195,6 +205,14 @@ def function_proto(overload: str, opset: int):
     gate = node("Unsqueeze", [node("Gather", ["gate_table", "task_ids"], "gate_rows", axis=0), axis], "gate_task")
     if "sample" in parts:
         xc = node("MatMul", ["X", T("router_in")], "xc")
+        if "rms" in parts:  # xc / sqrt(mean(x²) + eps), the statistic in float32 (x² overflows float16)
+            xf = node("Cast", ["X"], "x_f32", to=1)
+            last = node("Constant", [], "axis_last", value=helper.make_tensor("axis_last", 7, [1], [-1]))
+            ms = node("ReduceMean", [node("Mul", [xf, xf], "x_sq"), last], "x_ms", keepdims=1)
+            eps = node("Cast", ["router_eps"], "eps_f32", to=1)
+            inv = node("Reciprocal", [node("Sqrt", [node("Add", [ms, eps], "x_ms_eps")], "x_rms")], "x_inv_rms")
+            xc = node("CastLike", [node("Mul", [node("Cast", [xc], "xc_f32", to=1), inv], "xc_norm_f32"), "X"],
+                      "xc_norm")
         gate = node("Add", [gate, node("MatMul", [xc, T("router_out")], "gate_sample")], "gate_sum")
     zg = node("Mul", [z, node("Relu", [gate], "g")], "zg")
     y = node("MatMul", [zg, T("U")], "y_experts")

@@ -85,7 +85,9 @@ def test_a_rerun_skips_finished_runs_and_refuses_another_setting(tmp_path, monke
     order = frontier.plan(setting, ["moore_task", "lora"], None, [0])
     assert order[1:5] == [("moore_task", 1e-3, 0, "multi"), ("lora", 3e-4, 0, "multi"),
                           ("moore_task", 3e-3, 0, "multi"), ("lora", 1e-3, 0, "multi")]
-    assert len(order) == 1 + 8 + 8
+    assert len(order) == 1 + 8 + 4  # single-task runs at the two middle learning rates of each grid
+    assert [k for k in order if k[3] == "single"] == [("moore_task", 1e-3, 0, "single"), ("lora", 3e-4, 0, "single"),
+                                                       ("moore_task", 3e-3, 0, "single"), ("lora", 1e-3, 0, "single")]
     calls = []
 
     def fake_child(fn, key, *args):

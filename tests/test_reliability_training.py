@@ -63,6 +63,7 @@ BAD_OPTIONS = [
     ({"task_dim": 0}, "task-dim must be at least 1"),
     ({"router_experts": -3}, "router-experts must be at least 1"),
     ({"householder": -2}, "householder must be at least 0"),
+    ({"router_norm": "layer"}, "unknown router norm 'layer'"),
     ({"seed": -1}, "seed must be at least 0"),
     ({"eval_every": -1}, "eval-every must be at least 0"),
     ({"lr": "fast"}, "lr must be a number"),
@@ -175,6 +176,23 @@ def test_resume_refuses_changed_data_contents(tiny_llama, tmp_path, monkeypatch)
     data.rename(moved)
     report = moorize.train(tiny_llama, str(moved), out, max_steps=4, save_every=2, resume=True, **FAST)
     assert report.resumed_from == 2 and (out / "adapter_config.json").is_file()
+
+
+def test_resume_accepts_a_run_saved_before_an_option_existed(tiny_llama, tmp_path, monkeypatch):
+    """A checkpoint written by an older moorize lacks options added since (router_norm): they had their
+    defaults then, so the run resumes; one that differs from a saved value is still refused."""
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, toy_causal(8))
+    out = tmp_path / "out"
+    ckpt = interrupted_run(tiny_llama, data, out, monkeypatch, max_steps=4, save_every=2, **FAST)
+    saved = ckpt.parent.parent / "train_config.json"  # the run directory
+    config = json.loads(saved.read_text())
+    del config["options"]["router_norm"]
+    saved.write_text(json.dumps(config))
+    with pytest.raises(moorize.MoorizeError, match="cannot resume: the run was started with different router_norm"):
+        moorize.train(tiny_llama, str(data), out, max_steps=4, save_every=2, resume=True, router_norm="rms", **FAST)
+    report = moorize.train(tiny_llama, str(data), out, max_steps=4, save_every=2, resume=True, **FAST)
+    assert report.resumed_from == 2
 
 
 # ---- 8. a full disk leaves nothing and exits 3 ---------------------------------------------------------

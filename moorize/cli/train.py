@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..model.config import ROUTER_MODES
+from ..model.config import ROUTER_MODES, ROUTER_NORMS
 from ..training.options import PRECISIONS, SCHEDULES, TrainOptions
 
 DEFAULTS = TrainOptions()
@@ -27,6 +27,9 @@ DEFAULTS = TrainOptions()
 @click.option("--householder", type=int, default=DEFAULTS.householder, show_default=True, help="Householder reflections (even).")
 @click.option("--task-dim", type=int, default=DEFAULTS.task_dim, show_default=True, help="Task embedding size.")
 @click.option("--router-experts", type=int, default=DEFAULTS.router_experts, show_default=True, help="Sample router width k_r.")
+@click.option("--router-norm", type=click.Choice(ROUTER_NORMS), default=DEFAULTS.router_norm, show_default=True,
+              help="The sample router's input: x as published (none), or x / rms(x) (rms: steadier gates, "
+                   "less forgetting; README, frontier).")
 @click.option("--train-sigma", is_flag=True, help="Train the singular values too.")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "last"]), default=None,
               help="Classification pooling [default: mean for encoders, last for decoders].")

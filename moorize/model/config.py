@@ -12,6 +12,8 @@ from ..errors import MoorizeError
 from ..options import with_overrides
 
 ROUTER_MODES = ("task", "sample", "task+sample")
+ROUTER_NORMS = ("none", "rms")
+ROUTER_NORM_EPS = 1e-6  # added to mean(x²) before the square root, as RMSNorm layers do
 
 
 @dataclass
@@ -22,6 +24,9 @@ class MoOREConfig:
     tasks: list[str] = field(default_factory=lambda: ["default"])
     task_dim: int = 64  # size of the task embedding e_t
     router_experts: int = 128  # k_r, rows of C
+    # the sample router's input: x as it comes ("none", as published), or x / rms(x) ("rms"), so that one
+    # step moves the gate by the same amount for every token, whatever the size of its activations
+    router_norm: str = "none"
     householder: int = 8  # k reflections (even: they start as identical pairs)
     train_sigma: bool = False
     seed: int = 0
@@ -31,6 +36,8 @@ class MoOREConfig:
             raise MoorizeError(f"unknown router mode {self.router!r}: use one of {', '.join(ROUTER_MODES)}")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise MoorizeError(f"tasks must be a non-empty list of distinct names, got {self.tasks!r}")
+        if self.router_norm not in ROUTER_NORMS:
+            raise MoorizeError(f"unknown router norm {self.router_norm!r}: use one of {', '.join(ROUTER_NORMS)}")
         if self.householder < 0 or self.householder % 2:
             raise MoorizeError(f"householder must be an even number >= 0 (pairs start as H = I), got {self.householder}")
         for name in ("task_dim", "router_experts"):

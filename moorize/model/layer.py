@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import MoorizeError
-from .config import ROUTER_MODES, MoOREConfig  # noqa: F401  (re-exported: where the layer's config lives)
+from .config import ROUTER_MODES, ROUTER_NORM_EPS, MoOREConfig  # noqa: F401  (re-exported: where the layer's config lives)
 
 
 class RoutingState:
@@ -181,19 +181,28 @@ class MoORELinear(nn.Module):
             g = g + (xc.float() @ self.router_out.float().t())
         return torch.relu(g)
 
+    def _router_input(self, xc: torch.Tensor, xin: torch.Tensor) -> torch.Tensor:
+        """C x, or C x / rms(x) with ``router_norm="rms"`` (the same as C applied to the normalised x), in float32."""
+        xc = xc.float()
+        if self.config.router_norm == "rms":
+            xc = xc * torch.rsqrt(xin.float().pow(2).mean(-1, keepdim=True) + ROUTER_NORM_EPS)
+        return xc
+
     def _expert_inputs(self, xin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(Vh H x, C x). Without gradients: one matmul with the cached [Vh H; C]. With them, the
         chain is applied on the token side, x Vhᵀ − ((x Y) T)(Vh Y)ᵀ: thin matmuls only, and no
         weight gradient through the frozen Vh (at 128 tokens ~1.5x faster than rotating Vh)."""
         if self._inference:
             h = xin @ self.input_weight().t()
-            return (h[..., : self.rank], h[..., self.rank:]) if self.config.uses_sample else (h, None)
+            if not self.config.uses_sample:
+                return h, None
+            return h[..., : self.rank], self._router_input(h[..., self.rank:], xin)
         z = xin @ self.Vh.t()
         if self.householder is not None:
             Y, T = householder_wy(self.householder)
             Yc = Y.to(xin.dtype)
             z = z - ((xin @ Yc) @ T.to(xin.dtype)) @ (self.Vh @ Yc).t()
-        xc = xin @ self.router_in.to(xin.dtype).t() if self.config.uses_sample else None
+        xc = self._router_input(xin @ self.router_in.to(xin.dtype).t(), xin) if self.config.uses_sample else None
         return z, xc
 
     def _merged_for(self, task: int) -> torch.Tensor:
@@ -250,7 +259,10 @@ class MoORELinear(nn.Module):
             g = g + (self.task_embedding.float()[ids] @ self.task_router.float().t()).reshape(
                 ids.shape[0], *([1] * (x.dim() - 2)), -1)
         if self.config.uses_sample:
-            g = g + (x.float() @ self.router_in.float().t()) @ self.router_out.float().t()
+            xr = x.float()
+            if self.config.router_norm == "rms":
+                xr = xr / torch.sqrt(xr.pow(2).mean(-1, keepdim=True) + ROUTER_NORM_EPS)
+            g = g + (xr @ self.router_in.float().t()) @ self.router_out.float().t()
         g = torch.relu(g)
         y = ((xf @ self.Vh.float().t()) * g) @ self.U.float().t()
         if self.residual is not None:

@@ -66,7 +66,7 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
 
     Without ``adapter`` the MoORE parameters are freshly initialised (the model computes
     exactly the original) from ``config`` and keyword overrides of its fields (``router``,
-    ``tasks``, ``task_dim``, ``router_experts``, ``householder``, ``train_sigma``, ``seed``); with it, the router mode, tasks, hyper-parameters and trained
+    ``tasks``, ``task_dim``, ``router_experts``, ``router_norm``, ``householder``, ``train_sigma``, ``seed``); with it, the router mode, tasks, hyper-parameters and trained
     weights come from the adapter directory, which must belong to this base checkpoint: the same
     source, converted with the same ranks, residuals and factor dtypes (adapters record both).
 

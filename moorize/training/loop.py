@@ -456,8 +456,13 @@ class _Run:
     def _check_resumable(self, saved: dict) -> None:
         if saved == self.config:
             return
+        # an option the saved run predates had its default then (a newer moorize added it)
+        defaults = asdict(TrainOptions())
+        saved_opts = {**defaults, **saved.get("options", {})}
         changed = sorted({k for k in self.config if k != "options" and saved.get(k) != self.config[k]}
-                         | {k for k, v in self.config["options"].items() if saved.get("options", {}).get(k) != v})
+                         | {k for k, v in self.config["options"].items() if saved_opts.get(k) != v})
+        if not changed:
+            return
         names = [{"data_sha256": "data contents", "eval_data_sha256": "eval data contents",
                   "base_layout_fingerprint": "factored base (ranks, residual or dtypes)"}.get(k, k) for k in changed]
         raise MoorizeError(f"cannot resume: the run was started with different {', '.join(names)}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import MoorizeError
 from ..model.config import DEFAULTS as MOORE_DEFAULTS
-from ..model.config import MoOREConfig
+from ..model.config import ROUTER_NORMS, MoOREConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class TrainOptions:
     householder: int = MOORE_DEFAULTS.householder
     task_dim: int = MOORE_DEFAULTS.task_dim
     router_experts: int = MOORE_DEFAULTS.router_experts
+    router_norm: str = MOORE_DEFAULTS.router_norm
     train_sigma: bool = MOORE_DEFAULTS.train_sigma
     pooling: str | None = None  # classification: mean/cls/last (default by architecture)
     # optimisation
@@ -69,6 +70,8 @@ class TrainOptions:
         """Every option checked up front (types, finite, in range): a bad one is one line, never NaN weights."""
         if self.schedule not in SCHEDULES:
             raise MoorizeError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.router_norm not in ROUTER_NORMS:
+            raise MoorizeError(f"unknown router norm {self.router_norm!r}: use one of {', '.join(ROUTER_NORMS)}")
         if self.precision not in PRECISIONS:
             raise MoorizeError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         for name, (kind, lo, hi, lo_open) in _NUMERIC_RANGES.items():
@@ -85,7 +88,8 @@ class TrainOptions:
     def moore_config(self, tasks: list[str]) -> MoOREConfig:
         """The MoORE layers this run trains: its options, its tasks, and its seed."""
         return MoOREConfig(router=self.router, tasks=list(tasks), task_dim=self.task_dim,
-                           router_experts=self.router_experts, householder=self.householder,
+                           router_experts=self.router_experts, router_norm=self.router_norm,
+                           householder=self.householder,
                            train_sigma=self.train_sigma, seed=self.seed)
 
 
