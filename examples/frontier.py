@@ -77,6 +77,8 @@ METHODS = {
                             {"router": "task+sample", "sample_router_lr": 0.1, "router_experts": 16}, extra=True),
     "moore_ts_slr001": Method("MoORE task+sample, sample lr ×0.01", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
                               {"router": "task+sample", "sample_router_lr": 0.01}, extra=True),
+    # moorize train's defaults as they stand (task+sample as published, the sample router at the full lr)
+    "moore_default": Method("MoORE, moorize train defaults", "moore", (1e-4, 3e-4, 1e-3, 3e-3), {}, extra=True),
     # the router sees x / rms(x): one step moves every token's gate alike, however large its activations
     "moore_ts_rms": Method("MoORE task+sample, router input RMS-normalised", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
                            {"router": "task+sample", "sample_router_lr": 0.1, "router_norm": "rms"}, extra=True),
