@@ -302,12 +302,13 @@ def test_cli_train_writes_an_adapter(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", toy_causal(16))
     result = CliRunner().invoke(cli, ["train", str(tiny_llama), "--data", data, "--output", str(tmp_path / "ad"),
                                       "--max-steps", "4", "--eval-split", "0.25", "--router-experts", "8",
-                                      "--schedule", "wsd", "--json"])
+                                      "--schedule", "wsd", "--router-norm", "rms", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["steps"] == 4 and set(report["eval"]) == {"first", "last"}
     model = moorize.load(tiny_llama, tmp_path / "ad")
     assert model.moore_config.router_experts == 8 and model.moore_tasks == {"first": 0, "last": 1}
+    assert model.moore_config.router_norm == "rms"
 
 
 def test_two_processes_match_gradient_accumulation(tiny_llama, tmp_path):
