@@ -49,6 +49,21 @@ def quick_results() -> dict:
     return {"setting": {"name": "quick", **frontier.SETTINGS["quick"]}, "runs": runs}
 
 
+def fake_children(monkeypatch, before=lambda key: None) -> list[tuple]:
+    """Runs answered in this process instead of a child (``before(key)`` first); returns the keys, in order."""
+    calls = []
+
+    def fake_child(fn, key, *args):
+        before(key)
+        calls.append(key)
+        return run(key[0], key[1], key[2], 0.5, None if key[3] == "single" else 0.1, key[3])
+
+    monkeypatch.setattr(frontier.mt, "in_child", fake_child)
+    monkeypatch.setattr(frontier.mt, "prepare_checkpoints", lambda work, targets: (work, work))
+    monkeypatch.setattr(frontier.mt, "write_data", lambda *a: None)
+    return calls
+
+
 def test_plot_only_draws_the_frontier_and_selects_on_seed_means(tmp_path):
     path = tmp_path / "frontier-quick.json"
     path.write_text(json.dumps(quick_results()))
@@ -88,15 +103,7 @@ def test_a_rerun_skips_finished_runs_and_refuses_another_setting(tmp_path, monke
     assert len(order) == 1 + 8 + 4  # single-task runs at the two middle learning rates of each grid
     assert [k for k in order if k[3] == "single"] == [("moore_task", 1e-3, 0, "single"), ("lora", 3e-4, 0, "single"),
                                                        ("moore_task", 3e-3, 0, "single"), ("lora", 1e-3, 0, "single")]
-    calls = []
-
-    def fake_child(fn, key, *args):
-        calls.append(key)
-        return run(key[0], key[1], key[2], 0.5, None if key[3] == "single" else 0.1, key[3])
-
-    monkeypatch.setattr(frontier.mt, "in_child", fake_child)
-    monkeypatch.setattr(frontier.mt, "prepare_checkpoints", lambda work, targets: (work, work))
-    monkeypatch.setattr(frontier.mt, "write_data", lambda *a: None)
+    calls = fake_children(monkeypatch)
     path = tmp_path / "frontier-quick.json"
     frontier.append_run(path, setting, run("base", 0.0, 0, 0.0, 0.0))
     frontier.append_run(path, setting, run("lora", 1e-3, 0, 0.4, 0.2))
@@ -119,17 +126,8 @@ def test_parallel_runs_each_land_in_the_json_once(tmp_path, monkeypatch):
     setting = {"name": "quick", **frontier.SETTINGS["quick"]}
     todo = frontier.plan(setting, ["moore_task", "lora"], [1e-3, 3e-3], [0])
     barrier = threading.Barrier(2, timeout=20)
-    dirs = []
-
-    def fake_child(fn, key, s, dense, factored, data_dir, work):
-        if key[0] != "base":
-            barrier.wait()  # raises BrokenBarrierError (a failed run) unless a second run is in flight
-        dirs.append(key)
-        return run(key[0], key[1], key[2], 0.5, None if key[3] == "single" else 0.1, key[3])
-
-    monkeypatch.setattr(frontier.mt, "in_child", fake_child)
-    monkeypatch.setattr(frontier.mt, "prepare_checkpoints", lambda work, targets: (work, work))
-    monkeypatch.setattr(frontier.mt, "write_data", lambda *a: None)
+    # barrier.wait raises BrokenBarrierError (a failed run) unless a second run is in flight
+    dirs = fake_children(monkeypatch, before=lambda key: barrier.wait())
     path = tmp_path / "frontier-quick.json"
     frontier.append_run(path, setting, run("base", 0.0, 0, 0.0, 0.0))
     frontier.sweep(setting, todo, path, tmp_path, jobs=2)
