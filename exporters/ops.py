@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import MoorizeError
 from ..model.config import ROUTER_NORM_EPS
-from ..model.layer import MoORELinear, householder_wy
+from ..model.layer import MoORELinear, householder_wy, inverse_rms
 from .options import MIN_OPSET
 
 OP_DOMAIN = "ai.moorize"
@@ -50,8 +50,7 @@ def moore_linear_math(x: torch.Tensor, task_ids: torch.Tensor, gate_table: torch
     if router_in is not None:
         xc = x @ router_in.t()
         if router_eps is not None:
-            xf = x.float()
-            xc = (xc.float() * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + router_eps.float())).to(x.dtype)
+            xc = (xc.float() * inverse_rms(x, router_eps.float())).to(x.dtype)
         g = g + xc @ router_out.t()
     y = (z * torch.relu(g)) @ U.t()
     if residual is not None:

@@ -97,6 +97,12 @@ def householder_wy(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u.t(), T
 
 
+def inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
+    """1 / sqrt(mean(x²) + eps) over the last axis, in float32 (x² overflows float16): the router-input norm,
+    shared by the layer and the export op."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
 class MoORELinear(nn.Module):
     """A linear layer as a mixture of orthogonal rank-one experts (see the module docstring)."""
 
@@ -185,7 +191,7 @@ class MoORELinear(nn.Module):
         """C x, or C x / rms(x) with ``router_norm="rms"`` (the same as C applied to the normalised x), in float32."""
         xc = xc.float()
         if self.config.router_norm == "rms":
-            xc = xc * torch.rsqrt(xin.float().pow(2).mean(-1, keepdim=True) + ROUTER_NORM_EPS)
+            xc = xc * inverse_rms(xin, ROUTER_NORM_EPS)
         return xc
 
     def _expert_inputs(self, xin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
