@@ -7,20 +7,21 @@ match against KL to the base model on text no task touches, one curve per method
 
 Methods (the same data, batches, steps, schedule, loss and target modules for all):
 
-* MoORE router ``task``, ``task+sample`` and ``sample`` (the sample router at a tenth of the learning
-  rate, as in the multi-task example), and MoORE with the published recipe's settings (router
-  ``task+sample``, one learning rate for every tensor, warmup then constant, weight decay 0.01);
+* MoORE router ``task``; ``task+sample`` with moorize train's defaults (the sample router sees x / rms(x)
+  and learns at a tenth of the learning rate); ``sample`` with x as published (at a tenth of the lr); and
+  MoORE with the published recipe's settings (router ``task+sample`` seeing x as it comes, one learning
+  rate for every tensor, warmup then constant, weight decay 0.01);
 * PEFT LoRA r=8, PiSSA (LoRA initialised from the top singular triplets) and OFT (block-diagonal
   orthogonal rotations), trained by the loop of ``run_peft``, which mirrors moorize.train's; HRA
   (Householder reflections) on request (PEFT builds it densely: GPU only).
 
 Every run is recorded (per-task and mean exact match, KL and perplexity on general text) and
 appended atomically to ``examples/results/frontier-<setting>.json`` as soon as it ends; a rerun
-skips the runs already there, so an interrupted sweep resumes. Conflict: seed 0 of every method and
-learning rate is also trained once per task alone (a quarter of the steps: as many examples of its
+skips the runs already there, so an interrupted sweep resumes. Conflict: seed 0 of every method at the
+two middle learning rates of its grid is also trained once per task alone (a quarter of the steps: as many examples of its
 task as the multi-task run sees); a task's conflict is its multi-task accuracy minus its single-task one.
 
-    python examples/frontier.py --quick               # 2 CPU cores, about 75 minutes
+    python examples/frontier.py --quick --jobs 2      # 2 CPU cores, two runs at a time (time: README)
     python examples/frontier.py                       # the full setting (GPU)
     python examples/frontier.py --quick --plot-only   # figure and tables from the JSON
 """
@@ -60,29 +61,39 @@ class Method:
 
 METHODS = {
     "moore_task": Method("MoORE task", "moore", (3e-4, 1e-3, 3e-3, 1e-2), {"router": "task"}),
-    "moore_ts": Method("MoORE task+sample", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
-                       {"router": "task+sample", "sample_router_lr": 0.1}),
+    # moorize train's defaults: the sample router sees x / rms(x) (one step moves every token's gate alike,
+    # however large its activations) and learns at a tenth of the lr (test_frontier checks they are the defaults)
+    "moore_ts_rms": Method("MoORE task+sample, router input RMS-normalised (defaults)", "moore",
+                           (1e-4, 3e-4, 1e-3, 3e-3),
+                           {"router": "task+sample", "sample_router_lr": 0.1, "router_norm": "rms"}),
     "moore_sample": Method("MoORE sample", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
-                           {"router": "sample", "sample_router_lr": 0.1}),
+                           {"router": "sample", "sample_router_lr": 0.1, "router_norm": "none"}),
     "moore_recipe": Method("MoORE published recipe", "moore", (3e-5, 1e-4, 3e-4, 1e-3),
-                           {"router": "task+sample", "sample_router_lr": 1.0, "schedule": "constant",
-                            "weight_decay": 0.01}),
+                           {"router": "task+sample", "router_norm": "none", "sample_router_lr": 1.0,
+                            "schedule": "constant", "weight_decay": 0.01}),
     "lora": Method("LoRA r=8", "lora", (1e-4, 3e-4, 1e-3, 3e-3)),
     "pissa": Method("PiSSA r=8", "pissa", (3e-5, 1e-4, 3e-4, 1e-3)),
     "oft": Method("OFT block 32", "oft", (1e-4, 3e-4, 1e-3, 3e-3)),
     # PEFT's HRA multiplies dense in×in reflections every forward: 11.8 GB on the CPU, so GPU only (full setting)
     "hra": Method("HRA r=8", "hra", (3e-4, 1e-3, 3e-3, 1e-2), extra=True),
-    # remedies for the sample router's reach (B C x acts on every token): fewer router experts, its own lr
+    # the studies behind the defaults: the sample router seeing x as it comes (as published), with remedies
+    # for its reach (B C x acts on every token): fewer router experts, its own lr, and the norm with it
+    "moore_ts": Method("MoORE task+sample", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+                       {"router": "task+sample", "sample_router_lr": 0.1, "router_norm": "none"}, extra=True),
     "moore_ts_kr16": Method("MoORE task+sample, k_r=16", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
-                            {"router": "task+sample", "sample_router_lr": 0.1, "router_experts": 16}, extra=True),
+                            {"router": "task+sample", "sample_router_lr": 0.1, "router_experts": 16,
+                             "router_norm": "none"}, extra=True),
     "moore_ts_slr001": Method("MoORE task+sample, sample lr ×0.01", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
-                              {"router": "task+sample", "sample_router_lr": 0.01}, extra=True),
-    # moorize train's defaults as they stand (task+sample as published, the sample router at the full lr)
-    "moore_default": Method("MoORE, moorize train defaults", "moore", (1e-4, 3e-4, 1e-3, 3e-3), {}, extra=True),
-    # the router sees x / rms(x): one step moves every token's gate alike, however large its activations
-    "moore_ts_rms": Method("MoORE task+sample, router input RMS-normalised", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
-                           {"router": "task+sample", "sample_router_lr": 0.1, "router_norm": "rms"}, extra=True),
+                              {"router": "task+sample", "sample_router_lr": 0.01, "router_norm": "none"},
+                              extra=True),
+    "moore_sample_rms": Method("MoORE sample, router input RMS-normalised", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+                               {"router": "sample", "sample_router_lr": 0.1, "router_norm": "rms"}, extra=True),
+    # moorize train's defaults until December 2026 (task+sample as published: x as it comes, the full lr)
+    "moore_old_defaults": Method("MoORE, old moorize train defaults", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+                                 {"router": "task+sample", "router_norm": "none", "sample_router_lr": 1.0},
+                                 extra=True),
 }
+DEFAULTS_METHOD, OLD_DEFAULTS_METHOD = "moore_ts_rms", "moore_old_defaults"  # the README's before and after
 
 SETTINGS = {
     # multitask_smollm2's quick data and steps, on three target modules per block instead of seven
@@ -183,12 +194,14 @@ def run_one(key: tuple, s: dict, dense: Path, factored: Path, data_dir: Path, wo
 
 def train_one(method: Method, s: dict, dense: Path, factored: Path, data: Path, eval_path: Path,
               task: str | None, out: Path) -> dict:
-    """One training run of a method (MoORE or PEFT) on the given data; MoORE's adapter is deleted after."""
+    """One training run of a method (MoORE or PEFT) on the given data; MoORE's adapter is deleted after. The
+    original model's log-probabilities on general text are computed once per sweep and kept next to ``out``."""
+    base_cache = out.parent / f"base-logprobs-{method.kind == 'moore' and 'factored' or 'dense'}.pt"
     if method.kind != "moore":
-        return mt.run_peft(dense, data, eval_path, s, task, s["steps"], method=method.kind)
+        return mt.run_peft(dense, data, eval_path, s, task, s["steps"], method=method.kind, base_cache=base_cache)
     try:
         return mt.run_moore(factored, data, eval_path, out, s, method.label, method.options,
-                            measure_oblivion=task is None)
+                            measure_oblivion=task is None, base_cache=base_cache)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -237,7 +250,8 @@ def points(runs: list[dict]) -> dict[tuple[str, float], dict]:
     out = {}
     for key, rs in sorted(groups.items()):
         em, kl = [r["mean_exact_match"] for r in rs], [r["kl_to_base"] for r in rs]
-        p = {"method": key[0], "label": rs[0]["label"], "lr": key[1], "n": len(rs),
+        label = METHODS[key[0]].label if key[0] in METHODS else rs[0]["label"]  # today's name of the curve
+        p = {"method": key[0], "label": label, "lr": key[1], "n": len(rs),
              "em": statistics.fmean(em), "em_sd": statistics.stdev(em) if len(em) > 1 else 0.0,
              "em_lo": min(em), "em_hi": max(em), "kl": statistics.fmean(kl), "kl_lo": min(kl), "kl_hi": max(kl),
              "ppl": statistics.fmean(r["perplexity"] for r in rs),
@@ -292,6 +306,7 @@ def tables(results: dict, kl_budget: float, accuracy: float) -> str:
     lines += ["", f"Lowest KL reaching mean exact match ≥ {accuracy:g}:", "",
               "| method | lr | exact match | KL | seeds |", "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {labels[m]} | {_fmt_point(least[m])} |" for m in order]
+    lines += defaults_table(pts)
     base = next((r for r in runs if r["method"] == "base"), None)
     head = "| method | lr | seeds | exact match (min–max) | " + " | ".join(mt.TASKS) + \
         " | KL (min–max) | perplexity | conflict (mean; per task) |"
@@ -312,6 +327,29 @@ def tables(results: dict, kl_budget: float, accuracy: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def defaults_table(pts: dict) -> list[str]:
+    """Markdown lines: moorize train's old and new defaults side by side at each learning rate (empty until
+    both curves have points)."""
+    old = {p["lr"]: p for p in pts.values() if p["method"] == OLD_DEFAULTS_METHOD}
+    new = {p["lr"]: p for p in pts.values() if p["method"] == DEFAULTS_METHOD}
+    if not old or not new:
+        return []
+    lines = ["", f"moorize train's defaults before ({METHODS[OLD_DEFAULTS_METHOD].label}: "
+             f"{_options(OLD_DEFAULTS_METHOD)}) and now ({_options(DEFAULTS_METHOD)}):", "",
+             "| lr | old: exact match | old: KL | old: seeds | new: exact match | new: KL | new: seeds |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lr in sorted(set(old) | set(new)):
+        cells = []
+        for p in (old.get(lr), new.get(lr)):
+            cells += ["—"] * 3 if p is None else [f"{p['em']:.3f}", f"{p['kl']:.3f}", str(p["n"])]
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _options(method: str) -> str:
+    return ", ".join(f"{k}={v}" for k, v in METHODS[method].options.items())
+
+
 def plot(results: dict, png: Path, kl_budget: float, accuracy: float, planned: int | None = None) -> None:
     """Exact match against KL, one curve per method through its learning rates (seed means), bars spanning
     the seeds' range, every seed's run as a faint dot."""
@@ -324,11 +362,15 @@ def plot(results: dict, png: Path, kl_budget: float, accuracy: float, planned: i
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, m in enumerate(m for m in METHODS if any(p["method"] == m for p in pts.values())):
         ps = sorted((p for p in pts.values() if p["method"] == m), key=lambda p: p["lr"])
-        color, marker = f"C{i % 10}", "osD^v<>ph*"[i % 10]
+        color, marker = plt.get_cmap("tab20")(i % 20), "osD^v<>ph*"[i % 10]
+        # the defaults stand out; the studies behind them (extras, but the old defaults) recede
+        study = METHODS[m].extra and m != OLD_DEFAULTS_METHOD
+        style = dict(lw=2.6 if m == DEFAULTS_METHOD else 0.9 if study else 1.4, ls="--" if study else "-",
+                     alpha=0.55 if study else 1.0)
         xs, ys = [p["kl"] for p in ps], [p["em"] for p in ps]
         ax.errorbar(xs, ys, xerr=[[p["kl"] - p["kl_lo"] for p in ps], [p["kl_hi"] - p["kl"] for p in ps]],
                     yerr=[[p["em"] - p["em_lo"] for p in ps], [p["em_hi"] - p["em"] for p in ps]],
-                    color=color, marker=marker, capsize=2, lw=1.4, label=ps[0]["label"])
+                    color=color, marker=marker, capsize=2, label=ps[0]["label"], **style)
         for p in ps:
             ax.annotate(f"{p['lr']:g}", (p["kl"], p["em"]), textcoords="offset points", xytext=(4, 3),
                         fontsize=6, color=color)
@@ -373,7 +415,7 @@ def floats(text: str) -> list[float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = ap.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="The reduced CPU setting (about 75 minutes).")
+    group.add_argument("--quick", action="store_true", help="The reduced CPU setting (2 cores: README).")
     group.add_argument("--smoke", action="store_true", help="A tiny setting for tests: 4 steps, one lr, one seed.")
     ap.add_argument("--plot-only", action="store_true", help="Only redraw the figure and tables from the JSON.")
     ap.add_argument("--methods", default=None,

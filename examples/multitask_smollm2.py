@@ -5,9 +5,9 @@ sorting words, sentiment from a lexicon) are generated with a fixed seed and wri
 to WORKDIR/data-{quick,full}/ (JSONL, reusable). On the same data, steps, batch,
 learning rate (1e-3, AdamW, warmup + cosine) and loss normalisation it trains:
 
-* MoORE (``moorize.train``) on the factored checkpoint, twice: router ``task+sample`` (as
-  published; the sample router at a tenth of the learning rate, ``sample_router_lr=0.1``)
-  and router ``task`` (task router and Householder reflections only),
+* MoORE (``moorize.train``) on the factored checkpoint, twice: router ``task+sample`` with
+  moorize's defaults (the sample router sees x / rms(x) and learns at a tenth of the learning
+  rate) and router ``task`` (task router and Householder reflections only),
 * a multi-task PEFT LoRA (r=8, alpha=16) on the same target modules,
 * one single-task LoRA per task (the same number of examples of its task),
 
@@ -88,7 +88,8 @@ SETTINGS = {
 }
 # the MoORE variants trained: key -> (label, moorize.train options)
 MOORE_VARIANTS = {
-    "moore_ts": ("MoORE task+sample", {"router": "task+sample", "sample_router_lr": 0.1}),
+    # moorize train's defaults, written out so that the results keep saying what ran
+    "moore_ts": ("MoORE task+sample", {"router": "task+sample", "sample_router_lr": 0.1, "router_norm": "rms"}),
     "moore_task": ("MoORE task", {"router": "task"}),
 }
 
@@ -190,13 +191,29 @@ def task_accuracy(model, items: list[dict], tasks: list[str], pad_id: int, eos_i
 
 @torch.no_grad()
 def general_logprobs(model, tokenizer, task_id: int | None = None) -> list[torch.Tensor]:
-    """Next-token log-probabilities on every general paragraph (float32, [tokens, vocab])."""
-    out = []
-    for text in GENERAL:
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        kwargs = {} if task_id is None else {"task_ids": torch.tensor([task_id])}
-        out.append(torch.log_softmax(model(input_ids=ids, **kwargs).logits[0, :-1].float(), -1))
-    return out
+    """Next-token log-probabilities on every general paragraph (float32, [tokens, vocab]), in one right-padded
+    batch: a causal model's outputs at a paragraph's tokens never see the padding after them."""
+    rows = [tokenizer(text)["input_ids"] for text in GENERAL]
+    ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    kwargs = {} if task_id is None else {"task_ids": torch.full((len(rows),), task_id)}
+    logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+    return [torch.log_softmax(logits[i, :len(row) - 1].float(), -1) for i, row in enumerate(rows)]
+
+
+def base_logprobs(original, tokenizer, cache: Path | None) -> list[torch.Tensor]:
+    """``general_logprobs`` of the original model (``original()`` builds it), computed once per ``cache`` file:
+    the runs of a sweep share it instead of each loading and running the original again."""
+    if cache is not None and cache.is_file():
+        return torch.load(cache)
+    logprobs = general_logprobs(original(), tokenizer)
+    if cache is not None:
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # runs in parallel may both write it
+        torch.save(logprobs, tmp)
+        os.replace(tmp, cache)
+    return logprobs
 
 
 def oblivion(tuned: list[torch.Tensor], base: list[torch.Tensor], tokenizer) -> dict:
@@ -217,8 +234,9 @@ def peak_rss_mb() -> float:
 
 
 def run_moore(factored: Path, data: Path, eval_path: Path, out: Path, s: dict, label: str, options: dict,
-              measure_oblivion: bool = True) -> dict:
-    """moorize.train at s["lr"] (seed s.get("seed", 0)), then exact match and general-text oblivion."""
+              measure_oblivion: bool = True, base_cache: Path | None = None) -> dict:
+    """moorize.train at s["lr"] (seed s.get("seed", 0)), then exact match and general-text oblivion
+    (``base_cache``: where the original model's log-probabilities are kept between runs)."""
     from transformers import AutoTokenizer
 
     import moorize
@@ -229,18 +247,18 @@ def run_moore(factored: Path, data: Path, eval_path: Path, out: Path, s: dict, l
     t0 = time.perf_counter()
     report = moorize.train(factored, data, out, overwrite=True, progress=False, max_steps=s["steps"],
                            batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"], seed=seed,
-                           eval_data=eval_path, **options)
+                           **options)
     train_s = report.seconds
     peak = peak_rss_mb()
     model = moorize.load(factored, out)
     tok = AutoTokenizer.from_pretrained(factored)
     items = encoded(eval_path, tok, list(report.tasks), s["max_length"])
     acc = task_accuracy(model, items, list(report.tasks), tok.pad_token_id, tok.eos_token_id, routed=True)
-    result = {"method": label, "options": options, "accuracy": acc, "library_eval": report.eval,
+    result = {"method": label, "options": options, "accuracy": acc,
               "steps": report.steps, "steps_per_s": report.steps / train_s, "train_s": train_s, "peak_rss_mb": peak,
               "trainable": sum(p.numel() for p in moorize.model.layer.trainable_parameters(model).values())}
     if measure_oblivion:
-        base = general_logprobs(moorize.load(factored), tok, task_id=0)  # fresh routers: exactly the original
+        base = base_logprobs(lambda: moorize.load(factored, router="sample"), tok, base_cache)  # fresh: the original
         per_task = {t: oblivion(general_logprobs(model, tok, i), base, tok) for i, t in enumerate(report.tasks)}
         result["oblivion"] = {k: sum(v[k] for v in per_task.values()) / len(per_task)
                               for k in ("perplexity", "kl_to_base")}
@@ -268,7 +286,7 @@ def peft_config(method: str, targets: list[str]):
 
 
 def run_peft(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None, steps: int,
-             method: str = "lora") -> dict:
+             method: str = "lora", base_cache: Path | None = None) -> dict:
     """A PEFT method (``peft_config``) on s.get("targets", LORA_TARGETS), at s["lr"] and seed s.get("seed", 0),
     with the same batches, schedule and loss normalisation as moorize.train."""
     from peft import get_peft_model
@@ -287,7 +305,7 @@ def run_peft(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None
     examples = [e for e in read_examples(data) if task is None or e.task == task]
     items = encode(examples, tok, table, s["max_length"])
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
-    base = general_logprobs(model, tok) if task is None else None  # before PiSSA rewrites the frozen weights
+    base = base_logprobs(lambda: model, tok, base_cache) if task is None else None  # before PiSSA rewrites W
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = get_peft_model(model, peft_config(method, s.get("targets", LORA_TARGETS)))
     model.to(device).train()

@@ -144,7 +144,7 @@ def test_onnx_with_past_one_custom_node_per_layer(tiny, llama_past):
     layers = len(moorize.FactoredCheckpoint(tiny["llama"][0]).layers)
     assert rep.moore_nodes == len(nodes) == layers
     assert {(f.domain, f.name) for f in model.functions} == {(ops.OP_DOMAIN, ops.OP_NAME)}
-    assert {f.overload for f in model.functions} == {n.overload for n in nodes} == {"sample_residual"}
+    assert {f.overload for f in model.functions} == {n.overload for n in nodes} == {"sample_rms_residual"}
     onnx.checker.check_model(str(dest / "model.onnx"), full_check=True)
     meta = json.loads((dest / "moorize_export.json").read_text())
     assert meta["tasks"] == {"a": 0, "b": 1, "c": 2} and meta["with_past"] is True
@@ -276,33 +276,34 @@ def test_float16_export(tiny):
     assert m.generate_ids(np.array([[5, 6, 7]]), task="b", max_new_tokens=3).shape[1] <= 3
 
 
-def test_rms_router_adapter_round_trips_and_exports(tiny):
-    """router_norm="rms" is saved with the adapter, reloads, and exports to ONNX (float32 and float16) and
-    TorchScript with every task validated against PyTorch."""
+def test_published_router_adapter_round_trips_and_exports(tiny):
+    """router_norm="none" (the published router, seeing x as it comes; the fixture has the default "rms") is
+    saved with the adapter, reloads, and exports to ONNX (float32 and float16) and TorchScript with every task
+    validated against PyTorch."""
     f, _ = tiny["llama"]
     root = tiny["root"]
-    model = moorize.load(f, tasks=TASKS, router_norm="rms")
+    model = moorize.load(f, tasks=TASKS, router_norm="none")
     perturb(model, seed=3)
-    moorize.save_adapter(model, root / "rms-ad")
-    assert json.loads((root / "rms-ad" / "adapter_config.json").read_text())["moore"]["router_norm"] == "rms"
-    back = moorize.load(f, root / "rms-ad")
-    assert back.moore.config.router_norm == "rms"
+    moorize.save_adapter(model, root / "published-ad")
+    assert json.loads((root / "published-ad" / "adapter_config.json").read_text())["moore"]["router_norm"] == "none"
+    back = moorize.load(f, root / "published-ad")
+    assert back.moore.config.router_norm == "none"
     ids = torch.tensor([[4, 5, 6, 3], [7, 8, 9, 3]])
     with torch.no_grad():
         want = model(ids, task_ids=torch.tensor([0, 2])).logits
         assert torch.equal(back(ids, task_ids=torch.tensor([0, 2])).logits, want)
-        back.moore.config.router_norm = "none"  # the same trained weights, the router seeing x as it comes
-        plain = back(ids, task_ids=torch.tensor([0, 2])).logits
-    assert (plain - want).abs().max() > 1e-3  # the norm changes the function once B is trained
+        back.moore.config.router_norm = "rms"  # the same trained weights, the router seeing x / rms(x)
+        normed = back(ids, task_ids=torch.tensor([0, 2])).logits
+    assert (normed - want).abs().max() > 1e-3  # the norm changes the function once B is trained
     for dtype in ("float32", "float16"):
-        rep = export_onnx(f, root / f"rms-{dtype}", root / "rms-ad", dtype=dtype)
+        rep = export_onnx(f, root / f"published-{dtype}", root / "published-ad", dtype=dtype)
         assert rep.validation.ok
-        graph = onnx.load(str(root / f"rms-{dtype}" / "model.onnx"), load_external_data=False)
-        assert {n.overload for n in graph.graph.node if n.domain == ops.OP_DOMAIN} == {"sample_rms_residual"}
-    ort_model = MoOREOrtModel.from_export(root / "rms-float32")
+        graph = onnx.load(str(root / f"published-{dtype}" / "model.onnx"), load_external_data=False)
+        assert {n.overload for n in graph.graph.node if n.domain == ops.OP_DOMAIN} == {"sample_residual"}
+    ort_model = MoOREOrtModel.from_export(root / "published-float32")
     got = ort_model.run(ids.numpy(), None, ort_model.task_ids(["a", "c"], 2))[0]
     assert np.abs(got - want.numpy()).max() < 1e-4
-    assert export_torchscript(f, root / "rms.pt", root / "rms-ad").validation.ok
+    assert export_torchscript(f, root / "published.pt", root / "published-ad").validation.ok
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "pt2"])

@@ -91,6 +91,26 @@ def test_plot_only_draws_the_frontier_and_selects_on_seed_means(tmp_path):
     assert "| LoRA r=8 | 0.001 | 0.470 ± 0.04 | 0.220 | 2 |" in md
 
 
+def test_the_defaults_curve_is_moorize_train_defaults_and_the_table_sets_old_against_new(tmp_path):
+    """The curve the README calls the defaults trains with exactly TrainOptions()' MoORE settings, and the old
+    defaults' curve differs from it only by what changed (router_norm, sample_router_lr), so their two curves
+    are the before and after of that change; the report sets them side by side per learning rate."""
+    from dataclasses import asdict
+
+    from moorize.training.options import TrainOptions
+
+    defaults = asdict(TrainOptions())
+    new, old = (frontier.METHODS[m].options for m in (frontier.DEFAULTS_METHOD, frontier.OLD_DEFAULTS_METHOD))
+    assert {k: defaults[k] for k in new} == new
+    assert {k for k in old if old[k] != defaults[k]} == {"router_norm", "sample_router_lr"}
+    runs = [run(frontier.OLD_DEFAULTS_METHOD, 1e-3, s, 0.30, 1.6) for s in (0, 1)]
+    runs += [run(frontier.DEFAULTS_METHOD, lr, 0, em, kl) for lr, em, kl in ((1e-3, 0.35, 0.16), (3e-3, 0.41, 0.6))]
+    lines = frontier.defaults_table(frontier.points(runs))
+    assert "| 0.001 | 0.300 | 1.600 | 2 | 0.350 | 0.160 | 1 |" in lines
+    assert "| 0.003 | — | — | — | 0.410 | 0.600 | 1 |" in lines
+    assert frontier.defaults_table(frontier.points(runs[:2])) == []
+
+
 def test_a_rerun_skips_finished_runs_and_refuses_another_setting(tmp_path, monkeypatch):
     setting = {"name": "quick", **frontier.SETTINGS["quick"]}
     todo = frontier.plan(setting, ["moore_task", "lora"], [1e-3], [0, 1])
@@ -155,5 +175,7 @@ def test_smoke_sweep_on_smollm2(tmp_path, smollm2_dir):
         assert 0.0 < multi["kl_to_base"] < 5.0 and multi["perplexity"] > 1.0
         assert set(multi["accuracy"]) == set(single["accuracy"]) == set(TASKS)
         assert 0.0 <= multi["mean_exact_match"] <= 1.0 and multi["trainable"] > 0
+    # the original model's log-probabilities were computed once for each kind of run and shared
+    assert {p.name for p in work.glob("base-logprobs-*.pt")} == {"base-logprobs-factored.pt", "base-logprobs-dense.pt"}
     assert (tmp_path / "frontier-smoke.png").stat().st_size > 10_000
     assert "MoORE task" in (tmp_path / "frontier-smoke.md").read_text()

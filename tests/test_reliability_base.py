@@ -162,6 +162,29 @@ def test_adapter_without_the_new_fields_still_loads_on_its_base(bases, adapter, 
         moorize.load(tmp_path / "other", old)
 
 
+def test_adapter_written_before_router_norm_existed_keeps_its_function(bases, tmp_path):
+    """Adapters from before ``router_norm`` lack the field; their router saw x as it came, so they load with
+    router_norm "none" (today's default is "rms") and give the logits they gave then. Settings that are not an
+    object, of an unknown name or of the wrong type are one line."""
+    model = moorize.load(bases["keep"], tasks=TASKS, householder=4, router_experts=16, router_norm="none")
+    _perturb(model, scale=0.2)
+    old = tmp_path / "pre-norm"
+    moorize.save_adapter(model, old)
+    cfg = json.loads((old / CONFIG_NAME).read_text())
+    del cfg["moore"]["router_norm"]
+    (old / CONFIG_NAME).write_text(json.dumps(cfg))
+    back = moorize.load(bases["keep"], old)
+    assert back.moore.config.router_norm == "none" and moorize.MoOREConfig().router_norm == "rms"
+    ids, tasks = _ids(), torch.tensor([1, 0])
+    assert torch.equal(_logits(back, ids, tasks), _logits(model, ids, tasks))
+    for moore, match in ((["task"], "not a JSON object"), ({**cfg["moore"], "gate": 2}, r"unknown MoORE setting\(s\) gate"),
+                         ({**cfg["moore"], "householder": "4"}, "malformed MoORE settings")):
+        (old / CONFIG_NAME).write_text(json.dumps({**cfg, "moore": moore}))
+        with pytest.raises(MoorizeError, match=match) as e:
+            moorize.load(bases["keep"], old)
+        _one_line(e)
+
+
 def test_fingerprint_alone_still_refuses_and_bad_layout_is_one_line(bases, adapter, tmp_path):
     _, ad = adapter
     only_fp = tmp_path / "only-fp"

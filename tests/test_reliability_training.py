@@ -179,19 +179,25 @@ def test_resume_refuses_changed_data_contents(tiny_llama, tmp_path, monkeypatch)
 
 
 def test_resume_accepts_a_run_saved_before_an_option_existed(tiny_llama, tmp_path, monkeypatch):
-    """A checkpoint written by an older moorize lacks options added since (router_norm): they had their
-    defaults then, so the run resumes; one that differs from a saved value is still refused."""
+    """A checkpoint written by an older moorize lacks options added since (router_norm, sample_router_lr): they
+    had the behaviour of then (x as it comes, the full lr), not today's defaults. The run resumes with those;
+    with today's defaults it is refused, and the message names each difference and both values."""
     data = tmp_path / "train.jsonl"
     write_jsonl(data, toy_causal(8))
     out = tmp_path / "out"
-    ckpt = interrupted_run(tiny_llama, data, out, monkeypatch, max_steps=4, save_every=2, **FAST)
+    then = {"router_norm": "none", "sample_router_lr": 1.0}
+    ckpt = interrupted_run(tiny_llama, data, out, monkeypatch, max_steps=4, save_every=2, **then, **FAST)
     saved = ckpt.parent.parent / "train_config.json"  # the run directory
     config = json.loads(saved.read_text())
-    del config["options"]["router_norm"]
+    for name in then:
+        del config["options"][name]
     saved.write_text(json.dumps(config))
-    with pytest.raises(moorize.MoorizeError, match="cannot resume: the run was started with different router_norm"):
-        moorize.train(tiny_llama, str(data), out, max_steps=4, save_every=2, resume=True, router_norm="rms", **FAST)
-    report = moorize.train(tiny_llama, str(data), out, max_steps=4, save_every=2, resume=True, **FAST)
+    with pytest.raises(moorize.MoorizeError) as refused:
+        moorize.train(tiny_llama, str(data), out, max_steps=4, save_every=2, resume=True, **FAST)
+    assert str(refused.value) == ("cannot resume: the run was started with different router_norm (the run: 'none', "
+                                  "now 'rms'), sample_router_lr (the run: 1.0, now 0.1); pass the run's settings "
+                                  "again to continue it")
+    report = moorize.train(tiny_llama, str(data), out, max_steps=4, save_every=2, resume=True, **then, **FAST)
     assert report.resumed_from == 2
 
 

@@ -66,17 +66,18 @@ def test_no_dense_target_weights_in_the_routed_model(tmp_path):
     assert any(n.endswith("q_proj.U") for n in names)
 
 
-def test_layer_matches_published_per_token_formulation():
+@pytest.mark.parametrize("norm", ["none", "rms"])  # "none": the published router; "rms": moorize's default
+def test_layer_matches_published_per_token_formulation(norm):
     torch.manual_seed(0)
     m, n, r = 40, 32, 24
     U, _ = torch.linalg.qr(torch.randn(m, r))
     Vh = torch.linalg.qr(torch.randn(n, r))[0].t().contiguous()
     S = torch.rand(r) + 0.5
     R, b = torch.randn(m, n) * 0.01, torch.randn(m)
-    cfg = MoOREConfig(tasks=["a", "b"], task_dim=8, router_experts=16, householder=6)
+    cfg = MoOREConfig(tasks=["a", "b"], task_dim=8, router_experts=16, householder=6, router_norm=norm)
     state = RoutingState(cfg.tasks)
     layer = MoORELinear(U, S, Vh, R, b, cfg, state)
-    x = torch.randn(2, 5, n)
+    x = torch.randn(2, 5, n) * torch.logspace(-1, 1, 5)[:, None]  # tokens of different sizes
     state.task_ids = torch.tensor([0, 1])
     at_init = layer(x)
     dense = x @ ((U * S) @ Vh + R).t() + b

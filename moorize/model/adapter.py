@@ -186,5 +186,5 @@ def read_adapter(directory: str | os.PathLike, base_fingerprint: str | None = No
                  ) -> tuple[MoOREConfig, dict[str, torch.Tensor]]:
     """(config, tensors) of an adapter; refuses one trained on a different base (``read_adapter_config``)."""
     meta = read_adapter_config(directory, base_fingerprint, base=base)
-    config = MoOREConfig(**dict(meta["moore"]))
+    config = MoOREConfig.from_saved(meta.get("moore"), f"adapter {directory}: {CONFIG_NAME}")
     return config, read_tensors(Path(directory) / WEIGHTS_NAME)

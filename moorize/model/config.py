@@ -6,7 +6,7 @@ no torch import, so the CLI can read them at start-up.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import MoorizeError
 from ..options import with_overrides
@@ -14,6 +14,8 @@ from ..options import with_overrides
 ROUTER_MODES = ("task", "sample", "task+sample")
 ROUTER_NORMS = ("none", "rms")
 ROUTER_NORM_EPS = 1e-6  # added to mean(x²) before the square root, as RMSNorm layers do
+# a field an adapter written by an older moorize lacks meant the behaviour of then, not today's default
+LEGACY_FIELDS = {"router_norm": "none"}
 
 
 @dataclass
@@ -24,9 +26,10 @@ class MoOREConfig:
     tasks: list[str] = field(default_factory=lambda: ["default"])
     task_dim: int = 64  # size of the task embedding e_t
     router_experts: int = 128  # k_r, rows of C
-    # the sample router's input: x as it comes ("none", as published), or x / rms(x) ("rms"), so that one
-    # step moves the gate by the same amount for every token, whatever the size of its activations
-    router_norm: str = "none"
+    # the sample router's input: x / rms(x) ("rms", the default), so that one step moves the gate by the same
+    # amount for every token whatever the size of its activations (less forgetting: README, frontier), or
+    # x as it comes ("none", as published)
+    router_norm: str = "rms"
     householder: int = 8  # k reflections (even: they start as identical pairs)
     train_sigma: bool = False
     seed: int = 0
@@ -54,6 +57,20 @@ class MoOREConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved, where: str) -> MoOREConfig:
+        """The config an adapter recorded, checked; a field it predates gets its behaviour of then."""
+        if not isinstance(saved, dict):
+            raise MoorizeError(f"{where}: the MoORE settings are not a JSON object")
+        unknown = set(saved) - {f.name for f in fields(cls)}
+        if unknown:
+            raise MoorizeError(f"{where}: unknown MoORE setting(s) {', '.join(sorted(unknown))} "
+                               "(written by a newer moorize?)")
+        try:
+            return cls(**{**LEGACY_FIELDS, **saved})
+        except TypeError as e:  # a hand-edited value of the wrong type, caught by a comparison
+            raise MoorizeError(f"{where}: malformed MoORE settings ({e})") from None
 
     @classmethod
     def build(cls, config: MoOREConfig | None, overrides: dict) -> MoOREConfig:

@@ -55,7 +55,7 @@ from .checkpoints import _checkpoint_dirs, _load_checkpoint, _read_json, _save_c
 from .data import IGNORE_INDEX, Example, TaskTable, collate, encode, length_grouped_batches, read_examples
 from .losses import _forward, evaluate
 from .metrics import _MetricsLog
-from .options import BOOKKEEPING, CONFIG_NAME, TrainOptions
+from .options import BOOKKEEPING, CONFIG_NAME, LEGACY_OPTIONS, TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -456,16 +456,18 @@ class _Run:
     def _check_resumable(self, saved: dict) -> None:
         if saved == self.config:
             return
-        # an option the saved run predates had its default then (a newer moorize added it)
-        defaults = asdict(TrainOptions())
-        saved_opts = {**defaults, **saved.get("options", {})}
-        changed = sorted({k for k in self.config if k != "options" and saved.get(k) != self.config[k]}
-                         | {k for k, v in self.config["options"].items() if saved_opts.get(k) != v})
-        if not changed:
+        # an option the saved run predates had the behaviour of then (LEGACY_OPTIONS, else today's default)
+        saved_opts = {**asdict(TrainOptions()), **LEGACY_OPTIONS, **saved.get("options", {})}
+        changed = sorted(k for k in self.config if k != "options" and saved.get(k) != self.config[k])
+        differing = [k for k, v in self.config["options"].items() if saved_opts.get(k) != v]
+        if not changed and not differing:
             return
         names = [{"data_sha256": "data contents", "eval_data_sha256": "eval data contents",
                   "base_layout_fingerprint": "factored base (ranks, residual or dtypes)"}.get(k, k) for k in changed]
-        raise MoorizeError(f"cannot resume: the run was started with different {', '.join(names)}")
+        names += [f"{k} (the run: {saved_opts.get(k)!r}, now {v!r})" for k, v in self.config["options"].items()
+                  if k in differing]
+        hint = "; pass the run's settings again to continue it" if differing else ""
+        raise MoorizeError(f"cannot resume: the run was started with different {', '.join(names)}{hint}")
 
     def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward over this rank's micro-batches, clip, check, and take the optimizer step."""
