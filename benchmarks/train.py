@@ -11,8 +11,9 @@ plain PEFT loop do per step. Models:
 * LoRA: ``AutoModelForCausalLM`` + ``peft.get_peft_model(LoraConfig(r=8, lora_alpha=16,
   target_modules=[q,k,v,o,gate,up,down]))``;
 * MoORE: ``moorize.load`` of a full-rank conversion and of ``rank=64, residual=keep``,
-  ``prepare_for_training``, default hyper-parameters (k=8 reflections, k_r=128), router
-  ``task+sample`` and ``task``, ``task_ids`` set per row.
+  ``prepare_for_training``, default hyper-parameters (k=8 reflections, k_r=128, the router fed
+  x / rms(x)), router ``task+sample`` and ``task``, ``task_ids`` set per row; and ``task+sample``
+  with the router fed x as published (``router_norm="none"``), for what the norm costs.
 
 Timings are medians of N steps of each model, run round-robin after warm-up, in one
 process on one machine; the ratio MoORE / LoRA is the figure the goal (≤ 1.5×) is about.
@@ -72,16 +73,19 @@ def part(work: Path, args) -> bool:
                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)).train()
     ids = torch.randint(0, lora.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     models = {"lora": (lora, [p for p in lora.parameters() if p.requires_grad], False)}
-    variants = [("full", "full", "task+sample"), ("r64", "r64", "task+sample"), ("full-task", "full", "task")]
-    for key, ck, router in variants:
-        m = moorize.load(work / f"factored-{ck}", router=router, tasks=["a", "b"]).train()
+    # the defaults (router_norm "rms"), and the router fed x as published: what the norm costs per step
+    variants = [("full", "full", "task+sample", "rms"), ("full-none", "full", "task+sample", "none"),
+                ("r64", "r64", "task+sample", "rms"), ("full-task", "full", "task", "rms")]
+    for key, ck, router, norm in variants:
+        m = moorize.load(work / f"factored-{ck}", router=router, tasks=["a", "b"], router_norm=norm).train()
         models[key] = (m, moorize.prepare_for_training(m), True)
     steps = {k: _step_fn(m, p, ids, routed) for k, (m, p, routed) in models.items()}
     times = U.interleaved(steps, args.repeat, args.warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     labels = {"lora": "PEFT LoRA r=8 (q,k,v,o,gate,up,down)",
-              "full": "MoORE full rank, router `task+sample`",
+              "full": "MoORE full rank, router `task+sample` (defaults: x / rms(x))",
+              "full-none": "MoORE full rank, router `task+sample`, router_norm none",
               "r64": "MoORE rank 64 + residual, router `task+sample`",
               "full-task": "MoORE full rank, router `task`"}
     rows = []

@@ -7,10 +7,10 @@ match against KL to the base model on text no task touches, one curve per method
 
 Methods (the same data, batches, steps, schedule, loss and target modules for all):
 
-* MoORE router ``task``; ``task+sample`` with moorize train's defaults (the sample router sees x / rms(x)
-  and learns at a tenth of the learning rate); ``sample`` with x as published (at a tenth of the lr); and
-  MoORE with the published recipe's settings (router ``task+sample`` seeing x as it comes, one learning
-  rate for every tensor, warmup then constant, weight decay 0.01);
+* MoORE's routers ``task``, ``task+sample`` and ``sample`` with moorize train's defaults (the sample router
+  sees x / rms(x) and learns at a tenth of the learning rate), and MoORE with the published recipe's
+  settings (router ``task+sample`` seeing x as it comes, one learning rate for every tensor, warmup then
+  constant, weight decay 0.01); the studies behind the defaults on request (``--methods``);
 * PEFT LoRA r=8, PiSSA (LoRA initialised from the top singular triplets) and OFT (block-diagonal
   orthogonal rotations), trained by the loop of ``run_peft``, which mirrors moorize.train's; HRA
   (Householder reflections) on request (PEFT builds it densely: GPU only).
@@ -60,14 +60,14 @@ class Method:
 
 
 METHODS = {
+    # MoORE's three router modes as moorize train gives them (the defaults: the sample router sees x / rms(x),
+    # so one step moves every token's gate alike however large its activations, and learns at a tenth of the lr;
+    # test_frontier checks they are the defaults), and the published recipe
     "moore_task": Method("MoORE task", "moore", (3e-4, 1e-3, 3e-3, 1e-2), {"router": "task"}),
-    # moorize train's defaults: the sample router sees x / rms(x) (one step moves every token's gate alike,
-    # however large its activations) and learns at a tenth of the lr (test_frontier checks they are the defaults)
-    "moore_ts_rms": Method("MoORE task+sample, router input RMS-normalised (defaults)", "moore",
-                           (1e-4, 3e-4, 1e-3, 3e-3),
+    "moore_ts_rms": Method("MoORE task+sample, norm (defaults)", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
                            {"router": "task+sample", "sample_router_lr": 0.1, "router_norm": "rms"}),
-    "moore_sample": Method("MoORE sample", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
-                           {"router": "sample", "sample_router_lr": 0.1, "router_norm": "none"}),
+    "moore_sample_rms": Method("MoORE sample, norm", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+                               {"router": "sample", "sample_router_lr": 0.1, "router_norm": "rms"}),
     "moore_recipe": Method("MoORE published recipe", "moore", (3e-5, 1e-4, 3e-4, 1e-3),
                            {"router": "task+sample", "router_norm": "none", "sample_router_lr": 1.0,
                             "schedule": "constant", "weight_decay": 0.01}),
@@ -76,20 +76,20 @@ METHODS = {
     "oft": Method("OFT block 32", "oft", (1e-4, 3e-4, 1e-3, 3e-3)),
     # PEFT's HRA multiplies dense in×in reflections every forward: 11.8 GB on the CPU, so GPU only (full setting)
     "hra": Method("HRA r=8", "hra", (3e-4, 1e-3, 3e-3, 1e-2), extra=True),
-    # the studies behind the defaults: the sample router seeing x as it comes (as published), with remedies
-    # for its reach (B C x acts on every token): fewer router experts, its own lr, and the norm with it
-    "moore_ts": Method("MoORE task+sample", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+    # the studies behind the defaults: the sample router seeing x as it comes ("no norm", as published), and
+    # remedies for its reach (B C x acts on every token) other than the norm: fewer router experts, its own lr
+    "moore_ts": Method("MoORE task+sample, no norm", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
                        {"router": "task+sample", "sample_router_lr": 0.1, "router_norm": "none"}, extra=True),
-    "moore_ts_kr16": Method("MoORE task+sample, k_r=16", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+    "moore_sample": Method("MoORE sample, no norm", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+                           {"router": "sample", "sample_router_lr": 0.1, "router_norm": "none"}, extra=True),
+    "moore_ts_kr16": Method("MoORE task+sample, no norm, k_r=16", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
                             {"router": "task+sample", "sample_router_lr": 0.1, "router_experts": 16,
                              "router_norm": "none"}, extra=True),
-    "moore_ts_slr001": Method("MoORE task+sample, sample lr ×0.01", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+    "moore_ts_slr001": Method("MoORE task+sample, no norm, sample lr ×0.01", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
                               {"router": "task+sample", "sample_router_lr": 0.01, "router_norm": "none"},
                               extra=True),
-    "moore_sample_rms": Method("MoORE sample, router input RMS-normalised", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
-                               {"router": "sample", "sample_router_lr": 0.1, "router_norm": "rms"}, extra=True),
     # moorize train's defaults until December 2026 (task+sample as published: x as it comes, the full lr)
-    "moore_old_defaults": Method("MoORE, old moorize train defaults", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
+    "moore_old_defaults": Method("MoORE, old defaults (no norm, sample lr ×1)", "moore", (1e-4, 3e-4, 1e-3, 3e-3),
                                  {"router": "task+sample", "router_norm": "none", "sample_router_lr": 1.0},
                                  extra=True),
 }
@@ -104,6 +104,9 @@ SETTINGS = {
     "smoke": dict(train_per_task=8, eval_per_task=4, steps=4, batch_size=4, max_length=64,
                   targets=["down_proj"], seeds=[0], single=True),
 }
+# distinct colours in METHODS' order (the defaults' curve red); the old defaults' curve is black
+COLORS = ("#1f77b4", "#d62728", "#ff7f0e", "#8c564b", "#2ca02c", "#9467bd", "#17becf", "#7f7f7f", "#bcbd22",
+          "#e377c2", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5")
 LR_ORDER = (1, 2, 0, 3)  # the middle of each grid first: two points per curve before its ends
 
 
@@ -334,8 +337,8 @@ def defaults_table(pts: dict) -> list[str]:
     new = {p["lr"]: p for p in pts.values() if p["method"] == DEFAULTS_METHOD}
     if not old or not new:
         return []
-    lines = ["", f"moorize train's defaults before ({METHODS[OLD_DEFAULTS_METHOD].label}: "
-             f"{_options(OLD_DEFAULTS_METHOD)}) and now ({_options(DEFAULTS_METHOD)}):", "",
+    lines = ["", f"moorize train's defaults before (`{OLD_DEFAULTS_METHOD}`: {_options(OLD_DEFAULTS_METHOD)}) "
+             f"and now (`{DEFAULTS_METHOD}`: {_options(DEFAULTS_METHOD)}), means over seeds:", "",
              "| lr | old: exact match | old: KL | old: seeds | new: exact match | new: KL | new: seeds |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for lr in sorted(set(old) | set(new)):
@@ -362,7 +365,8 @@ def plot(results: dict, png: Path, kl_budget: float, accuracy: float, planned: i
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, m in enumerate(m for m in METHODS if any(p["method"] == m for p in pts.values())):
         ps = sorted((p for p in pts.values() if p["method"] == m), key=lambda p: p["lr"])
-        color, marker = plt.get_cmap("tab20")(i % 20), "osD^v<>ph*"[i % 10]
+        color = "black" if m == OLD_DEFAULTS_METHOD else COLORS[i % len(COLORS)]
+        marker = "osD^v<>ph*"[i % 10]
         # the defaults stand out; the studies behind them (extras, but the old defaults) recede
         study = METHODS[m].extra and m != OLD_DEFAULTS_METHOD
         style = dict(lw=2.6 if m == DEFAULTS_METHOD else 0.9 if study else 1.4, ls="--" if study else "-",

@@ -100,7 +100,9 @@ def householder_wy(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
     """1 / sqrt(mean(x²) + eps) over the last axis, in float32 (x² overflows float16): the router-input norm,
     shared by the layer and the export op."""
-    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    xf = x.float()
+    # (x * x).sum / n, not x.pow(2).mean: the same values, and forward + backward ~2x faster on the CPU
+    return torch.rsqrt((xf * xf).sum(-1, keepdim=True) / xf.shape[-1] + eps)
 
 
 class MoORELinear(nn.Module):
