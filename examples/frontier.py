@@ -199,7 +199,7 @@ def train_one(method: Method, s: dict, dense: Path, factored: Path, data: Path, 
               task: str | None, out: Path) -> dict:
     """One training run of a method (MoORE or PEFT) on the given data; MoORE's adapter is deleted after. The
     original model's log-probabilities on general text are computed once per sweep and kept next to ``out``."""
-    base_cache = out.parent / f"base-logprobs-{method.kind == 'moore' and 'factored' or 'dense'}.pt"
+    base_cache = out.parent / f"base-logprobs-{'factored' if method.kind == 'moore' else 'dense'}.pt"
     if method.kind != "moore":
         return mt.run_peft(dense, data, eval_path, s, task, s["steps"], method=method.kind, base_cache=base_cache)
     try:

@@ -464,8 +464,7 @@ class _Run:
             return
         names = [{"data_sha256": "data contents", "eval_data_sha256": "eval data contents",
                   "base_layout_fingerprint": "factored base (ranks, residual or dtypes)"}.get(k, k) for k in changed]
-        names += [f"{k} (the run: {saved_opts.get(k)!r}, now {v!r})" for k, v in self.config["options"].items()
-                  if k in differing]
+        names += [f"{k} (the run: {saved_opts.get(k)!r}, now {self.config['options'][k]!r})" for k in differing]
         hint = "; pass the run's settings again to continue it" if differing else ""
         raise MoorizeError(f"cannot resume: the run was started with different {', '.join(names)}{hint}")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import MoorizeError
 from ..model.config import DEFAULTS as MOORE_DEFAULTS
-from ..model.config import ROUTER_NORMS, MoOREConfig
+from ..model.config import LEGACY_FIELDS, ROUTER_NORMS, MoOREConfig
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +17,9 @@ SCHEDULES = ("cosine", "wsd", "linear", "constant")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "train_config.json"
-# options that change only logging and saving: free to differ when resuming
 # options a run saved by an older moorize may lack, with the behaviour they had then (not today's default)
-LEGACY_OPTIONS = {"router_norm": "none", "sample_router_lr": 1.0}
+LEGACY_OPTIONS = {**LEGACY_FIELDS, "sample_router_lr": 1.0}
+# options that change only logging and saving: free to differ when resuming
 BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "log_every",
                "tensorboard", "eval_max_examples"}
 
