@@ -124,36 +124,41 @@ def _layers_for_size(shapes: dict, target_bytes: int) -> int:
     return n
 
 
-def _write_synthetic(dest: str, shapes: dict, n_layers: int, shard_bytes: int, seed: int = 0) -> None:
-    """Write a random float32 Llama checkpoint shard by shard (one shard's tensors in memory at a time)."""
+def _write_synthetic(dest: str, shapes: dict, n_layers: int, shard_bytes: int, seed: int = 0,
+                     dtype: str = "float32", device: str = "cpu") -> None:
+    """Write a random Llama checkpoint shard by shard (one shard's tensors in memory at a time).
+
+    ``device``: where the random numbers are drawn (a GPU draws an 8B model's in seconds)."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     d = Path(dest)
     d.mkdir(parents=True)
+    tdtype = getattr(torch, dtype)
+    itemsize = torch.empty((), dtype=tdtype).element_size()
     tensors = _llama_tensor_list(shapes, n_layers)
     shards: list[list] = [[]]
     size = 0
     for t in tensors:
-        nb = 4 * _numel(t[1])
+        nb = itemsize * _numel(t[1])
         if shards[-1] and size + nb > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(t)
         size += nb
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     weight_map, total = {}, 0
     for k, group in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         data = {}
         for name, shape, is_matrix in group:
             if is_matrix:
-                data[name] = torch.randn(shape, generator=g).mul_(0.02)
+                data[name] = torch.randn(shape, generator=g, device=device).mul_(0.02).to(tdtype).cpu()
             else:
-                data[name] = torch.ones(shape)
+                data[name] = torch.ones(shape, dtype=tdtype)
             weight_map[name] = fname
-            total += 4 * _numel(shape)
+            total += itemsize * _numel(shape)
         save_file(data, d / fname, metadata={"format": "pt"})
         del data
     (d / "model.safetensors.index.json").write_text(

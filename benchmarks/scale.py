@@ -4,6 +4,7 @@
     python benchmarks/scale.py --quick             # 4 SmolLM2 layers and a 2-layer "1.1B": smoke test only
     python benchmarks/scale.py --only checkpointing   # gradient checkpointing on SmolLM2 only
     python benchmarks/scale.py --only stages --models 1.1b   # the 1.1B stages only (about 25 min)
+    python benchmarks/scale.py --only allocator    # CPU training steps under glibc's mmap thresholds (~15 min)
 
 Stages, each in a fresh child process started from a small launcher (so its ``ru_maxrss``
 is its own peak): ``moorize convert`` (full rank), ``moorize.load``, one training step
@@ -45,7 +46,7 @@ def _stage(name: str, argv: list[str]) -> None:
     import moorize
     from moorize.process import return_freed_memory
 
-    return_freed_memory()  # as the moorize command does for every command
+    return_freed_memory()  # fixed, as every moorize command does (train: with --gradient-checkpointing)
     t0 = time.perf_counter()
     out: dict = {}
     if name == "convert":
@@ -55,6 +56,7 @@ def _stage(name: str, argv: list[str]) -> None:
         out["parameters"] = sum(p.numel() for p in model.parameters())
     elif name == "train":
         factored, batch, seq, checkpointing = argv[0], int(argv[1]), int(argv[2]), argv[3] == "1"
+        steps = int(argv[4]) if len(argv) > 4 else 1
         from moorize.model.routed import prepare_for_training
 
         model = moorize.load(factored, tasks=["a", "b"], router="task+sample")
@@ -65,10 +67,16 @@ def _stage(name: str, argv: list[str]) -> None:
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, task_ids=torch.arange(batch) % 2).loss
-        loss.backward()
-        optimizer.step()
+        step_s = []
+        for _ in range(steps):
+            t_step = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids, task_ids=torch.arange(batch) % 2).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_s.append(time.perf_counter() - t_step)
         out["loss"] = loss.item()
+        out["median_step_s"] = sorted(step_s)[len(step_s) // 2]
         out["trainable"] = sum(p.numel() for p in params)
     elif name == "export":
         from moorize.exporters.onnx import export_onnx
@@ -83,8 +91,11 @@ def _stage(name: str, argv: list[str]) -> None:
     print(json.dumps(out))
 
 
-def _run(work: Path, name: str, *args) -> tuple[U.ChildRun, dict]:
-    run = U.measure_child([sys.executable, SCRIPT, "stage", name, *map(str, args)], work / "measure")
+def _run(work: Path, name: str, *args, env: dict | None = None) -> tuple[U.ChildRun, dict]:
+    import os
+
+    run = U.measure_child([sys.executable, SCRIPT, "stage", name, *map(str, args)], work / "measure",
+                          env={**os.environ, **env} if env else None)
     if run.returncode != 0:
         raise SystemExit(f"stage {name} failed (exit {run.returncode}):\n" + "\n".join(run.stderr.splitlines()[-15:]))
     return run, json.loads(run.stdout.strip().splitlines()[-1])
@@ -117,6 +128,31 @@ def part_checkpointing(work: Path, args) -> bool:
     print(U.table(["gradient checkpointing", "peak RSS", "step time", "loss"], rows, align="lrrr"))
     U.note(f"peak RSS with / without: {rows[1][1]} / {rows[0][1]}; losses equal: {losses[0] == losses[1]} "
            f"(|Δ| {abs(losses[0] - losses[1]):.2e})")
+    return True
+
+
+def part_allocator(work: Path, args) -> bool:
+    """SmolLM2 training steps on the CPU under glibc's adaptive mmap threshold and under fixed ones:
+    what ``moorize train`` trades by fixing it (it does under --gradient-checkpointing only)."""
+    hf, factored = work / "smollm2-hf", work / "smollm2-f"
+    if not factored.exists():
+        _run_in_child(_prepare_smollm2, str(hf), 4 if args.quick else None)
+        _run(work, "convert", hf, factored)
+    steps = 2 if args.quick else 4
+    thresholds = [("glibc adaptive (MOORIZE_MMAP_THRESHOLD=0)", "0"), ("fixed 128 KiB (moorize's)", "131072"),
+                  ("fixed 1 MiB", "1048576"), ("fixed 4 MiB", "4194304")]
+    for batch, seq, checkpointing in ((1, 512, True), (8, 64, False)):
+        U.heading(f"Allocator: SmolLM2-135M, {steps} training steps of {batch} × {seq}, checkpointing "
+                  f"{'on' if checkpointing else 'off'}", 3)
+        rows, base = [], None
+        for label, threshold in thresholds:
+            run, rep = _run(work, "train", factored, batch, seq, int(checkpointing), steps,
+                            env={"MOORIZE_MMAP_THRESHOLD": threshold})
+            base = base or (run.peak_rss, rep["median_step_s"])
+            rows.append((label, _gib(run.peak_rss), f"{run.peak_rss / base[0]:.2f}×", U.fmt_s(rep["median_step_s"]),
+                         f"{rep['median_step_s'] / base[1]:.2f}×"))
+        print(U.table(["mmap threshold", "peak RSS", "vs adaptive", "median step", "vs adaptive"], rows,
+                      align="lrrrr"), flush=True)
     return True
 
 
@@ -186,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke test: 4 SmolLM2 layers, a 2-layer synthetic model")
-    ap.add_argument("--only", choices=["checkpointing", "stages"], default=None, help="run one part")
+    ap.add_argument("--only", choices=["checkpointing", "stages", "allocator"], default=None, help="run one part")
     ap.add_argument("--models", type=lambda t: t.split(","), default=["smollm2", "1.1b"],
                     help="comma-separated, of smollm2 and 1.1b (stages part; default both)")
     ap.add_argument("--out-dir", type=Path, default=None, help="where to put generated data (default: temp dir)")
@@ -198,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(lambda work: part_checkpointing(work, args))
     if args.only in (None, "stages"):
         parts.append(lambda work: part_stages(work, args))
+    if args.only in (None, "allocator"):
+        parts.append(lambda work: part_allocator(work, args))
     return U.run_benchmark("moorize scale benchmark", "moorize-bench-scale-", args, parts)
 
 

@@ -27,19 +27,28 @@ log = logging.getLogger(__name__)
 
 
 def default_providers() -> list[str]:
-    """CUDA when this onnxruntime has it and a GPU is visible, else CPU."""
+    """CUDA when this onnxruntime has it and a GPU is visible, else CPU (asked without torch, which a
+    deployment may not have: a server with onnxruntime-gpu alone must still choose the GPU)."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available:
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        except ImportError:
-            pass
+    if "CUDAExecutionProvider" in ort.get_available_providers() and nvidia_gpu_visible():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def nvidia_gpu_visible() -> bool:
+    """Whether this process can see an NVIDIA GPU: not hidden by ``CUDA_VISIBLE_DEVICES``, and on Linux
+    a device file of the driver present. Elsewhere ONNX Runtime is trusted to fall back to the CPU."""
+    import glob
+    import os
+    import sys
+
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return False
+    if sys.platform.startswith("linux"):
+        return bool(glob.glob("/dev/nvidia[0-9]*"))
+    return True
 
 
 def read_export_meta(directory: Path) -> dict:

@@ -11,6 +11,12 @@ of every block although only one block's are alive: SmolLM2-135M, batch 1 × 512
 2.41 GiB instead of 1.64 GiB (``benchmarks/scale.py``). Fixing the threshold keeps every tensor
 of 128 KiB or more in its own mapping, so peak resident memory follows the live tensors.
 
+The price is fresh pages for every large tensor: a CPU training step of SmolLM2 took 1.5× as long
+for 0.6-0.7× the peak (README, "Freed activations stayed resident"). Conversion, export, loading
+and serving allocate large tensors a few times and barely notice, so every command fixes the
+threshold except ``moorize train``, which does only under ``--gradient-checkpointing`` (the flag
+by which a user chooses memory over compute) or when ``MOORIZE_MMAP_THRESHOLD`` is set.
+
 ``MOORIZE_MMAP_THRESHOLD`` sets the threshold in bytes (0 leaves glibc's adaptive default);
 a ``MALLOC_MMAP_THRESHOLD_`` already in the environment is glibc's own setting and is kept.
 """
@@ -45,6 +51,14 @@ def return_freed_memory(threshold: int | None = None) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, min(threshold, 2**31 - 1)))
+
+
+def return_freed_memory_for_training(memory_first: bool) -> bool:
+    """``moorize train``'s policy: fix the threshold when the user chose memory over compute
+    (``memory_first``) or set ``MOORIZE_MMAP_THRESHOLD``; else keep glibc's faster adaptive one."""
+    if memory_first or os.environ.get("MOORIZE_MMAP_THRESHOLD", "").strip():
+        return return_freed_memory()
+    return False
 
 
 def heap_trimmer() -> Callable[[], object]:

@@ -49,3 +49,34 @@ def test_freed_tensors_leave_the_resident_set():
 @pytest.mark.parametrize("env", [{"MOORIZE_MMAP_THRESHOLD": "0"}, {"MALLOC_MMAP_THRESHOLD_": "33554432"}])
 def test_opt_outs_leave_glibc_alone(env):
     assert probe("apply", **env)["applied"] is False
+
+
+@pytest.mark.parametrize("argv, env, applied", [
+    (["inspect", "missing-dir"], {}, [True]),  # every command but train fixes the threshold first
+    (["train", "f", "--data", "d.jsonl", "--output", "a"], {}, []),  # glibc's own: faster CPU steps
+    (["train", "f", "--data", "d.jsonl", "--output", "a", "--gradient-checkpointing"], {}, [True]),  # memory first
+    (["train", "f", "--data", "d.jsonl", "--output", "a"], {"MOORIZE_MMAP_THRESHOLD": "131072"}, [True]),
+])
+def test_which_commands_fix_the_threshold(argv, env, applied, monkeypatch):
+    """CPU training with the fixed threshold took 1.5× as long per step for 0.6-0.7× the peak (README):
+    train pays that only when the user chose memory over compute with --gradient-checkpointing."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    import moorize.cli.app
+    import moorize.process
+    import moorize.training.loop
+    from moorize.cli import cli
+
+    calls = []
+    for module in (moorize.cli.app, moorize.process):
+        monkeypatch.setattr(module, "return_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.delenv("MOORIZE_MMAP_THRESHOLD", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    report = SimpleNamespace(adapter="a", steps=0, kind="causal", tasks=[], train_loss=0.0, eval={}, seconds=0.0,
+                             tokens_per_s=0.0, frozen_bytes_per_process=0)
+    monkeypatch.setattr(moorize.training.loop, "train", lambda *a, **k: report)
+    CliRunner().invoke(cli, argv)
+    assert calls == applied

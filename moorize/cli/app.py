@@ -75,7 +75,8 @@ class MoorizeGroup(click.Group):
 @click.version_option(__version__, prog_name="moorize")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(debug: bool, verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     """Turn a pretrained Hugging Face checkpoint into a Mixture of Orthogonal Rank-one Experts (MoORE).
 
     \b
@@ -85,7 +86,8 @@ def cli(debug: bool, verbose: int) -> None:
     moorize quickstart                   convert the real SmolLM2-135M checkpoint and check it
     """
     level = logging.WARNING - 10 * min(verbose, 2)
-    return_freed_memory()  # this process is ours: let peak memory follow the live tensors
+    if ctx.invoked_subcommand != "train":  # train decides for itself (moorize/process.py says why)
+        return_freed_memory()  # this process is ours: let peak memory follow the live tensors
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..model.config import ROUTER_MODES, ROUTER_NORMS
+from ..process import return_freed_memory_for_training
 from ..training.options import PRECISIONS, SCHEDULES, TrainOptions
 
 DEFAULTS = TrainOptions()
@@ -49,7 +50,8 @@ DEFAULTS = TrainOptions()
 @click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS.precision, show_default=True,
               help="Autocast (auto: bf16 on a GPU that has it, none on the CPU).")
 @click.option("--gradient-checkpointing", is_flag=True,
-              help="Recompute each block's activations in backward: less memory, about a third more compute.")
+              help="Recompute each block's activations in backward, and return freed host memory to the OS at "
+                   "once: less memory, more compute.")
 @click.option("--fsdp", is_flag=True,
               help="Under several processes, shard the frozen factors and the MoORE state (FSDP2) instead of "
                    "replicating them.")
@@ -79,6 +81,7 @@ def train(factored_dir: Path, data, output: Path, eval_data, resume: bool, overw
     """
     from ..training.loop import train as run_train
 
+    return_freed_memory_for_training(options["gradient_checkpointing"])  # memory first only if asked
     report = run_train(factored_dir, list(data), output, eval_data=list(eval_data) or None, resume=resume,
                        overwrite=overwrite, progress=False if no_progress else None, **options)
     if as_json:
