@@ -87,12 +87,15 @@ def test_loaded_model_on_device_is_the_original(device, tmp_path):
     original = build_tiny("llama")
     original.save_pretrained(tmp_path / "src")
     moorize.convert(tmp_path / "src", tmp_path / "factored")
-    routed = moorize.load(tmp_path / "factored", tasks=["a", "b"]).to(device).eval()
-    original.to(device)
+    routed = moorize.load(tmp_path / "factored", tasks=["a", "b"]).eval()
     ids = torch.randint(3, original.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    on_host = _logits(routed, ids, task_ids=torch.tensor([0, 1]))  # fills the layers' inference caches
+    routed.to(device)  # ... which must follow the weights to the device
+    original.to(device)
     ids = ids.to(device)
     task_ids = torch.tensor([0, 1], device=device)
     assert torch.allclose(_logits(routed, ids, task_ids=task_ids), _logits(original, ids), atol=1e-4)
+    assert torch.allclose(on_host, _logits(original, ids), atol=1e-4)
     greedy = routed.generate(ids, task_ids=task_ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(greedy, original.generate(ids, max_new_tokens=5, do_sample=False))
 
