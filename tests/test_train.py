@@ -334,6 +334,17 @@ def test_two_processes_match_gradient_accumulation(tiny_llama, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
+def test_runs_with_other_precisions_follow_each_other_in_one_process(tiny_llama, tmp_path):
+    """A notebook trains in bf16, then in float32: accelerate's per-process state must not refuse the second."""
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(8))
+    reports = [moorize.train(tiny_llama, data, tmp_path / f"adapter-{i}", max_steps=2, precision=precision,
+                             cpu=True, **FAST) for i, precision in enumerate(("bf16", "no", "bf16"))]
+    assert [r.steps for r in reports] == [2, 2, 2]
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "bf16"  # the last run's own setting, not the first's
+
+
 def test_sample_router_lr_scales_only_the_sample_router(tiny_llama, tmp_path):
     """sample_router_lr=0 freezes B and C (B stays zero, so B C x adds nothing); the rest still trains."""
     from safetensors.torch import load_file

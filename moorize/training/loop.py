@@ -223,9 +223,28 @@ def _accelerator(opts: TrainOptions):
     if precision == "auto":
         precision = "bf16" if (not opts.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) \
             else "no"
+    _clear_conflicting_state(precision, opts.cpu)
     # nothing the model keeps as a buffer changes: broadcasting buffers every step would only cost time
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(mixed_precision=precision, cpu=opts.cpu, kwargs_handlers=[ddp])
+
+
+def _clear_conflicting_state(precision: str, cpu: bool) -> None:
+    """accelerate keeps one state per process and refuses (or silently ignores) a later Accelerator whose
+    mixed precision or device differs: a notebook's bf16 run followed by a float32 one died with an internal
+    error. Each run owns its settings, so a conflicting state an earlier run left is cleared; the process
+    state (device, distributed set-up) only when no process group depends on it."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not AcceleratorState._shared_state:
+        return
+    state = AcceleratorState()
+    wants_cpu = cpu or not torch.cuda.is_available()
+    other_device = wants_cpu != (state.device.type == "cpu")
+    if state.mixed_precision != precision or other_device:
+        AcceleratorState._reset_state()
+        if other_device and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            PartialState._reset_state()
 
 
 def _shard(module: torch.nn.Module, routed, accelerator) -> torch.nn.Module:
