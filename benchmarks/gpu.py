@@ -44,13 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _util as U  # noqa: E402
 from convert import _write_synthetic  # noqa: E402
+from train import _step_fn, lora_model  # noqa: E402  (the training benchmark's step and baseline)
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                 vocab_size=128256)
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                vocab_size=49152)
 QUICK = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONVERT_GOAL, TRAIN_GOAL = 1.2, 1.5
 TASKS = ["alpha", "beta"]
 RESULTS: dict = {}  # every figure, for --json
@@ -180,13 +180,13 @@ def part_convert(work: Path, args) -> bool:
         _release(device)
         return seconds, worst, peak
 
+    for solver in ("svd", "gram") if dev.type == "cuda" else (auto,):  # on the CPU LAPACK's SVD is the slow one
+        torch.linalg.svd(torch.randn(64, 64, device=dev))  # the solver libraries' handles, once
+        s, err, peak = bare(solver)
+        res[f"bare_{solver}"] = {"seconds": s, "worst_rel_error": err, "peak_bytes": peak}
+        rows.append((f"bare batched, solver `{solver}`{' (auto)' if solver == auto else ''}", U.fmt_s(s),
+                     f"{err:.1e}", U.fmt_bytes(peak), ""))
     if dev.type == "cuda":
-        for solver in ("svd", "gram"):
-            torch.linalg.svd(torch.randn(64, 64, device=dev))  # cuSOLVER's handles, once
-            s, err, peak = bare(solver)
-            res[f"bare_{solver}"] = {"seconds": s, "worst_rel_error": err, "peak_bytes": peak}
-            rows.append((f"bare batched, solver `{solver}`{' (auto)' if solver == auto else ''}", U.fmt_s(s),
-                         f"{err:.1e}", U.fmt_bytes(peak), ""))
         _reset_peak(device)
         loop_s, loop_err = 0.0, 0.0
         for mats in groups.values():
@@ -199,10 +199,6 @@ def part_convert(work: Path, args) -> bool:
         rows.append(("`torch.linalg.svd` one matrix at a time", U.fmt_s(loop_s), f"{loop_err:.1e}",
                      U.fmt_bytes(res["loop_svd"]["peak_bytes"]), ""))
         _release(device)
-    else:
-        s, err, peak = bare(auto)
-        res[f"bare_{auto}"] = {"seconds": s, "worst_rel_error": err, "peak_bytes": peak}
-        rows.append((f"bare, solver `{auto}` (auto)", U.fmt_s(s), f"{err:.1e}", U.fmt_bytes(peak), ""))
 
     # moorize's CPU path on the host's cores: one block's matrices, scaled by the blocks
     block = {k: v[: len(v) // args.layers] for k, v in groups.items()}
@@ -248,31 +244,8 @@ def _cpu_factors(mats, opts):
 
 # ---- train ----------------------------------------------------------------------------------------------------
 
-def _train_step(model, params, ids, device: str, routed: bool, autocast: bool):
-    import torch
-    import torch.nn.functional as F
-
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    kwargs = {"task_ids": (torch.arange(ids.shape[0]) % 2).to(device)} if routed else {}
-    dev_type = torch.device(device).type
-
-    def step():
-        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=ids, **kwargs).logits[:, :-1]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
-
-
 def part_train(work: Path, args) -> bool:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     import moorize
 
@@ -291,9 +264,7 @@ def part_train(work: Path, args) -> bool:
                         generator=torch.Generator().manual_seed(0)).to(device)
 
     def lora():
-        m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-        m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
-        return m, [p for p in m.parameters() if p.requires_grad], False
+        return *lora_model(src, torch.bfloat16), False
 
     def moore(ck: str, router: str):
         def make():
@@ -313,7 +284,7 @@ def part_train(work: Path, args) -> bool:
         model.to(device).train()
         if args.checkpointing:  # non-reentrant, as moorize's own: frozen embeddings need no input grads
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        step = _train_step(model, params, ids, device, routed, autocast)
+        step = _step_fn(model, params, ids, routed, autocast)
         seconds, loss = _timed(step, device, args.repeat, args.warmup)
         res[key] = {"seconds": seconds, "tokens_per_s": batch * seq / seconds, "peak_bytes": _peak(device),
                     "trainable": sum(p.numel() for p in params), "loss": float(loss)}

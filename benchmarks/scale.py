@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,8 +93,6 @@ def _stage(name: str, argv: list[str]) -> None:
 
 
 def _run(work: Path, name: str, *args, env: dict | None = None) -> tuple[U.ChildRun, dict]:
-    import os
-
     run = U.measure_child([sys.executable, SCRIPT, "stage", name, *map(str, args)], work / "measure",
                           env={**os.environ, **env} if env else None)
     if run.returncode != 0:
@@ -111,12 +110,18 @@ def _err(pred: float, meas: float) -> str:
 
 # ---- parts --------------------------------------------------------------------------------------------------
 
-def part_checkpointing(work: Path, args) -> bool:
-    """Gradient checkpointing on SmolLM2: peak memory and loss of one step with and without."""
+def _smollm2_factored(work: Path, args) -> Path:
+    """SmolLM2 converted at full rank in ``work``, once for the parts that train it."""
     hf, factored = work / "smollm2-hf", work / "smollm2-f"
     if not factored.exists():
         _run_in_child(_prepare_smollm2, str(hf), 4 if args.quick else None)
         _run(work, "convert", hf, factored)
+    return factored
+
+
+def part_checkpointing(work: Path, args) -> bool:
+    """Gradient checkpointing on SmolLM2: peak memory and loss of one step with and without."""
+    factored = _smollm2_factored(work, args)
     batch, seq = (2, 128) if args.quick else (4, 512)
     U.heading(f"Gradient checkpointing: SmolLM2-135M, one training step, batch {batch} × {seq}", 3)
     rows, losses = [], []
@@ -134,10 +139,7 @@ def part_checkpointing(work: Path, args) -> bool:
 def part_allocator(work: Path, args) -> bool:
     """SmolLM2 training steps on the CPU under glibc's adaptive mmap threshold and under fixed ones:
     what ``moorize train`` trades by fixing it (it does under --gradient-checkpointing only)."""
-    hf, factored = work / "smollm2-hf", work / "smollm2-f"
-    if not factored.exists():
-        _run_in_child(_prepare_smollm2, str(hf), 4 if args.quick else None)
-        _run(work, "convert", hf, factored)
+    factored = _smollm2_factored(work, args)
     steps = 2 if args.quick else 4
     thresholds = [("glibc adaptive (MOORIZE_MMAP_THRESHOLD=0)", "0"), ("fixed 128 KiB (moorize's)", "131072"),
                   ("fixed 1 MiB", "1048576"), ("fixed 4 MiB", "4194304")]

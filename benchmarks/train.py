@@ -36,28 +36,41 @@ GOAL = 1.5  # MoORE step time / LoRA step time, at most
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _step_fn(model, params, ids, routed: bool):
+def _step_fn(model, params, ids, routed: bool, autocast: bool = False):
+    """One training step as ``moorize train`` and a plain PEFT loop take it (``autocast``: bf16 on ids' device)."""
     import torch
     import torch.nn.functional as F
 
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    kwargs = {"task_ids": torch.arange(ids.shape[0]) % 2} if routed else {}
+    kwargs = {"task_ids": (torch.arange(ids.shape[0]) % 2).to(ids.device)} if routed else {}
 
     def step():
-        logits = model(input_ids=ids, **kwargs).logits[:, :-1]
-        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids, **kwargs).logits[:, :-1]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 
 
-def part(work: Path, args) -> bool:
+def lora_model(hf, dtype):
+    """The baseline: PEFT LoRA r=8 on every projection of the dense model; (model, trainable parameters)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf, dtype=dtype),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def part(work: Path, args) -> bool:
+    import torch
 
     import moorize
 
@@ -68,11 +81,10 @@ def part(work: Path, args) -> bool:
     for key, kw in (("full", {}), ("r64", {"rank": "64", "residual": "keep"})):
         moorize.convert(hf, work / f"factored-{key}", **kw)
 
-    torch.manual_seed(0)
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
-                          LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)).train()
+    lora, lora_params = lora_model(hf, torch.float32)
+    lora.train()
     ids = torch.randint(0, lora.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    models = {"lora": (lora, [p for p in lora.parameters() if p.requires_grad], False)}
+    models = {"lora": (lora, lora_params, False)}
     # the defaults (router_norm "rms"), and the router fed x as published: what the norm costs per step
     variants = [("full", "full", "task+sample", "rms"), ("full-none", "full", "task+sample", "none"),
                 ("r64", "r64", "task+sample", "rms"), ("full-task", "full", "task", "rms")]
