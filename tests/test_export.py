@@ -130,7 +130,7 @@ def test_rms_router_norm_sees_every_token_at_one_scale():
         assert torch.equal(layer(x), layer.forward_reference(x))  # B = 0: exactly the original at the start
         with torch.no_grad():
             layer.router_out.normal_()
-            gates[norm] = [layer.gate(layer._expert_inputs(x * s)[1], None, (1, 1)) for s in (1.0, 50.0)]
+            gates[norm] = [layer.gate(x * s) for s in (1.0, 50.0)]
     assert torch.allclose(gates["rms"][0], gates["rms"][1], atol=1e-5)
     assert not torch.allclose(gates["none"][0], gates["none"][1], atol=1e-2)
 

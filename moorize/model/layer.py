@@ -10,13 +10,13 @@ span(U), the column space of W, is kept and the experts u_d (Vh H)_dᵀ stay ort
 The reflection vectors start in identical adjacent pairs (H = I), A and B start at
 zero, so a freshly loaded model computes exactly W x.
 
-Efficiency: the chain is used in compact WY form (H_k ⋯ H_1 = I − Y Tᵀ Yᵀ). Without
-gradients, Vh H and C are folded into one cached weight, so inference is one matmul
-for the expert and router inputs. With gradients, the chain is applied on the token
-side with thin matmuls (k columns), which never rotates or differentiates the frozen
-Vh. With router 'task' and one task per batch, inference uses the task's merged dense
-matrix (cached), so it costs what the original layer costs. The sequential per-token
-formulation is kept as ``forward_reference``.
+Efficiency (``kernels``): with gradients the layer is one autograd Function with a hand-written
+backward, a few big matmuls per pass, the chain in closed form, and the parameter-only work done
+once per optimizer step. Without gradients, Vh H and C are folded into one cached weight, so
+inference is one matmul for the expert and router inputs; with router 'task' and one task per
+batch (known on the host, never read back from a tensor), the task's merged dense matrix
+(cached), so it costs what the original layer costs. The sequential per-token formulation is
+kept as ``forward_reference``.
 """
 
 from __future__ import annotations
@@ -29,80 +29,8 @@ from torch import nn
 
 from ..errors import MoorizeError
 from .config import ROUTER_MODES, ROUTER_NORM_EPS, MoOREConfig  # noqa: F401  (re-exported: where the layer's config lives)
-
-
-class RoutingState:
-    """The task ids of the current forward pass, shared by every MoORE layer of one model."""
-
-    def __init__(self, tasks: list[str]):
-        self.tasks = {name: i for i, name in enumerate(tasks)}
-        self.task_ids: torch.Tensor | None = None  # this forward's ids
-        self.sticky: torch.Tensor | None = None  # ids set for a whole block (generate, use_task)
-        self.default: int | None = 0 if len(tasks) == 1 else None
-
-    def task_id(self, task: str | int) -> int:
-        if isinstance(task, int):
-            if not 0 <= task < len(self.tasks):
-                raise MoorizeError(f"task id {task} out of range: the model has {len(self.tasks)} task(s)")
-            return task
-        if task not in self.tasks:
-            raise MoorizeError(f"unknown task {task!r}; tasks are: {', '.join(self.tasks)}")
-        return self.tasks[task]
-
-    def resolve(self, task_ids) -> torch.Tensor | None:
-        """Validate what the caller passed as ``task_ids`` (ids, names, or None for the default)."""
-        if task_ids is None:
-            return None
-        if isinstance(task_ids, (str, int)):
-            task_ids = [task_ids]
-        if isinstance(task_ids, (list, tuple)):
-            task_ids = torch.tensor([self.task_id(t) for t in task_ids], dtype=torch.long)
-        if not isinstance(task_ids, torch.Tensor) or task_ids.dtype not in (torch.int64, torch.int32):
-            raise MoorizeError("task_ids must be a LongTensor [batch] of task ids (or a list of task names)")
-        task_ids = task_ids.reshape(-1).long()
-        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= len(self.tasks)):
-            raise MoorizeError(f"task id out of range in {task_ids.tolist()}: the model has {len(self.tasks)} "
-                               f"task(s) ({', '.join(self.tasks)})")
-        return task_ids
-
-    def current(self, batch: int, device: torch.device) -> torch.Tensor:
-        ids = self.task_ids
-        if ids is None:
-            if self.default is None:
-                raise MoorizeError("this model routes by task: pass task_ids= to forward/generate "
-                                   f"or call model.set_default_task(name); tasks are: {', '.join(self.tasks)}")
-            return torch.full((batch,), self.default, dtype=torch.long, device=device)
-        if ids.numel() == batch:
-            return ids.to(device)
-        if ids.numel() and batch % ids.numel() == 0:  # generate's beam / num_return_sequences expansion
-            return ids.to(device).repeat_interleave(batch // ids.numel())
-        raise MoorizeError(f"task_ids has {ids.numel()} entries for a batch of {batch}")
-
-
-def householder_wy(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact WY form of the chain: H_1 ⋯ H_k = I − Y T Yᵀ (Y = [u_1 … u_k], T upper triangular).
-
-    So H_k ⋯ H_1 = I − Y Tᵀ Yᵀ. With it the chain costs a few thin matmuls (k columns)
-    instead of k sequential rank-one passes over a weight matrix.
-    """
-    u = vectors.to(torch.promote_types(vectors.dtype, torch.float32))
-    k = u.shape[0]
-    gram = u @ u.t()
-    tau = 2.0 / gram.diagonal()
-    T = tau[:1].reshape(1, 1)
-    for j in range(1, k):
-        col = -tau[j] * (T @ gram[:j, j])
-        T = torch.cat([torch.cat([T, col.unsqueeze(1)], 1),
-                       torch.cat([T.new_zeros(1, j), tau[j].reshape(1, 1)], 1)], 0)
-    return u.t(), T
-
-
-def inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
-    """1 / sqrt(mean(x²) + eps) over the last axis, in float32 (x² overflows float16): the router-input norm,
-    shared by the layer and the export op."""
-    xf = x.float()
-    # (x * x).sum / n, not x.pow(2).mean: the same values, and forward + backward ~2x faster on the CPU
-    return torch.rsqrt((xf * xf).sum(-1, keepdim=True) / xf.shape[-1] + eps)
+from .kernels import MoOREFunction, gate_table, householder_wy, infer, inverse_rms, prepare  # noqa: F401  (re-exported)
+from .routing import Routing, RoutingState  # noqa: F401  (re-exported: where the routing state lived)
 
 
 class MoORELinear(nn.Module):
@@ -140,18 +68,20 @@ class MoORELinear(nn.Module):
             bound = 1.0 / math.sqrt(n)  # Kaiming-uniform with a = sqrt(5), as nn.Linear
             self.router_in = nn.Parameter((torch.rand(kr, n, generator=generator, dtype=pdt) * 2 - 1) * bound)  # C
             self.router_out = nn.Parameter(torch.zeros(r, kr, dtype=pdt))  # B
-        self._cache: tuple | None = None
+        self._cache: tuple | None = None  # inference: (key, folded weights)
+        self._prepared: tuple | None = None  # training: (key, this optimizer step's kernels.Prepared)
         self._merged: dict[int, tuple] = {}  # router 'task', inference: task -> (key, dense matrix)
 
-    # ---- weights derived per forward -------------------------------------------------------------
-    @property
-    def _inference(self) -> bool:
-        """Eval mode with gradients off: weights derived from the parameters may be cached."""
-        return not (self.training or torch.is_grad_enabled())
+    # ---- weights derived from the parameters -----------------------------------------------------
+    def _trainables(self) -> list[torch.Tensor]:
+        return [p for p in (self.householder, getattr(self, "router_in", None), getattr(self, "router_out", None),
+                            getattr(self, "task_router", None), getattr(self, "task_embedding", None), self.sigma)
+                if p is not None]
 
-    def _cache_key(self) -> tuple:
-        ps = [p for p in (self.householder, getattr(self, "router_in", None)) if p is not None]
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps) + (self.Vh.dtype, self.Vh.device)
+    def _cache_key(self, dtype: torch.dtype) -> tuple:
+        """Changes whenever a parameter is updated in place (the optimizer) or replaced, or the dtype changes."""
+        return tuple((p.data_ptr(), p._version) for p in self._trainables()) + (self.Vh.data_ptr(), self.Vh.device,
+                                                                               dtype)
 
     def rotated_vh(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Vh H = Vh − ((Vh Y) Tᵀ) Yᵀ, in ``dtype`` (default: float32 or wider)."""
@@ -168,82 +98,109 @@ class MoORELinear(nn.Module):
         with torch.no_grad():
             return self.rotated_vh(torch.float64).to(self.Vh.dtype)
 
-    def input_weight(self) -> torch.Tensor:
-        """[Vh H; C] in the factors' dtype: one matmul gives the expert inputs and the router inputs."""
-        if self._inference and self._cache is not None and self._cache[0] == self._cache_key():
+    def _inference_weights(self, dtype: torch.dtype) -> tuple:
+        """(w_in = [Vh H; C], gate table (ReLU'd without a sample router), B (× √n with the norm)) in ``dtype``;
+        cached in eval mode until a parameter changes."""
+        key = self._cache_key(dtype)
+        if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        parts = [self.inference_vh()]
-        if self.config.uses_sample:
-            parts.append(self.router_in.to(self.Vh.dtype))
-        w = torch.cat(parts) if len(parts) > 1 else parts[0]
-        self._cache = (self._cache_key(), w) if self._inference else None
-        return w
+        with torch.no_grad():
+            parts = [self.inference_vh()] + ([self.router_in.to(self.Vh.dtype)] if self.config.uses_sample else [])
+            w_in = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype)
+            table = gate_table(self.sigma, getattr(self, "task_router", None),
+                               getattr(self, "task_embedding", None))
+            b = None
+            if self.config.uses_sample:
+                b = self.router_out * (math.sqrt(self.in_features) if self.config.router_norm == "rms" else 1.0)
+                b = b.to(dtype)
+            else:
+                table = torch.relu(table)
+            weights = (w_in, table.to(dtype), b)
+        if not self.training and not torch.compiler.is_compiling():
+            self._cache = (key, weights)
+        return weights
 
-    def gate(self, xc: torch.Tensor | None, task_ids: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor:
-        """g = ReLU(σ + A e_t + B (C x)) in float32, shaped [*lead, r] (or [r] when constant)."""
-        g = self.sigma.float()
-        if self.config.uses_task:
-            t = self.task_embedding[task_ids] @ self.task_router.t()  # [batch, r]
-            g = g + t.float().reshape(t.shape[0], *([1] * (len(lead) - 1)), -1)
-        if xc is not None:
-            g = g + (xc.float() @ self.router_out.float().t())
-        return torch.relu(g)
-
-    def _router_input(self, xc: torch.Tensor, xin: torch.Tensor) -> torch.Tensor:
-        """C x, or C x / rms(x) with ``router_norm="rms"`` (the same as C applied to the normalised x), in float32."""
-        xc = xc.float()
-        if self.config.router_norm == "rms":
-            xc = xc * inverse_rms(xin, ROUTER_NORM_EPS)
-        return xc
-
-    def _expert_inputs(self, xin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Vh H x, C x). Without gradients: one matmul with the cached [Vh H; C]. With them, the
-        chain is applied on the token side, x Vhᵀ − ((x Y) T)(Vh Y)ᵀ: thin matmuls only, and no
-        weight gradient through the frozen Vh (at 128 tokens ~1.5x faster than rotating Vh)."""
-        if self._inference:
-            h = xin @ self.input_weight().t()
-            if not self.config.uses_sample:
-                return h, None
-            return h[..., : self.rank], self._router_input(h[..., self.rank:], xin)
-        z = xin @ self.Vh.t()
-        if self.householder is not None:
-            Y, T = householder_wy(self.householder)
-            Yc = Y.to(xin.dtype)
-            z = z - ((xin @ Yc) @ T.to(xin.dtype)) @ (self.Vh @ Yc).t()
-        xc = self._router_input(xin @ self.router_in.to(xin.dtype).t(), xin) if self.config.uses_sample else None
-        return z, xc
+    def _step_weights(self, dtype: torch.dtype):
+        """``kernels.Prepared`` for this optimizer step: made on the step's first forward and reused by the
+        checkpoint recompute. It expires when the layer's backward has run (the optimizer changes the
+        parameters only after it) or a parameter's version changes: either alone can be missed (foreach
+        in-place updates under a TorchDispatchMode leave versions as they were; torch 2.13)."""
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else self._cache_key(dtype)
+        if key is not None and self._prepared is not None and self._prepared[0] == key:
+            return self._prepared[1]
+        prepared = prepare(self.Vh, self.householder, getattr(self, "router_in", None),
+                           getattr(self, "router_out", None), getattr(self, "task_router", None),
+                           getattr(self, "task_embedding", None), self.sigma, dtype)
+        self._prepared = None if compiling else (key, prepared)
+        return prepared
 
     def _merged_for(self, task: int) -> torch.Tensor:
         """Inference with router 'task': one dense matrix per task, cached (dense cost per token)."""
-        key = (task, self._cache_key(), self.task_router._version, self.task_embedding._version)
+        key = (task, self._cache_key(self.Vh.dtype))
         hit = self._merged.get(task)
         if hit is None or hit[0] != key:
             hit = (key, self.merged_weight(task).to(self.Vh.dtype))  # residual included
-            self._merged[task] = hit
+            if not torch.compiler.is_compiling():
+                self._merged[task] = hit
         return hit[1]
 
+    # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        task_ids = self.state.current(x.shape[0], x.device) if self.config.uses_task else None
-        return self.routed(x, task_ids)
+        routing = self.state.routing(x.shape[0], x.device) if self.config.uses_task else None
+        return self.routed(x, routing)
 
-    def routed(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, task_ids: Routing | torch.Tensor | None) -> torch.Tensor:
         """The layer with explicit task ids, one per row of ``x``'s first dimension (a sparse-MoE expert
-        sees a subset of the batch's tokens, each with its own row's task)."""
+        sees a subset of the batch's tokens, each with its own row's task): a ``Routing`` or a LongTensor."""
+        cfg = self.config
+        routing = task_ids
+        if isinstance(task_ids, torch.Tensor):
+            routing = Routing(task_ids, self.state.uniform_task())
         lead = tuple(x.shape[:-1])
-        xin = x.to(self.Vh.dtype)
-        if self.config.router == "task" and self._inference:
-            first = int(task_ids[0])
-            if bool((task_ids == first).all()):
-                y = xin @ self._merged_for(first).t()
-                return (y if self.bias is None else y + self.bias).to(x.dtype)
-        z, xc = self._expert_inputs(xin)
-        g = self.gate(xc, task_ids, lead)
-        y = (z.float() * g).to(self.U.dtype) @ self.U.t()
-        if self.residual is not None:
-            y = y + xin @ self.residual.t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
+        rows = lead[0] if lead else 1
+        per_row = math.prod(lead[1:])
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.Vh.dtype
+        uniform = routing.uniform if routing is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(rows * per_row, self.in_features).to(dtype)
+            residual = None if self.residual is None else self.residual.to(dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            trainables = self._trainables()
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in trainables)):
+                y = self._train_forward(x2, routing, per_row, dtype, residual, bias)
+            elif cfg.router == "task" and uniform is not None:
+                y = x2 @ self._merged_for(uniform).to(dtype).t()
+                if bias is not None:
+                    y = y + bias
+            else:
+                w_in, table, b = self._inference_weights(dtype)
+                if routing is None or table.shape[0] == 1:
+                    gate = table[0]
+                elif uniform is not None:
+                    gate = table[uniform]
+                else:
+                    gate = table.index_select(0, routing.token_ids(per_row))
+                eps = ROUTER_NORM_EPS if cfg.uses_sample and cfg.router_norm == "rms" else None
+                y = infer(x2, w_in, self.U.to(dtype), gate, b, eps, residual, bias)
+        y = y.reshape(*lead, self.out_features)
+        return y if autocast else y.to(x.dtype)
+
+    def _train_forward(self, x2, routing: Routing | None, per_row: int, dtype, residual, bias) -> torch.Tensor:
+        cfg = self.config
+        p = self._step_weights(dtype)
+        tasks = p.table.shape[0]
+        onehot = routing.onehot(per_row, tasks, dtype) if tasks > 1 else None
+        eps = ROUTER_NORM_EPS if cfg.uses_sample and cfg.router_norm == "rms" else None
+        return MoOREFunction.apply(x2, self.U.to(dtype), self.Vh.to(dtype), residual, bias, self.householder,
+                                   getattr(self, "router_in", None), getattr(self, "router_out", None),
+                                   getattr(self, "task_router", None), getattr(self, "task_embedding", None),
+                                   self.sigma, p.w_in, p.q, p.s_neg, p.q32, p.table, p.b, onehot, 0, eps,
+                                   None if torch.compiler.is_compiling() else self._expire_step_weights)
+
+    def _expire_step_weights(self) -> None:
+        self._prepared = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -256,28 +213,34 @@ class MoORELinear(nn.Module):
 
     # ---- reference and merging -------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The published formulation, in float32: reflections applied to every token."""
-        xf = x.float()
+        """The published formulation, in float32 (float64 for a float64 layer): reflections applied to every token."""
+        wide = torch.promote_types(self.Vh.dtype, torch.float32)
+        xf = x.to(wide)
         if self.householder is not None:
-            for u in self.householder.float():
+            for u in self.householder.to(wide):
                 xf = xf - (xf @ u).unsqueeze(-1) * (u * (2.0 / (u @ u)))
-        g = self.sigma.float()
+        y = ((xf @ self.Vh.to(wide).t()) * self.gate(x, task_ids)) @ self.U.to(wide).t()
+        if self.residual is not None:
+            y = y + x.to(wide) @ self.residual.to(wide).t()
+        if self.bias is not None:
+            y = y + self.bias.to(wide)
+        return y
+
+    def gate(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """g(x, t) = ReLU(σ + A e_t + B (C x)) (C x / rms(x) with the norm) per token, [*x.shape[:-1], r], in
+        float32 or wider, written as published: which experts each token uses, and how much."""
+        wide = torch.promote_types(self.Vh.dtype, torch.float32)
+        g = self.sigma.to(wide)
         if self.config.uses_task:
             ids = task_ids if task_ids is not None else self.state.current(x.shape[0], x.device)
-            g = g + (self.task_embedding.float()[ids] @ self.task_router.float().t()).reshape(
+            g = g + (self.task_embedding.to(wide)[ids] @ self.task_router.to(wide).t()).reshape(
                 ids.shape[0], *([1] * (x.dim() - 2)), -1)
         if self.config.uses_sample:
-            xr = x.float()
+            xr = x.to(wide)
             if self.config.router_norm == "rms":
                 xr = xr / torch.sqrt(xr.pow(2).mean(-1, keepdim=True) + ROUTER_NORM_EPS)
-            g = g + (xr @ self.router_in.float().t()) @ self.router_out.float().t()
-        g = torch.relu(g)
-        y = ((xf @ self.Vh.float().t()) * g) @ self.U.float().t()
-        if self.residual is not None:
-            y = y + x.float() @ self.residual.float().t()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y
+            g = g + (xr @ self.router_in.to(wide).t()) @ self.router_out.to(wide).t()
+        return torch.relu(g).expand(*x.shape[:-1], self.rank)
 
     @torch.no_grad()
     def merged_weight(self, task: int) -> torch.Tensor:

@@ -1,0 +1,250 @@
+"""The MoORE layer's arithmetic as a few big kernels, for training (a hand-written backward) and inference.
+
+On a GPU a MoORE step is bound by how many kernels it launches, not by its FLOPs, so the layer
+is written as few, large aten ops (``benchmarks/dispatch.py`` counts them; a test holds the
+budget). For x [N, n] (tokens flattened), factors U [m, r], Vh [r, n], Householder vectors
+V [k, n] (rows u_i), sample router C [kr, n], B [r, kr], task router A [r, d], embeddings E [T, d]:
+
+* the chain H_1 ⋯ H_k = I − Vᵀ S⁻¹ V with S = triu(V Vᵀ, 1) + ½ diag(V Vᵀ) (the UT form of compact
+  WY: one small triangular solve, no loop over reflections), applied on the token side:
+  z = x Vhᵀ − (x Vᵀ) S⁻¹ (V Vhᵀ), i.e. Vh H x with H = H_k ⋯ H_1, without rotating the frozen Vh;
+* the expert input x Vhᵀ is one matmul, the reflections' and router's inputs [x Vᵀ, x Cᵀ] another;
+* the gate g = ReLU(σ + A e_t + B (C x / rms(x))) is one fused ``addmm + relu`` over a per-step table
+  of task rows (σ + E Aᵀ, [T, r], gathered by a one-hot matmul), with rms(x) from one norm;
+* y = (z ⊙ g) Uᵀ (+ x Rᵀ) (+ b).
+
+Everything that depends only on the parameters (S, S⁻¹ V Vhᵀ, the concatenated input weights, the
+task table) is made once per optimizer step by ``prepare`` and reused by a checkpoint's recompute.
+One dtype policy: the big matmuls run in the compute dtype (bf16 under autocast, else the factors'
+dtype); the small k×k algebra and the rms statistic in float32; parameters stay float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_CONSTANTS: dict = {}
+
+
+def _constant(kind: str, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Small constant matrices, made once per device (a tensor made from host values is a copy to the device):
+    'ut' is 1 above the diagonal, ½ on it, 0 below (S = G ⊙ ut), 'ut-neg' its negative; 'upper' the mask of the
+    upper triangle."""
+    key = (kind, k, dtype, device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        ones = torch.ones(k, k, dtype=dtype, device=device)
+        if kind == "upper":
+            hit = ones.triu().bool()
+        else:
+            hit = (ones.triu(1) + 0.5 * torch.eye(k, dtype=dtype, device=device)) * (-1 if kind == "ut-neg" else 1)
+        if not torch.compiler.is_compiling():
+            _CONSTANTS[key] = hit
+    return hit
+
+
+def ut_matrix(vectors: torch.Tensor, negative: bool = False) -> torch.Tensor:
+    """S = triu(V Vᵀ, 1) + ½ diag(V Vᵀ) (or −S): H_1 ⋯ H_k = I − Vᵀ S⁻¹ V (V [k, n], rows the reflection
+    vectors). Two ops: the Gram matrix and one product with a constant (exact: ±1, ±½, 0)."""
+    ut = _constant("ut-neg" if negative else "ut", vectors.shape[0], vectors.dtype, vectors.device)
+    return (vectors @ vectors.t()) * ut
+
+
+def householder_wy(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact WY form of the chain: H_1 ⋯ H_k = I − Y T Yᵀ (Y = [u_1 … u_k], T = S⁻¹ upper triangular).
+
+    So H_k ⋯ H_1 = I − Y Tᵀ Yᵀ. Closed form (one triangular solve), differentiable, float32 or wider."""
+    u = vectors.to(torch.promote_types(vectors.dtype, torch.float32))
+    S = ut_matrix(u)
+    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    return u.t(), torch.linalg.solve_triangular(S, eye, upper=True)
+
+
+def inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
+    """1 / sqrt(mean(x²) + eps) over the last axis, in float32 (x² overflows float16): the router-input norm
+    as the export op computes it."""
+    xf = x.float()
+    return torch.rsqrt((xf * xf).sum(-1, keepdim=True) / xf.shape[-1] + eps)
+
+
+def rms_denominator(x: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """hypot(‖x‖, √(n·eps)) = √n · sqrt(mean(x²) + eps), [N, 1]: two ops, the norm accumulated in float32.
+    Dividing by it gives x / rms(x) up to the factor √n, which is folded into B."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)
+    key = ("floor", x.shape[-1], eps, wide, x.device)
+    floor = _CONSTANTS.get(key)
+    if floor is None:
+        floor = torch.full((), math.sqrt(x.shape[-1] * eps), dtype=wide, device=x.device)
+        if not torch.compiler.is_compiling():
+            _CONSTANTS[key] = floor
+    return torch.hypot(norm, floor).to(dtype)
+
+
+@dataclass
+class Prepared:
+    """What a layer's forward needs of its parameters, made once per optimizer step (no autograd)."""
+
+    w_in: torch.Tensor | None  # [V; C] in the compute dtype: one matmul gives x Vᵀ and x Cᵀ
+    q: torch.Tensor | None  # −S⁻¹ V Vhᵀ [k, r], compute dtype: z = x Vhᵀ + (x Vᵀ) q
+    s_neg: torch.Tensor | None  # −S [k, k], float32: the backward's triangular solve
+    q32: torch.Tensor | None  # q in float32
+    table: torch.Tensor  # gate rows σ + E Aᵀ [T, r] (σ alone [1, r] without a task router), compute dtype
+    b: torch.Tensor | None  # B [r, kr], compute dtype
+
+
+def prepare(vh, vectors, router_in, router_out, task_router, task_embedding, sigma,
+            dtype: torch.dtype) -> Prepared:
+    """The per-step tensors of ``Prepared`` from the layer's current parameters."""
+    with torch.no_grad():
+        q = s_neg = q32 = None
+        parts = []
+        if vectors is not None:
+            wide = torch.promote_types(vectors.dtype, torch.float32)
+            s_neg = ut_matrix(vectors.to(wide), negative=True)
+            pt = (vectors.to(dtype) @ vh.to(dtype).t()).to(wide)  # V Vhᵀ [k, r]
+            q32 = torch.linalg.solve_triangular(s_neg, pt, upper=True)
+            q = q32.to(dtype)
+            parts.append(vectors)
+        if router_in is not None:
+            parts.append(router_in)
+        w_in = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype) if parts else None
+        table = gate_table(sigma, task_router, task_embedding).to(dtype)
+        b = None if router_out is None else router_out.to(dtype)
+    return Prepared(w_in, q, s_neg, q32, table, b)
+
+
+def gate_table(sigma, task_router, task_embedding) -> torch.Tensor:
+    """σ + E Aᵀ [tasks, r] in float32 or wider: every task's gate before the sample router (σ alone, [1, r],
+    without a task router)."""
+    wide = torch.promote_types(sigma.dtype, torch.float32)
+    if task_router is None:
+        return sigma.to(wide).unsqueeze(0)
+    return torch.addmm(sigma.to(wide), task_embedding.to(wide), task_router.to(wide).t())
+
+
+def gate_rows(table: torch.Tensor, onehot: torch.Tensor | None, row: int | None) -> torch.Tensor:
+    """The task term per token: a row of the table (a view) when the batch is one task, else onehot @ table."""
+    return table[row] if onehot is None else onehot @ table
+
+
+def infer(x: torch.Tensor, w_in: torch.Tensor, U: torch.Tensor, rows: torch.Tensor, b: torch.Tensor | None,
+          rms_eps: float | None, residual, bias) -> torch.Tensor:
+    """Inference: y = U (ReLU(rows + B (C x / rms)) ⊙ (Vh H x)) (+ R x) (+ b), x [N, n] in the compute dtype.
+
+    ``w_in`` is the cached [Vh H; C]; ``rows`` the task term per token, [N, r] or [r]. Without a sample
+    router (``b`` None) the rows are the gate itself: the table was ReLU'd once, when it was cached."""
+    h = x @ w_in.t()
+    if b is None:
+        z, g = h, rows
+    else:
+        z, xc = h[:, :b.shape[0]], h[:, b.shape[0]:]
+        if rms_eps is not None:
+            xc = xc / rms_denominator(x, rms_eps, x.dtype)
+        g = torch.ops.aten._addmm_activation(rows, xc, b.t())
+    out = z * g
+    y = out @ U.t() if bias is None else torch.addmm(bias, out, U.t())
+    if residual is not None:
+        y = y.addmm_(x, residual.t())
+    return y
+
+
+class MoOREFunction(torch.autograd.Function):
+    """One MoORE layer forward with gradients, and its backward by hand (a few matmuls, no autograd graph).
+
+    Inputs: x [N, n] (compute dtype), the frozen factors (compute dtype), the trainable parameters (for
+    their gradients), ``Prepared`` tensors, the token one-hot [N, T] (None when the table has one row,
+    ``row`` = 0), the router norm's eps (None: no norm), and a callable run when the backward starts
+    (the layer's per-step tensors expire then) or None. Checked against autograd and against
+    ``forward_reference`` in float64 (tests)."""
+
+    @staticmethod
+    def forward(ctx, x, U, Vh, residual, bias, vectors, router_in, router_out, task_router, task_embedding, sigma,
+                w_in, q, s_neg, q32, table, b, onehot, row, rms_eps, on_backward):
+        k = 0 if q is None else q.shape[0]
+        a = x @ Vh.t()
+        xv = xc = denom = None
+        if w_in is not None:
+            h = x @ w_in.t()
+            xv, xc = h[:, :k], h[:, k:]
+        z = a if k == 0 else torch.addmm(a, xv, q)
+        rows = gate_rows(table, onehot, row)
+        scale = math.sqrt(x.shape[1]) if rms_eps is not None else 1.0  # x / rms(x) = √n · x / denom
+        if b is not None:
+            if rms_eps is not None:
+                denom = rms_denominator(x, rms_eps, x.dtype)
+                xc = xc / denom
+            g = torch.ops.aten._addmm_activation(rows, xc, b.t(), alpha=scale)
+        else:
+            g = torch.relu(rows)  # [N, r], or [r] for a batch of one task
+        out = z * g
+        y = out @ U.t() if bias is None else torch.addmm(bias, out, U.t())
+        if residual is not None:
+            y = y.addmm_(x, residual.t())
+        ctx.save_for_backward(x, U, Vh, residual, vectors, router_in, router_out, task_router, task_embedding,
+                              w_in, q, s_neg, q32, b, onehot, xv, xc, denom, z, g)
+        ctx.k, ctx.scale, ctx.on_backward = k, scale, on_backward
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (x, U, Vh, residual, vectors, router_in, router_out, task_router, task_embedding, w_in, q, s_neg, q32, b,
+         onehot, xv, xcn, denom, z, g) = ctx.saved_tensors
+        k = ctx.k
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        need = ctx.needs_input_grad
+        dy = dy.to(x.dtype)
+        dh = dy @ U
+        dz = dh * g
+        dpre = torch.ops.aten.threshold_backward(dh * z, g, 0)  # ReLU: the gate's gradient where g > 0
+        dx = dz @ Vh
+        if residual is not None:
+            dx = dx.addmm_(dy, residual)
+        d_vectors = d_router_in = d_router_out = d_task_router = d_embedding = d_sigma = None
+        parts = []
+        dz_v = None
+        if k:
+            parts.append(dz @ q.t())  # d(x Vᵀ)
+            dz_v = dz
+        if b is not None:
+            # the factor √n as alpha (beta=0: the first argument only gives the shape)
+            dxc = torch.addmm(xcn, dpre, b, beta=0, alpha=ctx.scale)
+            if need[7]:
+                d_router_out = torch.addmm(b, dpre.t(), xcn, beta=0, alpha=ctx.scale)
+            if denom is not None:  # xcn = xc / denom, denom = hypot(‖x‖, c): d‖x‖² flows back to x
+                dxc = dxc / denom
+                dot = torch.bmm(dxc.unsqueeze(1), xcn.unsqueeze(2)).squeeze(2)  # Σ dxc · xcn = Σ dxcn · xcn / denom
+                dx = dx.addcmul_(x, dot / denom, value=-1)
+            parts.append(dxc)
+        if parts:
+            dh_in = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+            dx = dx.addmm_(dh_in, w_in)
+            dw_in = dh_in.t() @ x if (need[5] or need[6]) else None
+            if dw_in is not None and b is not None and need[6]:
+                d_router_in = dw_in[k:]
+            if dw_in is not None and k and need[5]:
+                # q = −S⁻¹ P with P = V Vhᵀ and S = triu(V Vᵀ) (diagonal halved): back through the solve
+                dq = (xv.t() @ dz_v).to(q32.dtype)
+                dp = torch.linalg.solve_triangular(s_neg.t(), dq, upper=False)  # d P
+                m = dp @ q32.t()  # dS, read on the upper triangle
+                upper = _constant("upper", k, torch.bool, m.device)
+                # d(V Vᵀ) + its transpose: dS above the diagonal, mirrored below, dS_ii (= 2 · ½ dS_ii) on it
+                sym = torch.where(upper, m, m.t()).to(x.dtype)
+                d_vectors = torch.addmm(torch.addmm(dw_in[:k], sym, w_in[:k]), dp.to(x.dtype), Vh)
+        if task_router is not None or need[10]:
+            dtable = dpre.sum(0, keepdim=True) if onehot is None else onehot.t() @ dpre
+            if task_router is not None:
+                dtable = dtable.to(task_router.dtype)
+                d_embedding = dtable @ task_router if need[9] else None
+                if need[8]:
+                    d_task_router = dtable.t() @ task_embedding
+            if need[10]:
+                d_sigma = dtable.sum(0)
+        return (dx, None, None, None, None, d_vectors, d_router_in, d_router_out, d_task_router, d_embedding, d_sigma,
+                None, None, None, None, None, None, None, None, None, None)
