@@ -118,6 +118,17 @@ def prepare(vh, vectors, router_in, router_out, task_router, task_embedding, sig
     return Prepared(w_in, q, s_neg, q32, table, b)
 
 
+def distinct(tensors: list) -> tuple[list, tuple]:
+    """``tensors`` with each repeat of an earlier tensor replaced by None, and the (i, j) pairs to restore them."""
+    out, aliases = [], []
+    for i, t in enumerate(tensors):
+        j = next((j for j in range(i) if t is not None and out[j] is not None and out[j] is t), None)
+        out.append(t if j is None else None)
+        if j is not None:
+            aliases.append((i, j))
+    return out, tuple(aliases)
+
+
 def gate_table(sigma, task_router, task_embedding) -> torch.Tensor:
     """σ + E Aᵀ [tasks, r] in float32 or wider: every task's gate before the sample router (σ alone, [1, r],
     without a task router)."""
@@ -159,12 +170,20 @@ class MoOREFunction(torch.autograd.Function):
     Inputs: x [N, n] (compute dtype), the frozen factors (compute dtype), the trainable parameters (for
     their gradients), ``Prepared`` tensors, the token one-hot [N, T] (None when the table has one row,
     ``row`` = 0), the router norm's eps (None: no norm), and a callable run when the backward starts
-    (the layer's per-step tensors expire then) or None. Checked against autograd and against
+    (the layer's per-step tensors expire then) or None; ``aliases`` pairs (i, j) say that input i, passed
+    as None, is input j. Checked against autograd and against
     ``forward_reference`` in float64 (tests)."""
 
     @staticmethod
     def forward(ctx, x, U, Vh, residual, bias, vectors, router_in, router_out, task_router, task_embedding, sigma,
-                w_in, q, s_neg, q32, table, b, onehot, row, rms_eps, on_backward):
+                w_in, q, s_neg, q32, table, b, onehot, row, rms_eps, on_backward, aliases=()):
+        if aliases:  # (i, j): input i is input j (torch.compile traces no Function given one tensor twice)
+            given = [x, U, Vh, residual, bias, vectors, router_in, router_out, task_router, task_embedding, sigma,
+                     w_in, q, s_neg, q32, table, b]
+            for i, j in aliases:
+                given[i] = given[j]
+            (x, U, Vh, residual, bias, vectors, router_in, router_out, task_router, task_embedding, sigma, w_in, q,
+             s_neg, q32, table, b) = given
         k = 0 if q is None else q.shape[0]
         a = x @ Vh.t()
         xv = xc = denom = None
@@ -203,8 +222,8 @@ class MoOREFunction(torch.autograd.Function):
         dh = dy @ U
         dz = dh * g
         dpre = torch.ops.aten.threshold_backward(dh * z, g, 0)  # ReLU: the gate's gradient where g > 0
-        dx = dz @ Vh
-        if residual is not None:
+        dx = dz @ Vh if need[0] else None  # the first layers' inputs (frozen embeddings) need none
+        if residual is not None and dx is not None:
             dx = dx.addmm_(dy, residual)
         d_vectors = d_router_in = d_router_out = d_task_router = d_embedding = d_sigma = None
         parts = []
@@ -219,12 +238,14 @@ class MoOREFunction(torch.autograd.Function):
                 d_router_out = torch.addmm(b, dpre.t(), xcn, beta=0, alpha=ctx.scale)
             if denom is not None:  # xcn = xc / denom, denom = hypot(‖x‖, c): d‖x‖² flows back to x
                 dxc = dxc / denom
-                dot = torch.bmm(dxc.unsqueeze(1), xcn.unsqueeze(2)).squeeze(2)  # Σ dxc · xcn = Σ dxcn · xcn / denom
-                dx = dx.addcmul_(x, dot / denom, value=-1)
+                if dx is not None:
+                    dot = torch.bmm(dxc.unsqueeze(1), xcn.unsqueeze(2)).squeeze(2)  # Σ dxcn · xcn / denom, [N, 1]
+                    dx = dx.addcmul_(x, dot / denom, value=-1)
             parts.append(dxc)
         if parts:
             dh_in = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-            dx = dx.addmm_(dh_in, w_in)
+            if dx is not None:
+                dx = dx.addmm_(dh_in, w_in)
             dw_in = dh_in.t() @ x if (need[5] or need[6]) else None
             if dw_in is not None and b is not None and need[6]:
                 d_router_in = dw_in[k:]
@@ -247,4 +268,4 @@ class MoOREFunction(torch.autograd.Function):
             if need[10]:
                 d_sigma = dtable.sum(0)
         return (dx, None, None, None, None, d_vectors, d_router_in, d_router_out, d_task_router, d_embedding, d_sigma,
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)

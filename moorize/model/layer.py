@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import MoorizeError
 from .config import ROUTER_MODES, ROUTER_NORM_EPS, MoOREConfig  # noqa: F401  (re-exported: where the layer's config lives)
-from .kernels import MoOREFunction, gate_table, householder_wy, infer, inverse_rms, prepare  # noqa: F401  (re-exported)
+from .kernels import MoOREFunction, distinct, gate_table, householder_wy, infer, inverse_rms, prepare  # noqa: F401  (re-exported)
 from .routing import Routing, RoutingState  # noqa: F401  (re-exported: where the routing state lived)
 
 
@@ -100,10 +100,16 @@ class MoORELinear(nn.Module):
 
     def _inference_weights(self, dtype: torch.dtype) -> tuple:
         """(w_in = [Vh H; C], gate table (ReLU'd without a sample router), B (× √n with the norm)) in ``dtype``;
-        cached in eval mode until a parameter changes."""
-        key = self._cache_key(dtype)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        cached in eval mode until a parameter changes. A compiled graph takes the cache as an eager forward
+        left it (it cannot read data pointers; a training forward empties it), else computes them inline."""
+        if torch.compiler.is_compiling():
+            if self._cache is not None and self._cache[0][-1] == dtype:
+                return self._cache[1]
+            key = None
+        else:
+            key = self._cache_key(dtype)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
         with torch.no_grad():
             parts = [self.inference_vh()] + ([self.router_in.to(self.Vh.dtype)] if self.config.uses_sample else [])
             w_in = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype)
@@ -121,13 +127,14 @@ class MoORELinear(nn.Module):
         return weights
 
     def _step_weights(self, dtype: torch.dtype):
-        """``kernels.Prepared`` for this optimizer step: made on the step's first forward and reused by the
-        checkpoint recompute. It expires when the layer's backward has run (the optimizer changes the
-        parameters only after it) or a parameter's version changes: either alone can be missed (foreach
-        in-place updates under a TorchDispatchMode leave versions as they were; torch 2.13)."""
+        """``kernels.Prepared`` for this forward: made by every forward, and taken again by the gradient
+        checkpoint's recompute of it (it made them of the same parameters) instead of made twice. They are
+        dropped when the layer's backward has run. Nothing else reuses them: parameters can change without
+        a version bump (``.data`` writes; foreach updates under a TorchDispatchMode, torch 2.13)."""
         compiling = torch.compiler.is_compiling()
         key = None if compiling else self._cache_key(dtype)
-        if key is not None and self._prepared is not None and self._prepared[0] == key:
+        if (key is not None and self.state.recomputing and self._prepared is not None
+                and self._prepared[0] == key):
             return self._prepared[1]
         prepared = prepare(self.Vh, self.householder, getattr(self, "router_in", None),
                            getattr(self, "router_out", None), getattr(self, "task_router", None),
@@ -189,15 +196,17 @@ class MoORELinear(nn.Module):
 
     def _train_forward(self, x2, routing: Routing | None, per_row: int, dtype, residual, bias) -> torch.Tensor:
         cfg = self.config
+        self._cache = None  # the parameters are about to change: inference weights are made again after
         p = self._step_weights(dtype)
         tasks = p.table.shape[0]
         onehot = routing.onehot(per_row, tasks, dtype) if tasks > 1 else None
         eps = ROUTER_NORM_EPS if cfg.uses_sample and cfg.router_norm == "rms" else None
-        return MoOREFunction.apply(x2, self.U.to(dtype), self.Vh.to(dtype), residual, bias, self.householder,
-                                   getattr(self, "router_in", None), getattr(self, "router_out", None),
-                                   getattr(self, "task_router", None), getattr(self, "task_embedding", None),
-                                   self.sigma, p.w_in, p.q, p.s_neg, p.q32, p.table, p.b, onehot, 0, eps,
-                                   None if torch.compiler.is_compiling() else self._expire_step_weights)
+        tensors, aliases = distinct([x2, self.U.to(dtype), self.Vh.to(dtype), residual, bias, self.householder,
+                                     getattr(self, "router_in", None), getattr(self, "router_out", None),
+                                     getattr(self, "task_router", None), getattr(self, "task_embedding", None),
+                                     self.sigma, p.w_in, p.q, p.s_neg, p.q32, p.table, p.b])
+        return MoOREFunction.apply(*tensors, onehot, 0, eps,
+                                   None if torch.compiler.is_compiling() else self._expire_step_weights, aliases)
 
     def _expire_step_weights(self) -> None:
         self._prepared = None

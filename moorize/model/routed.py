@@ -185,13 +185,14 @@ def _routing_contexts(state: RoutingState):
     seen = (state.task_ids, state.sticky)
 
     @contextlib.contextmanager
-    def recompute():
-        previous = (state.task_ids, state.sticky)
+    def recompute():  # the layers reuse the tensors their first forward made of the parameters
+        previous = (state.task_ids, state.sticky, state.recomputing)
         state.task_ids, state.sticky = seen
+        state.recomputing = True
         try:
             yield
         finally:
-            state.task_ids, state.sticky = previous
+            state.task_ids, state.sticky, state.recomputing = previous
 
     return contextlib.nullcontext(), recompute()
 

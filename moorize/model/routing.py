@@ -56,6 +56,7 @@ class RoutingState:
         self.sticky: torch.Tensor | None = None  # ids set for a whole block (generate, use_task)
         self.default: int | None = 0 if len(tasks) == 1 else None
         self._shared: dict = {}  # (rows, device) -> Routing of this forward pass
+        self.recomputing = False  # inside a gradient checkpoint's recompute (routed._routing_contexts)
 
     @property
     def task_ids(self) -> torch.Tensor | None:
@@ -65,7 +66,8 @@ class RoutingState:
     def task_ids(self, ids: torch.Tensor | None) -> None:
         self._task_ids, self._shared = ids, {}
         # host values are read only where they are on the host already (a CPU tensor): no device sync
-        host = ids.tolist() if ids is not None and ids.device.type == "cpu" else None
+        host = ids.tolist() if ids is not None and ids.device.type == "cpu" and not torch.compiler.is_compiling() \
+            else None
         self.uniform = host[0] if host and all(t == host[0] for t in host) else None
 
     def task_id(self, task: str | int) -> int:
@@ -82,7 +84,8 @@ class RoutingState:
 
         The check reads the caller's values once, here: free for names, lists and CPU tensors; a tensor
         on an accelerator is read back once per call (pass CPU ids, as the trainer and generate do, to
-        avoid even that)."""
+        avoid even that). Inside ``torch.compile`` a tensor's values are not known and are not checked:
+        a compiled step takes ids its caller checked (``moorize train --compile`` checks its data)."""
         if task_ids is None:
             return None
         if isinstance(task_ids, (str, int)):
@@ -92,6 +95,8 @@ class RoutingState:
         if not isinstance(task_ids, torch.Tensor) or task_ids.dtype not in (torch.int64, torch.int32):
             raise MoorizeError("task_ids must be a LongTensor [batch] of task ids (or a list of task names)")
         task_ids = task_ids.reshape(-1).long()
+        if torch.compiler.is_compiling():  # inside a compiled graph the values are not known: checked by the caller
+            return task_ids
         host = task_ids.tolist()
         if any(not 0 <= t < len(self.tasks) for t in host):
             raise MoorizeError(f"task id out of range in {host}: the model has {len(self.tasks)} "

@@ -444,6 +444,8 @@ class _Run:
             self.optimizer = self.accelerator.prepare(optimizer)
         else:
             self.module, self.optimizer = self.accelerator.prepare(self.module, optimizer)
+        if opts.compile:  # after accelerate's wrapping; the MoORE layers compile with no graph break
+            self.module = torch.compile(self.module)
         self.device, self.world = self.accelerator.device, self.accelerator.num_processes
         self.frozen_bytes = sum(_local(p).numel() * p.element_size() for p in self.module.parameters()
                                 if not p.requires_grad)

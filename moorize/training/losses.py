@@ -29,8 +29,10 @@ def _forward(module, batch: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _keeps_logits(module) -> bool:
-    """Whether the (possibly DDP-wrapped) causal LM can compute logits for chosen positions only."""
-    return _forward_takes_logits_to_keep(type(getattr(module, "module", module)))
+    """Whether the (possibly DDP-wrapped or compiled) causal LM can compute logits for chosen positions only."""
+    for wrapper in ("_orig_mod", "module", "_orig_mod"):  # torch.compile, DDP, in either order
+        module = getattr(module, wrapper, module)
+    return _forward_takes_logits_to_keep(type(module))
 
 
 @functools.lru_cache(maxsize=None)

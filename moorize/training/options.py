@@ -21,7 +21,7 @@ CONFIG_NAME = "train_config.json"
 LEGACY_OPTIONS = {**LEGACY_FIELDS, "sample_router_lr": 1.0}
 # options that change only logging and saving: free to differ when resuming
 BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "log_every",
-               "tensorboard", "eval_max_examples"}
+               "tensorboard", "eval_max_examples", "compile"}
 
 
 @dataclass
@@ -53,6 +53,7 @@ class TrainOptions:
     max_steps: int | None = None  # overrides epochs
     precision: str = "auto"  # autocast: bf16 where the GPU has it, none on the CPU
     gradient_checkpointing: bool = False  # recompute each block's activations in backward (transformers' own)
+    compile: bool = False  # torch.compile the model (the same numbers, faster steps once compiled)
     fsdp: bool = False  # shard the frozen factors and the MoORE state over the processes (FSDP2), not replicate
     seed: int = 0
     # data
