@@ -150,11 +150,10 @@ def train_step(model, params, ids, task_ids=None, phases: Phases | None = None):
 
 def decode_step(model, ids, task_ids=None):
     """One new token per row after a prefill of ``ids``, with the KV cache (what generation repeats)."""
-    import inspect
+    from moorize.io.hf import cache_keyword
 
     kwargs = {} if task_ids is None else {"task_ids": task_ids}
-    # transformers >= 5.2x names the cache `cache`; earlier releases `past_key_values`
-    key = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    key = cache_keyword(model)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, **kwargs)
     nxt = out.logits[:, -1:].argmax(-1)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import MoorizeError
+from ..io.hf import cache_keyword
 from .ops import TaskIds
 
 
@@ -117,12 +118,13 @@ class ExportGraph(nn.Module):
         if self.with_past:
             cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)],
                                  config=self.model.config)
+        key = cache_keyword(self.model)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=cache, use_cache=self.with_past)
+                         use_cache=self.with_past, **{key: cache})
         if not self.with_past:
             return out.logits
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in out[key].layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

@@ -747,3 +747,15 @@ def test_rank_rules_parse_invalid(specs):
 ])
 def test_pattern_matches(pattern, name, expected):
     assert pattern_matches(pattern, name) is expected
+
+
+@pytest.mark.parametrize("capability,want", [((9, 0), "gram"), ((8, 0), "gram"), ((8, 9), "svd"), ((12, 0), "svd")])
+def test_auto_solver_on_cuda_follows_float64_rate(monkeypatch, capability, want):
+    """gram where the GPU runs float64 at full rate (measured 7.9x faster than cuSOLVER SVD on an H200, and
+    more accurate), svd on consumer GPUs; gram on the CPU. An explicit solver is kept everywhere."""
+    from moorize.conversion.svd import resolve_solver
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_solver("auto", torch.device("cuda:0")) == want
+    assert resolve_solver("auto", torch.device("cpu")) == "gram"
+    assert resolve_solver("svd", torch.device("cuda:0")) == "svd"

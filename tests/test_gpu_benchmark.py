@@ -40,10 +40,10 @@ def test_every_part_runs_on_the_cpu_and_reports_every_figure(tmp_path):
     assert train["full"]["trainable"] > train["full-task"]["trainable"]  # the sample router's B, C
 
     decode = figures["decode"]
-    for key in ("torch_b1", "torch_b16", "ort_b1", "ort_b16"):
+    for key in ("dense_b1", "dense_b16", "torch_b1", "torch_b16", "ort_b1", "ort_b16"):
         assert decode[key]["tokens_per_s"] > 0, key
     assert decode["ort_b16"]["provider"] == "CPUExecutionProvider" and decode["ort_b16"]["dtype"] == "float32"
-    assert "PyTorch cpu, float32" in run.stdout and "ONNX Runtime, CPUExecutionProvider, float32" in run.stdout
+    assert "PyTorch MoORE, cpu, float32" in run.stdout and "PyTorch dense original, cpu, float32" in run.stdout and "ONNX Runtime, CPUExecutionProvider, float32" in run.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

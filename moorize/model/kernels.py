@@ -139,16 +139,25 @@ def gate_table(sigma, task_router, task_embedding) -> torch.Tensor:
 
 
 def gate_rows(table: torch.Tensor, onehot: torch.Tensor | None, row: int | None) -> torch.Tensor:
-    """The task term per token: a row of the table (a view) when the batch is one task, else onehot @ table."""
+    """The task term per token (or per row of the batch): a row of the table (a view) when the batch is one
+    task, else onehot @ table."""
     return table[row] if onehot is None else onehot @ table
+
+
+def gated(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """z ⊙ g for z [N, r] and a gate per token [N, r], per batch row [B, r] (N = B · tokens), or shared [r]."""
+    if g.dim() == 2 and g.shape[0] != z.shape[0]:
+        return (z.view(g.shape[0], -1, z.shape[1]) * g.unsqueeze(1)).view(z.shape)
+    return z * g
 
 
 def infer(x: torch.Tensor, w_in: torch.Tensor, U: torch.Tensor, rows: torch.Tensor, b: torch.Tensor | None,
           rms_eps: float | None, residual, bias) -> torch.Tensor:
     """Inference: y = U (ReLU(rows + B (C x / rms)) ⊙ (Vh H x)) (+ R x) (+ b), x [N, n] in the compute dtype.
 
-    ``w_in`` is the cached [Vh H; C]; ``rows`` the task term per token, [N, r] or [r]. Without a sample
-    router (``b`` None) the rows are the gate itself: the table was ReLU'd once, when it was cached."""
+    ``w_in`` is the cached [Vh H; C]; ``rows`` the task term per token [N, r] or [r]. Without a sample
+    router (``b`` None) the rows are the gate itself, per batch row [B, r] or [r]: the table was ReLU'd once,
+    when it was cached."""
     h = x @ w_in.t()
     if b is None:
         z, g = h, rows
@@ -157,7 +166,7 @@ def infer(x: torch.Tensor, w_in: torch.Tensor, U: torch.Tensor, rows: torch.Tens
         if rms_eps is not None:
             xc = xc / rms_denominator(x, rms_eps, x.dtype)
         g = torch.ops.aten._addmm_activation(rows, xc, b.t())
-    out = z * g
+    out = gated(z, g)
     y = out @ U.t() if bias is None else torch.addmm(bias, out, U.t())
     if residual is not None:
         y = y.addmm_(x, residual.t())
@@ -168,8 +177,8 @@ class MoOREFunction(torch.autograd.Function):
     """One MoORE layer forward with gradients, and its backward by hand (a few matmuls, no autograd graph).
 
     Inputs: x [N, n] (compute dtype), the frozen factors (compute dtype), the trainable parameters (for
-    their gradients), ``Prepared`` tensors, the token one-hot [N, T] (None when the table has one row,
-    ``row`` = 0), the router norm's eps (None: no norm), and a callable run when the backward starts
+    their gradients), ``Prepared`` tensors, the one-hot of the tasks (per token [N, T] with a sample router,
+    per batch row [B, T] without; None when the table has one row, ``row`` = 0), the router norm's eps (None: no norm), and a callable run when the backward starts
     (the layer's per-step tensors expire then) or None; ``aliases`` pairs (i, j) say that input i, passed
     as None, is input j. Checked against autograd and against
     ``forward_reference`` in float64 (tests)."""
@@ -199,8 +208,8 @@ class MoOREFunction(torch.autograd.Function):
                 xc = xc / denom
             g = torch.ops.aten._addmm_activation(rows, xc, b.t(), alpha=scale)
         else:
-            g = torch.relu(rows)  # [N, r], or [r] for a batch of one task
-        out = z * g
+            g = torch.relu(rows)  # one gate per batch row [B, r] (a task router alone), or [r] for one task
+        out = gated(z, g)
         y = out @ U.t() if bias is None else torch.addmm(bias, out, U.t())
         if residual is not None:
             y = y.addmm_(x, residual.t())
@@ -220,8 +229,11 @@ class MoOREFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dy = dy.to(x.dtype)
         dh = dy @ U
-        dz = dh * g
-        dpre = torch.ops.aten.threshold_backward(dh * z, g, 0)  # ReLU: the gate's gradient where g > 0
+        dz = gated(dh, g)
+        dg = dh * z
+        if g.dim() == 2 and g.shape[0] != dg.shape[0]:  # a gate per batch row: its tokens' sum
+            dg = dg.view(g.shape[0], -1, dg.shape[1]).sum(1)
+        dpre = torch.ops.aten.threshold_backward(dg, g, 0)  # ReLU: the gate's gradient where g > 0
         dx = dz @ Vh if need[0] else None  # the first layers' inputs (frozen embeddings) need none
         if residual is not None and dx is not None:
             dx = dx.addmm_(dy, residual)

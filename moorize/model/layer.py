@@ -187,8 +187,8 @@ class MoORELinear(nn.Module):
                     gate = table[0]
                 elif uniform is not None:
                     gate = table[uniform]
-                else:
-                    gate = table.index_select(0, routing.token_ids(per_row))
+                else:  # per token with a sample router; per batch row without
+                    gate = table.index_select(0, routing.token_ids(per_row) if cfg.uses_sample else routing.ids)
                 eps = ROUTER_NORM_EPS if cfg.uses_sample and cfg.router_norm == "rms" else None
                 y = infer(x2, w_in, self.U.to(dtype), gate, b, eps, residual, bias)
         y = y.reshape(*lead, self.out_features)
@@ -199,7 +199,8 @@ class MoORELinear(nn.Module):
         self._cache = None  # the parameters are about to change: inference weights are made again after
         p = self._step_weights(dtype)
         tasks = p.table.shape[0]
-        onehot = routing.onehot(per_row, tasks, dtype) if tasks > 1 else None
+        # without a sample router the gate is one row per sequence: no per-token [N, r] tensor
+        onehot = routing.onehot(per_row if cfg.uses_sample else 1, tasks, dtype) if tasks > 1 else None
         eps = ROUTER_NORM_EPS if cfg.uses_sample and cfg.router_norm == "rms" else None
         tensors, aliases = distinct([x2, self.U.to(dtype), self.Vh.to(dtype), residual, bias, self.householder,
                                      getattr(self, "router_in", None), getattr(self, "router_out", None),

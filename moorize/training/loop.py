@@ -445,7 +445,8 @@ class _Run:
         else:
             self.module, self.optimizer = self.accelerator.prepare(self.module, optimizer)
         if opts.compile:  # after accelerate's wrapping; the MoORE layers compile with no graph break
-            self.module = torch.compile(self.module)
+            # MOORIZE_COMPILE_BACKEND picks another torch.compile backend (aot_eager: capture without codegen)
+            self.module = torch.compile(self.module, backend=os.environ.get("MOORIZE_COMPILE_BACKEND", "inductor"))
         self.device, self.world = self.accelerator.device, self.accelerator.num_processes
         self.frozen_bytes = sum(_local(p).numel() * p.element_size() for p in self.module.parameters()
                                 if not p.requires_grad)
