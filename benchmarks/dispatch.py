@@ -45,10 +45,10 @@ LAYER_BUDGET = {("train", "task+sample"): 44, ("train", "sample"): 35, ("train",
                 ("decode", "task+sample"): 8, ("decode", "sample"): 7, ("decode", "task"): 4}
 
 _SYNCS = {"_local_scalar_dense", "nonzero", "nonzero_static", "unique", "_unique", "_unique2", "unique_dim",
-          "unique_consecutive", "masked_select", "equal", "is_nonzero", "item"}
+          "unique_consecutive", "masked_select", "equal", "is_nonzero"}
 # not kernels: metadata, allocation, and reading a value back (a sync, counted as one)
 _METADATA = {"_local_scalar_dense", "promote_types", "result_type", "detach", "_unsafe_view", "lift_fresh", "lift_fresh_copy", "alias", "_reshape_alias", "set_",
-             "resize_", "empty_like", "empty", "empty_strided", "new_empty", "new_empty_strided", "_to_copy_meta",
+             "resize_", "empty_like", "empty", "empty_strided", "new_empty", "new_empty_strided",
              "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type"}
 
 

@@ -60,8 +60,6 @@ def checkpoint_name(module_path: str, prefix: str, names) -> str | None:
     return next((s for s in spellings if s in names), None)
 
 
-
-
 def cache_keyword(model) -> str:
     """The name of the forward's KV-cache argument, and of the output that returns it: ``cache`` from
     transformers 5.2x on (where ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values``

@@ -9,12 +9,12 @@ V [k, n] (rows u_i), sample router C [kr, n], B [r, kr], task router A [r, d], e
   WY: one small triangular solve, no loop over reflections), applied on the token side:
   z = x Vhᵀ − (x Vᵀ) S⁻¹ (V Vhᵀ), i.e. Vh H x with H = H_k ⋯ H_1, without rotating the frozen Vh;
 * the expert input x Vhᵀ is one matmul, the reflections' and router's inputs [x Vᵀ, x Cᵀ] another;
-* the gate g = ReLU(σ + A e_t + B (C x / rms(x))) is one fused ``addmm + relu`` over a per-step table
+* the gate g = ReLU(σ + A e_t + B (C x / rms(x))) is one fused ``addmm + relu`` over a per-forward table
   of task rows (σ + E Aᵀ, [T, r], gathered by a one-hot matmul), with rms(x) from one norm;
 * y = (z ⊙ g) Uᵀ (+ x Rᵀ) (+ b).
 
 Everything that depends only on the parameters (S, S⁻¹ V Vhᵀ, the concatenated input weights, the
-task table) is made once per optimizer step by ``prepare`` and reused by a checkpoint's recompute.
+task table) is made once per forward by ``prepare`` and taken again by a gradient checkpoint's recompute.
 One dtype policy: the big matmuls run in the compute dtype (bf16 under autocast, else the factors'
 dtype); the small k×k algebra and the rms statistic in float32; parameters stay float32.
 """
@@ -30,21 +30,28 @@ from torch.autograd.function import once_differentiable
 _CONSTANTS: dict = {}
 
 
-def _constant(kind: str, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Small constant matrices, made once per device (a tensor made from host values is a copy to the device):
-    'ut' is 1 above the diagonal, ½ on it, 0 below (S = G ⊙ ut), 'ut-neg' its negative; 'upper' the mask of the
-    upper triangle."""
-    key = (kind, k, dtype, device)
+def _cached(key: tuple, make) -> torch.Tensor:
+    """A small constant made once per key (a tensor made from host values is a copy to the device); inside a
+    compiled graph it is made inline and not kept."""
     hit = _CONSTANTS.get(key)
     if hit is None:
-        ones = torch.ones(k, k, dtype=dtype, device=device)
-        if kind == "upper":
-            hit = ones.triu().bool()
-        else:
-            hit = (ones.triu(1) + 0.5 * torch.eye(k, dtype=dtype, device=device)) * (-1 if kind == "ut-neg" else 1)
+        hit = make()
         if not torch.compiler.is_compiling():
             _CONSTANTS[key] = hit
     return hit
+
+
+def _constant(kind: str, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """'ut' is 1 above the diagonal, ½ on it, 0 below (S = G ⊙ ut), 'ut-neg' its negative; 'upper' the mask
+    of the upper triangle."""
+
+    def make():
+        ones = torch.ones(k, k, dtype=dtype, device=device)
+        if kind == "upper":
+            return ones.triu().bool()
+        return (ones.triu(1) + 0.5 * torch.eye(k, dtype=dtype, device=device)) * (-1 if kind == "ut-neg" else 1)
+
+    return _cached((kind, k, dtype, device), make)
 
 
 def ut_matrix(vectors: torch.Tensor, negative: bool = False) -> torch.Tensor:
@@ -76,18 +83,14 @@ def rms_denominator(x: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Te
     Dividing by it gives x / rms(x) up to the factor √n, which is folded into B."""
     wide = torch.promote_types(x.dtype, torch.float32)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)
-    key = ("floor", x.shape[-1], eps, wide, x.device)
-    floor = _CONSTANTS.get(key)
-    if floor is None:
-        floor = torch.full((), math.sqrt(x.shape[-1] * eps), dtype=wide, device=x.device)
-        if not torch.compiler.is_compiling():
-            _CONSTANTS[key] = floor
+    floor = _cached(("floor", x.shape[-1], eps, wide, x.device),
+                    lambda: torch.full((), math.sqrt(x.shape[-1] * eps), dtype=wide, device=x.device))
     return torch.hypot(norm, floor).to(dtype)
 
 
 @dataclass
 class Prepared:
-    """What a layer's forward needs of its parameters, made once per optimizer step (no autograd)."""
+    """What a layer's forward needs of its parameters, made once per forward (no autograd)."""
 
     w_in: torch.Tensor | None  # [V; C] in the compute dtype: one matmul gives x Vᵀ and x Cᵀ
     q: torch.Tensor | None  # −S⁻¹ V Vhᵀ [k, r], compute dtype: z = x Vhᵀ + (x Vᵀ) q
@@ -99,7 +102,7 @@ class Prepared:
 
 def prepare(vh, vectors, router_in, router_out, task_router, task_embedding, sigma,
             dtype: torch.dtype) -> Prepared:
-    """The per-step tensors of ``Prepared`` from the layer's current parameters."""
+    """The tensors of ``Prepared`` from the layer's current parameters."""
     with torch.no_grad():
         q = s_neg = q32 = None
         parts = []
@@ -138,10 +141,9 @@ def gate_table(sigma, task_router, task_embedding) -> torch.Tensor:
     return torch.addmm(sigma.to(wide), task_embedding.to(wide), task_router.to(wide).t())
 
 
-def gate_rows(table: torch.Tensor, onehot: torch.Tensor | None, row: int | None) -> torch.Tensor:
-    """The task term per token (or per row of the batch): a row of the table (a view) when the batch is one
-    task, else onehot @ table."""
-    return table[row] if onehot is None else onehot @ table
+def gate_rows(table: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
+    """The task term per token (or per row of the batch): onehot @ table, or the table's one row (a view)."""
+    return table[0] if onehot is None else onehot @ table
 
 
 def gated(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -178,14 +180,14 @@ class MoOREFunction(torch.autograd.Function):
 
     Inputs: x [N, n] (compute dtype), the frozen factors (compute dtype), the trainable parameters (for
     their gradients), ``Prepared`` tensors, the one-hot of the tasks (per token [N, T] with a sample router,
-    per batch row [B, T] without; None when the table has one row, ``row`` = 0), the router norm's eps (None: no norm), and a callable run when the backward starts
-    (the layer's per-step tensors expire then) or None; ``aliases`` pairs (i, j) say that input i, passed
-    as None, is input j. Checked against autograd and against
-    ``forward_reference`` in float64 (tests)."""
+    per batch row [B, T] without; None when the table has one row), the router norm's eps (None: no norm), a
+    callable run when the backward starts (the layer's per-forward tensors expire then) or None, and
+    ``aliases``: pairs (i, j) saying that input i, passed as None, is input j. Checked against autograd and
+    against ``forward_reference`` in float64 (tests)."""
 
     @staticmethod
     def forward(ctx, x, U, Vh, residual, bias, vectors, router_in, router_out, task_router, task_embedding, sigma,
-                w_in, q, s_neg, q32, table, b, onehot, row, rms_eps, on_backward, aliases=()):
+                w_in, q, s_neg, q32, table, b, onehot, rms_eps, on_backward, aliases=()):
         if aliases:  # (i, j): input i is input j (torch.compile traces no Function given one tensor twice)
             given = [x, U, Vh, residual, bias, vectors, router_in, router_out, task_router, task_embedding, sigma,
                      w_in, q, s_neg, q32, table, b]
@@ -200,7 +202,7 @@ class MoOREFunction(torch.autograd.Function):
             h = x @ w_in.t()
             xv, xc = h[:, :k], h[:, k:]
         z = a if k == 0 else torch.addmm(a, xv, q)
-        rows = gate_rows(table, onehot, row)
+        rows = gate_rows(table, onehot)
         scale = math.sqrt(x.shape[1]) if rms_eps is not None else 1.0  # x / rms(x) = √n · x / denom
         if b is not None:
             if rms_eps is not None:
@@ -280,4 +282,4 @@ class MoOREFunction(torch.autograd.Function):
             if need[10]:
                 d_sigma = dtable.sum(0)
         return (dx, None, None, None, None, d_vectors, d_router_in, d_router_out, d_task_router, d_embedding, d_sigma,
-                None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)

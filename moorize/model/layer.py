@@ -12,7 +12,7 @@ zero, so a freshly loaded model computes exactly W x.
 
 Efficiency (``kernels``): with gradients the layer is one autograd Function with a hand-written
 backward, a few big matmuls per pass, the chain in closed form, and the parameter-only work done
-once per optimizer step. Without gradients, Vh H and C are folded into one cached weight, so
+once per forward (a gradient checkpoint's recompute takes it again). Without gradients, Vh H and C are folded into one cached weight, so
 inference is one matmul for the expert and router inputs; with router 'task' and one task per
 batch (known on the host, never read back from a tensor), the task's merged dense matrix
 (cached), so it costs what the original layer costs. The sequential per-token formulation is
@@ -69,7 +69,7 @@ class MoORELinear(nn.Module):
             self.router_in = nn.Parameter((torch.rand(kr, n, generator=generator, dtype=pdt) * 2 - 1) * bound)  # C
             self.router_out = nn.Parameter(torch.zeros(r, kr, dtype=pdt))  # B
         self._cache: tuple | None = None  # inference: (key, folded weights)
-        self._prepared: tuple | None = None  # training: (key, this optimizer step's kernels.Prepared)
+        self._prepared: tuple | None = None  # training: (key, this forward's kernels.Prepared), until its backward
         self._merged: dict[int, tuple] = {}  # router 'task', inference: task -> (key, dense matrix)
 
     # ---- weights derived from the parameters -----------------------------------------------------
@@ -206,7 +206,7 @@ class MoORELinear(nn.Module):
                                      getattr(self, "router_in", None), getattr(self, "router_out", None),
                                      getattr(self, "task_router", None), getattr(self, "task_embedding", None),
                                      self.sigma, p.w_in, p.q, p.s_neg, p.q32, p.table, p.b])
-        return MoOREFunction.apply(*tensors, onehot, 0, eps,
+        return MoOREFunction.apply(*tensors, onehot, eps,
                                    None if torch.compiler.is_compiling() else self._expire_step_weights, aliases)
 
     def _expire_step_weights(self) -> None:
