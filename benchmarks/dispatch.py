@@ -150,7 +150,7 @@ def train_step(model, params, ids, task_ids=None, phases: Phases | None = None):
 
 def decode_step(model, ids, task_ids=None):
     """One new token per row after a prefill of ``ids``, with the KV cache (what generation repeats)."""
-    from moorize.io.hf import cache_keyword
+    from moorize.compat import cache_keyword
 
     kwargs = {} if task_ids is None else {"task_ids": task_ids}
     key = cache_keyword(model)

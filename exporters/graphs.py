@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..compat import cache_keyword, dynamic_cache
 from ..errors import MoorizeError
-from ..io.hf import cache_keyword
 from .ops import TaskIds
 
 
@@ -111,13 +111,10 @@ class ExportGraph(nn.Module):
         if self.kind == "encoder":
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return hidden if self.heads is None else self.heads(hidden, attention_mask, task_ids)
-        from transformers import DynamicCache
-
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]
         cache = None
         if self.with_past:
-            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)],
-                                 config=self.model.config)
+            cache = dynamic_cache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)], self.model.config)
         key = cache_keyword(self.model)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                          use_cache=self.with_past, **{key: cache})
@@ -147,7 +144,7 @@ def sample_inputs(routed: Routed, tokenizer, with_past: bool, past: int = 0, bat
     """(input_ids, attention_mask, task_ids[, ``past`` cached positions of random keys and values])."""
     vocab = routed.model.config.vocab_size
     ids = None
-    if tokenizer is not None:
+    if tokenizer is not None and tokenizer.pad_token is not None:  # transformers 5.0 makes one from a config alone
         enc = tokenizer(list(SAMPLE_TEXTS[:batch]), return_tensors="pt", padding="max_length", max_length=seq,
                         truncation=True)
         if enc.input_ids.shape == (batch, seq) and int(enc.input_ids.max()) < vocab:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import export_program
 from ..errors import MoorizeBug, MoorizeError
 from ..io.factored import FactoredCheckpoint, factor_key
 from ..io.hf import copy_aux_files
@@ -112,7 +113,7 @@ class OnnxBackend:
             raise MoorizeBug(f"{report.moore_nodes} {ops.OP_NAME} nodes for "
                              f"{len(routed.model.moore.layer_paths)} MoORE layers")
         if opts.decompose:
-            model = _inline(model)
+            model = inline_functions(model)
         refs = _reference_map(job.factored_dir, self.graph, self.exported) if opts.weights == "reference" else {}
         report.data_bytes, report.referenced_bytes = _write_graph(model, tmp, refs, job.factored_dir, opts.weights)
         copy_aux_files(job.factored_dir, tmp)
@@ -148,7 +149,7 @@ def _trace(graph: ExportGraph, routed: Routed, tokenizer, holder, dtype: str, op
         try:
             # torch.export first: given Dim objects, torch.onnx.export loses their equalities (it renames them).
             # No optimiser when the rotation stays in the graph: constant folding would store Vh H again.
-            program = torch.export.export(graph, args, dynamic_shapes=graph.dynamic_shapes())
+            program = export_program(graph, args, graph.dynamic_shapes())
             log.info("torch.export done")
             prog = torch.onnx.export(program, dynamo=True, custom_translation_table=ops.onnx_translation(),
                                      input_names=names, output_names=graph.output_names, opset_version=opset,
@@ -216,7 +217,7 @@ def check_graph(path: Path, model, weights: str) -> None:
         raise MoorizeBug(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
 
 
-def _inline(model):
+def inline_functions(model):
     """--decompose: the function bodies inlined, so the graph uses standard ops only."""
     import onnx.inliner
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import export_program
 from ..errors import MoorizeError
 from . import ops
 from .graphs import ExportGraph, sample_inputs
@@ -71,7 +72,7 @@ class FileBackend:
                     traced = torch.jit.trace(graph, args, check_trace=False, strict=False)
                 torch.jit.save(traced, str(tmp), _extra_files={META_FILE: meta})
             else:
-                program = torch.export.export(graph, args, dynamic_shapes=graph.dynamic_shapes())
+                program = export_program(graph, args, graph.dynamic_shapes())
                 torch.export.save(program, str(tmp), extra_files={META_FILE: meta})
         return FileExportReport(job.dest, self.backend, routed.kind, routed.tasks, job.opts.with_past)
 

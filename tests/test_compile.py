@@ -11,8 +11,10 @@ import torch
 from test_train import FAST, factored_tiny, toy_causal, write_jsonl
 
 import moorize
-from moorize.io.hf import cache_keyword
+from moorize.compat import cache_keyword
 from moorize.model.layer import moore_layers
+
+pytestmark = pytest.mark.versions  # also run at the minimum versions and on the newest torch (.ci/run)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from moorize.conversion.targets import pattern_matches
 from moorize.io.factored import FORMAT_NAME, FORMAT_VERSION, MANIFEST, factor_key
 from moorize.io.safetensors import SafetensorsFile
 
+pytestmark = pytest.mark.versions  # also run at the minimum versions and on the newest torch (.ci/run)
+
 EXACT = 1e-5  # relative Frobenius error of a full-rank (or residual-kept) reconstruction
 ORTHO = 1e-4
 LOGIT_TOL = 1e-4

@@ -19,6 +19,8 @@ from moorize.exporters.onnx import export_onnx
 from moorize.io.factored import FactoredCheckpoint
 from moorize.model.layer import RoutingState, layer_trainable
 
+pytestmark = pytest.mark.versions  # also run at the minimum versions and on the newest torch (.ci/run)
+
 NO_GPU = "needs a CUDA GPU (run `pytest -m gpu` on a machine that has one)"
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu,

@@ -25,6 +25,8 @@ from moorize.exporters.torchscript import export_pt2, export_torchscript, load_f
 from moorize.model.heads import TaskHeads
 from moorize.model.layer import MoOREConfig, MoORELinear, RoutingState, layer_trainable
 
+pytestmark = pytest.mark.versions  # also run at the minimum versions and on the newest torch (.ci/run)
+
 TASKS = ["a", "b", "c"]
 
 
@@ -105,7 +107,7 @@ def test_op_matches_moorelinear_and_its_onnx_function(router, norm, residual, bi
                         onnx.helper.make_tensor_value_info("task_ids", onnx.TensorProto.INT64, ["B"])],
         [onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["B", "S", m])],
         [onnx.numpy_helper.from_array(t.numpy(), nm) for nm, t in zip(names[2:], inputs[2:]) if t is not None])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20),
+    model = onnx.helper.make_model(graph, ir_version=onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", 20)]), opset_imports=[onnx.helper.make_opsetid("", 20),
                                                         onnx.helper.make_opsetid(ops.OP_DOMAIN, ops.OP_VERSION)],
                                    functions=[ops.function_proto(overload, 20)])
     onnx.checker.check_model(model, full_check=True)

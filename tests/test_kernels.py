@@ -15,6 +15,8 @@ from moorize.model.config import MoOREConfig
 from moorize.model.kernels import householder_wy
 from moorize.model.layer import MoORELinear, RoutingState
 
+pytestmark = pytest.mark.versions  # also run at the minimum versions and on the newest torch (.ci/run)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from dispatch import count  # noqa: E402
 

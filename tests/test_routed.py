@@ -15,6 +15,8 @@ import moorize
 from moorize import MoOREConfig, MoORELinear, MoorizeError, moore_layers
 from moorize.model.layer import RoutingState, layer_trainable
 
+pytestmark = pytest.mark.versions  # also run at the minimum versions and on the newest torch (.ci/run)
+
 TASKS = ["alpha", "beta", "gamma"]
 
 

@@ -26,6 +26,8 @@ from moorize.training.loop import _load_data, _Plan, _tokenizer, lr_factor
 from moorize.training.losses import _forward, causal_row_losses
 from moorize.training.options import TrainOptions
 
+pytestmark = pytest.mark.versions  # also run at the minimum versions and on the newest torch (.ci/run)
+
 CHARS = string.digits + string.ascii_letters + string.punctuation + " "
 
 

@@ -19,8 +19,6 @@ def copy_aux_files(src: Path, dest: Path) -> list[str]:
     return copied
 
 
-
-
 def model_class(config):
     """The transformers class named in config.architectures (AutoModel mapping as fallback)."""
     return _model_class(config)
@@ -34,8 +32,6 @@ def _model_class(config):
         if cls is not None:
             return cls
     return transformers.AutoModel._model_mapping[type(config)]
-
-
 
 
 EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj")  # the 3-D tensors of transformers' experts modules
@@ -58,13 +54,3 @@ def checkpoint_name(module_path: str, prefix: str, names) -> str | None:
     elif prefix:
         spellings.append(f"{prefix}.{module_path}")
     return next((s for s in spellings if s in names), None)
-
-
-def cache_keyword(model) -> str:
-    """The name of the forward's KV-cache argument, and of the output that returns it: ``cache`` from
-    transformers 5.2x on (where ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values``
-    before. Read from the forward's signature, so it follows whichever transformers is installed."""
-    import inspect
-
-    forward = type(getattr(model, "_orig_mod", model)).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"

@@ -1,0 +1,63 @@
+"""Where torch and transformers differ across the supported range, the one place that knows.
+
+The range is pyproject.toml's: torch >= 2.9, transformers >= 5.0 (CI tests the minimums and the
+pinned newest; README, "Supported versions"). Each function names the versions that need its
+other path, so a path can be dropped when the minimum passes them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """'2.11.0+cu130' -> (2, 11, 0): the release numbers only (local builds and pre-releases dropped)."""
+    return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+TORCH = version_tuple(torch.__version__)
+
+
+def export_program(module: torch.nn.Module, args: tuple, dynamic_shapes):
+    """torch.export.export of an export graph, strict first.
+
+    torch 2.10 to 2.12 cannot prove ``min(12*s, 24*s) == 12*s`` for the sequence dim (a stride check
+    in the reshape of transformers' ``repeat_kv`` on a transposed key) and raise a constraint
+    violation for a graph without a cache. There the trace is redone with such guards deferred to
+    runtime asserts (this one holds for every length; ONNX keeps none). 2.9 and 2.13+ trace
+    strictly, so any other violation still surfaces.
+
+    torch 2.9 writes the input guards of a ``*past`` signature with names its own guard function
+    cannot resolve (``NameError: L`` when the ONNX exporter runs it); those guards only repeat
+    the dynamic-shape spec, so they are dropped there.
+    """
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    try:
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
+    except (ConstraintViolationError, torch._dynamo.exc.UserError) as e:
+        if "Constraints violated" not in str(e):
+            raise
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+    if TORCH[:2] == (2, 9):
+        program._guards_code = []
+    return program
+
+
+def cache_keyword(model) -> str:
+    """The name of the forward's KV-cache argument, and of the output that returns it: ``cache`` from
+    transformers 5.2x on (where ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values``
+    before. Read from the forward's signature, so it follows whichever transformers is installed."""
+    forward = type(getattr(model, "_orig_mod", model)).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def dynamic_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], config):
+    """A transformers DynamicCache holding (keys, values) per layer, as every 5.x release builds one."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=pairs, config=config)
