@@ -144,7 +144,7 @@ def sample_inputs(routed: Routed, tokenizer, with_past: bool, past: int = 0, bat
     """(input_ids, attention_mask, task_ids[, ``past`` cached positions of random keys and values])."""
     vocab = routed.model.config.vocab_size
     ids = None
-    if tokenizer is not None and tokenizer.pad_token is not None:  # transformers 5.0 makes one from a config alone
+    if tokenizer is not None and tokenizer.pad_token is not None:  # a tokenizer made from a config alone has none
         enc = tokenizer(list(SAMPLE_TEXTS[:batch]), return_tensors="pt", padding="max_length", max_length=seq,
                         truncation=True)
         if enc.input_ids.shape == (batch, seq) and int(enc.input_ids.max()) < vocab:

@@ -1,7 +1,7 @@
 """Where torch and transformers differ across the supported range, the one place that knows.
 
-The range is pyproject.toml's: torch >= 2.9, transformers >= 5.0 (CI tests the minimums and the
-pinned newest; README, "Supported versions"). Each function names the versions that need its
+The range is pyproject.toml's: torch >= 2.9.1, transformers >= 5.3 (CI tests the minimums and the
+pinned and the newest torch; README, "Supported versions"). Each function names the versions that need its
 other path, so a path can be dropped when the minimum passes them.
 """
 

@@ -13,6 +13,11 @@ import os
 # instructions for bfloat16/float16 matmuls and the process dies with SIGILL. Cap oneDNN
 # below AMX (before torch loads it) unless the caller chose an ISA; subprocesses inherit it.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
+# Under pytest-xdist (`-n N`) the workers share the cores: each takes its share of threads (subprocesses
+# inherit it), so N workers do not run N x cores threads against each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import hashlib
 from pathlib import Path
@@ -77,12 +82,38 @@ def tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def made_once(tmp_path_factory, name: str, make):
+    """``make(directory)`` run once per test run, by whichever pytest-xdist worker asks first; the others
+    wait on a file lock and read its pickled result (the workers share their base directory's parent).
+    Without xdist: once per session, like any session fixture."""
+    import fcntl
+    import pickle
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    directory, result = root / f"shared-{name}", root / f"shared-{name}.pickle"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            partial = result.with_suffix(".partial")
+            partial.write_bytes(pickle.dumps(make(directory)))
+            partial.rename(result)
+        return pickle.loads(result.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct de-quantised once into an ordinary HF directory (float32)."""
-    d = tmp_path_factory.mktemp("smollm2") / "hf"
-    dequantize_gguf(smollm2_gguf(), d)
-    return d
+
+    def make(root: Path) -> Path:
+        dequantize_gguf(smollm2_gguf(), root / "hf")
+        return root / "hf"
+
+    return made_once(tmp_path_factory, "smollm2", make)
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +126,8 @@ def smollm2_full(smollm2_dir, tmp_path_factory):
     """SmolLM2 converted once per session at full rank: (OUT_DIR, ConvertReport)."""
     import moorize
 
-    out = tmp_path_factory.mktemp("smollm2-full") / "factored"
-    return out, moorize.convert(smollm2_dir, out)
+    return made_once(tmp_path_factory, "smollm2-full",
+                     lambda root: (root / "factored", moorize.convert(smollm2_dir, root / "factored")))
 
 
 @pytest.fixture(scope="session")
@@ -111,10 +142,10 @@ def serving_exports(tmp_path_factory):
     and a BERT with task heads; shared by the serving and onnxruntime-genai tests."""
     from helpers import tiny_export
 
-    root = tmp_path_factory.mktemp("serving")
     tasks = ["math", "poem"]
-    return {"llama": tiny_export(root, "llama", tasks, positions=512),
-            "bert": tiny_export(root, "bert", tasks, with_heads=True, positions=64)}
+    return made_once(tmp_path_factory, "serving", lambda root: {
+        "llama": tiny_export(root, "llama", tasks, positions=512),
+        "bert": tiny_export(root, "bert", tasks, with_heads=True, positions=64)})
 
 
 SMOL_TASKS = ["math", "poem", "code"]
@@ -130,10 +161,13 @@ def smollm2_export(smollm2_full, tmp_path_factory):
     from moorize.exporters.onnx import export_onnx
 
     factored, _ = smollm2_full
-    root = tmp_path_factory.mktemp("smol-export")
-    model = moorize.load(factored, tasks=SMOL_TASKS)
-    randomize_routers(model)
-    moorize.save_adapter(model, root / "adapter")
-    del model
-    report = export_onnx(factored, root / "onnx", root / "adapter", with_past=True)
-    return factored, root / "adapter", root / "onnx", report
+
+    def make(root: Path):
+        model = moorize.load(factored, tasks=SMOL_TASKS)
+        randomize_routers(model)
+        moorize.save_adapter(model, root / "adapter")
+        del model
+        report = export_onnx(factored, root / "onnx", root / "adapter", with_past=True)
+        return factored, root / "adapter", root / "onnx", report
+
+    return made_once(tmp_path_factory, "smol-export", make)

@@ -41,20 +41,20 @@ def test_smollm2_custom_op_logits_every_task(smol):
 
 
 def test_smollm2_greedy_with_past_equals_pytorch(smol):
-    """32 new tokens, three prompts batched with left padding, one task per row and one task for all."""
+    """16 new tokens, three prompts batched with left padding: one task per row, and one task for all."""
     factored, adapter, dest, _ = smol
     ortm = MoOREOrtModel.from_export(dest)
     pt = moorize.load(factored, adapter)
     ids, mask = ortm._encode(PROMPTS, left_pad=True)
     assert (mask == 0).any()  # the batch really is padded
     outputs = {}
-    for tasks in (["math", "poem", "code"], ["poem"] * 3, ["code"] * 3):
-        got = ortm.generate_ids(ids, mask, tasks, max_new_tokens=32)
+    for tasks in (["math", "poem", "code"], ["code"] * 3):
+        got = ortm.generate_ids(ids, mask, tasks, max_new_tokens=16)
         with torch.no_grad():
             want = pt.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), task_ids=tasks,
-                               max_new_tokens=32, do_sample=False, pad_token_id=ortm.tokenizer.pad_token_id)
+                               max_new_tokens=16, do_sample=False, pad_token_id=ortm.tokenizer.pad_token_id)
         want = want[:, ids.shape[1]:].numpy()
-        assert got.shape == want.shape == (3, 32)  # nobody stopped early: 32 tokens compared per row
+        assert got.shape == want.shape == (3, 16)  # nobody stopped early: 16 tokens compared per row
         assert np.array_equal(got, want), tasks
         outputs[tuple(tasks)] = got
     assert len({o.tobytes() for o in outputs.values()}) > 1  # the routers make the tasks differ

@@ -19,6 +19,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
 
 
+@pytest.mark.slow  # the whole script, every part
 def test_every_part_runs_on_the_cpu_and_reports_every_figure(tmp_path):
     out = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--threads", "2",

@@ -430,7 +430,9 @@ class ShardFile:
 
     def __init__(self, path: Path, planned_names: list[str]):
         self.path = path
-        self.header_room = 8 * -(-(64 + sum(_entry_bound(n) for n in planned_names)) // 8)
+        # the data start 64-byte aligned (8 + header_room): memory-mapped tensors then meet the 16-byte
+        # alignment of kernels such as torch._grouped_mm (transformers' fused MoE experts on torch 2.9)
+        self.header_room = 64 * -(-(64 + sum(_entry_bound(n) for n in planned_names)) // 64) - 8
         self._f = open(path, "wb")
         self._f.seek(8 + self.header_room)
         self._entries: dict[str, dict] = {}
