@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from moorize import FactoredCheckpoint
 from moorize.conversion.pipeline import WorkItem, _assign_ranks
 
 
+@pytest.mark.slow  # two torchrun ranks and a single-process run
 def test_two_ranks_match_single_process(tiny_model_dir, tmp_path):
     _, src = tiny_model_dir("llama")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -313,6 +313,7 @@ def test_cli_train_writes_an_adapter(tiny_llama, tmp_path):
     assert model.moore_config.router_norm == "rms"
 
 
+@pytest.mark.slow  # two torchrun ranks and a single-process run
 def test_two_processes_match_gradient_accumulation(tiny_llama, tmp_path):
     """DDP (torchrun, gloo, 2 CPU ranks, batch 4 each) takes the same steps as 1 process accumulating 2 x 4."""
     import os
@@ -364,6 +365,7 @@ def test_sample_router_lr_scales_only_the_sample_router(tiny_llama, tmp_path):
         moorize.train(tiny_llama, data, tmp_path / "b", sample_router_lr=-1.0, **FAST)
 
 
+@pytest.mark.slow  # two torchrun ranks and a single-process run
 def test_fsdp_two_processes_shard_the_factors_and_train_like_one(tiny_llama, tmp_path):
     """FSDP2 (torchrun, gloo, 2 CPU ranks, batch 4 each) ends at the adapter of 1 process accumulating 2 x 4,
     and each rank holds half of the frozen factors' bytes instead of all of them."""
