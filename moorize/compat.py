@@ -1,8 +1,8 @@
 """Where torch and transformers differ across the supported range, the one place that knows.
 
-The range is pyproject.toml's: torch >= 2.9.1, transformers >= 5.3 (CI tests the minimums and the
-pinned and the newest torch; README, "Supported versions"). Each function names the versions that need its
-other path, so a path can be dropped when the minimum passes them.
+The range is pyproject.toml's: torch >= 2.9.1, transformers >= 5.3. CI tests it at the minimums, in
+its pinned environment and on the newest torch (README, "Supported versions"). Each function names the
+versions that need its other path, so a path can be dropped once the minimum passes them.
 """
 
 from __future__ import annotations
