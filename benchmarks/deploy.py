@@ -63,7 +63,7 @@ def ort_session_options(threads: int):
 
 def ort_runner(directory: Path, ids, threads: int, providers=("CPUExecutionProvider",)):
     """(generate function returning the new ids, the model): exactly NEW_TOKENS tokens, EOS ignored."""
-    from moorize.exporters.ort import MoOREOrtModel
+    from moorize.runtime import MoOREOrtModel
 
     m = MoOREOrtModel.from_export(directory, providers=list(providers), session_options=ort_session_options(threads))
     m.meta["eos_token_id"] = []  # always 32 tokens: the same work in every run

@@ -313,7 +313,7 @@ def part_decode(work: Path, args) -> bool:
 
     import moorize
     from moorize.exporters.onnx import export_onnx
-    from moorize.exporters.ort import MoOREOrtModel
+    from moorize.runtime import MoOREOrtModel
 
     device = args.device
     on_gpu = device.startswith("cuda")

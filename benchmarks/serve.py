@@ -126,7 +126,7 @@ def throughput_part(args, export: Path):
     def part(work: Path):
         from helpers import ServerProcess
 
-        from moorize.exporters.ort import MoOREOrtModel
+        from moorize.runtime import MoOREOrtModel
 
         jobs = prompts(args.requests)
         ortm = MoOREOrtModel.from_export(export)
@@ -185,7 +185,7 @@ def load_part(args, export: Path):
         import psutil
         from helpers import ServerProcess
 
-        from moorize.exporters.ort import MoOREOrtModel
+        from moorize.runtime import MoOREOrtModel
 
         jobs = prompts(12)
         ortm = MoOREOrtModel.from_export(export)

@@ -1,17 +1,14 @@
 """What every export records about itself, in one place for every backend and the runtime.
 
 ONNX exports write it to ``moorize_export.json`` beside the graph; TorchScript and ``.pt2``
-files carry the same fields as an extra file inside the archive. No torch import: the
-ONNX Runtime runtime reads these constants.
+files carry the same fields as an extra file inside the archive. The file's name, format and
+version are the runtime's (``moorize.runtime.format``), which reads it.
 """
 
 from __future__ import annotations
 
+from ..runtime.format import EXPORT_FORMAT, EXPORT_VERSION, META_FILE  # noqa: F401  (the format the runtime reads)
 from ..version import __version__
-
-META_FILE = "moorize_export.json"
-EXPORT_FORMAT = "moorize.export"
-EXPORT_VERSION = 1
 
 
 def common_metadata(backend: str, kind: str, model_type: str, tasks: list[str], labels, inputs: list[str],

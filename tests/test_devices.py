@@ -135,7 +135,7 @@ PROVIDER_PROBE = """
 import sys
 sys.modules["torch"] = None  # a deployment with onnxruntime-gpu and no torch: importing torch fails
 import onnxruntime
-from moorize.exporters import ort
+from moorize.runtime import providers as ort
 onnxruntime.get_available_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
 ort.nvidia_gpu_visible = lambda: sys.argv[1] == "gpu"
 print(ort.default_providers())
@@ -153,7 +153,7 @@ def test_onnx_runtime_chooses_the_gpu_without_torch(machine, first):
 
 
 def test_hidden_gpus_are_not_chosen(monkeypatch):
-    from moorize.exporters.ort import nvidia_gpu_visible
+    from moorize.runtime.providers import nvidia_gpu_visible
 
     for hidden in ("", "-1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)

@@ -20,10 +20,10 @@ from moorize.cli import cli
 from moorize.errors import MoorizeError
 from moorize.exporters import ops
 from moorize.exporters.onnx import export_onnx
-from moorize.exporters.ort import MoOREOrtModel
 from moorize.exporters.torchscript import export_pt2, export_torchscript, load_file
 from moorize.model.heads import TaskHeads
 from moorize.model.layer import MoOREConfig, MoORELinear, RoutingState, layer_trainable
+from moorize.runtime import MoOREOrtModel
 
 pytestmark = pytest.mark.versions  # also run at the minimum versions and on the newest torch (.ci/run)
 

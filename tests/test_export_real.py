@@ -15,9 +15,9 @@ from helpers import randomize_routers
 import moorize
 from moorize.exporters import ops
 from moorize.exporters.onnx import export_onnx, inline_functions
-from moorize.exporters.ort import MoOREOrtModel
 from moorize.exporters.torchscript import export_pt2, export_torchscript
 from moorize.model.heads import TaskHeads
+from moorize.runtime import MoOREOrtModel
 
 pytestmark = pytest.mark.slow
 

@@ -114,7 +114,7 @@ def test_moe_tokens_route_with_their_own_rows_task(name, converted):
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
 def test_moe_export_with_past_runs_in_onnx_runtime_as_in_pytorch(name, converted, tmp_path):
     from moorize.exporters.onnx import export_onnx
-    from moorize.exporters.ort import MoOREOrtModel
+    from moorize.runtime import MoOREOrtModel
 
     _, inputs, _, out, _ = converted(name)
     routed = moorize.load(out, tasks=TASKS, router="task+sample")

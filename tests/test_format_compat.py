@@ -47,7 +47,7 @@ def test_inspect_reads_the_old_manifest(fixtures):
 
 
 def test_onnx_export_generates_the_same_tokens(fixtures):
-    from moorize.exporters.ort import MoOREOrtModel
+    from moorize.runtime import MoOREOrtModel
 
     model = MoOREOrtModel.from_export(fixtures / "onnx")
     ids = np.array(EXPECTED["ids"], dtype=np.int64)
@@ -58,7 +58,7 @@ def test_onnx_export_generates_the_same_tokens(fixtures):
 def test_old_adapter_reexports_to_the_same_tokens(fixtures, tmp_path):
     """The old adapter (no layout fields) still passes the base check wherever adapters are read."""
     from moorize.exporters.onnx import export_onnx
-    from moorize.exporters.ort import MoOREOrtModel
+    from moorize.runtime import MoOREOrtModel
 
     export_onnx(fixtures / "factored", tmp_path / "re-export", fixtures / "adapter", with_past=True)
     model = MoOREOrtModel.from_export(tmp_path / "re-export")

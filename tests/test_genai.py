@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 
-from moorize.exporters.ort import MoOREOrtModel
+from moorize.runtime import MoOREOrtModel
 
 
 @pytest.fixture(scope="module")

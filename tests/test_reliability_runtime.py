@@ -20,7 +20,7 @@ from test_export import tiny, tiny_tokenizer  # noqa: F401  (the module-scoped t
 from moorize.cli import cli
 from moorize.errors import MoorizeError
 from moorize.exporters.onnx import export_onnx
-from moorize.exporters.ort import MoOREOrtModel
+from moorize.runtime import MoOREOrtModel
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_bad_decoder_inputs_are_one_line(llama, call, message):
 
 def test_generation_stops_at_the_position_limit_with_a_warning(llama, caplog):
     prompt = np.array([list(range(4, 64))])  # 60 tokens: 4 positions left
-    with caplog.at_level(logging.WARNING, logger="moorize.exporters.ort"):
+    with caplog.at_level(logging.WARNING, logger="moorize.runtime.generation"):
         out = llama.generate_ids(prompt, task="a", max_new_tokens=10)
     assert out.shape[1] <= 4
     assert "capped to 4" in caplog.text
@@ -104,7 +104,7 @@ def test_generation_stops_at_the_position_limit_with_a_warning(llama, caplog):
 
 def test_an_encoder_truncates_long_texts_to_its_positions(bert, caplog):
     long, cut = words(100), words(62)  # 62 words + [CLS]-less word-level ids: the first 64 tokens
-    with caplog.at_level(logging.WARNING, logger="moorize.exporters.ort"):
+    with caplog.at_level(logging.WARNING, logger="moorize.runtime.session"):
         got = bert.scores([long], task="a")
     assert "truncated 1 of 1 input(s) to the encoder's 64 positions" in caplog.text
     ids = bert.tokenizer([long])["input_ids"][0][:64]

@@ -22,7 +22,7 @@ import openai
 import pytest
 from helpers import Reply, ServerProcess, http, metric
 
-from moorize.exporters.ort import MoOREOrtModel
+from moorize.runtime import MoOREOrtModel
 
 TASKS = ["math", "poem"]
 PROMPTS = ["Hello world", "The cat sat on", "1+2=", "abc", "Once upon a time", "xyz!", "Q: why? A:", "ok"]

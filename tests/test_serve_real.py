@@ -15,7 +15,7 @@ import pytest
 from conftest import SMOL_TASKS
 from helpers import ServerProcess, metric
 
-from moorize.exporters.ort import MoOREOrtModel
+from moorize.runtime import MoOREOrtModel
 
 pytestmark = pytest.mark.slow
 

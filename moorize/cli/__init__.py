@@ -4,12 +4,13 @@
 library inside their bodies, so ``moorize --help`` starts without importing torch.
 """
 
-from ..exporters.commands import export, run
 from .app import BROKEN_PIPE_EXIT, MoorizeGroup, cli, main
 from .convert import convert
+from .export import export
 from .inspect import inspect
 from .merge import merge
 from .quickstart import quickstart
+from .run import run
 from .serve import serve
 from .train import train
 

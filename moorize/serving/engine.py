@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..exporters.ort import sample_nucleus
+from ..runtime.sampling import sample_nucleus
 from .kvbatch import KVBatch, left_pad
 from .metrics import Metrics
 

@@ -22,7 +22,7 @@ API_KEY_ENV = "MOORIZE_API_KEY"
 def build_app(export_dir, api_key: str | None = None, max_batch_size: int = 16, max_queue: int = 64,
               providers: list[str] | None = None, threads: int | None = None):
     """The ASGI app for ``export_dir`` (engine started and stopped with the app's lifespan)."""
-    from ..exporters.ort import MoOREOrtModel
+    from ..runtime.session import MoOREOrtModel
     from .app import Server
     from .classifier import Classifier
     from .engine import Engine

@@ -1,0 +1,96 @@
+"""`moorize export`: the routed model of a factored checkpoint as ONNX, TorchScript or .pt2, validated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import MoorizeError
+from ..exporters.options import DEFAULTS, DTYPES, MIN_OPSET, WEIGHTS, ExportOptions
+
+PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
+
+
+@click.command()
+@click.argument("factored_dir", type=PATH)
+@click.option("--adapter", type=PATH, default=None,
+              help="Adapter directory (trained routers; task heads for classifiers). Default: fresh routers, "
+                   "one task 'default'.")
+@click.option("--onnx", "onnx_dest", type=PATH, default=None, metavar="DEST",
+              help="Write an ONNX export directory: model.onnx, weights, tokenizer, moorize_export.json.")
+@click.option("--torchscript", "ts_dest", type=PATH, default=None, metavar="DEST.pt",
+              help="Write a TorchScript file (torch.jit.trace; deprecated upstream, prefer --pt2).")
+@click.option("--pt2", "pt2_dest", type=PATH, default=None, metavar="DEST.pt2",
+              help="Write a torch.export ExportedProgram (.pt2).")
+@click.option("--with-past", is_flag=True,
+              help="Decoders: KV-cache inputs (past_key_values.*) and outputs (present.*), one token per step.")
+@click.option("--decompose", is_flag=True,
+              help="ONNX: standard ops only instead of one ai.moorize::MoORELinear node per layer.")
+@click.option("--weights", type=click.Choice(WEIGHTS), default=DEFAULTS.weights, show_default=True,
+              help="ONNX: copy the weights to model.onnx_data, or reference the factored shards (hard-linked "
+                   "into DEST, no bytes copied; DEST must be on the same filesystem).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULTS.dtype, show_default=True,
+              help="ONNX: float16 for GPU deployment.")
+@click.option("--opset", type=int, default=DEFAULTS.opset, show_default=True,
+              help=f"ONNX opset ({MIN_OPSET} or newer).")
+@click.option("--no-validate", is_flag=True, help="Skip the check against PyTorch after the export.")
+@click.option("--atol", type=float, default=None,
+              help="Validation: each output's max |difference| from PyTorch must stay within atol + rtol * "
+                   "max|PyTorch output| [default atol: 1e-4 in float32, 1e-3 in float16].")
+@click.option("--rtol", type=float, default=None,
+              help="Validation: see --atol [default: 1e-5 in float32 (rounding grows with the output's scale), "
+                   "5e-2 in float16].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DEST (only once the new one is complete).")
+def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, no_validate: bool, **options) -> None:
+    """Export the routed model of FACTORED_DIR for deployment, validated against PyTorch.
+
+    Every task is served by one graph: the task is an input (task_ids, int64 [batch]).
+
+    \b
+    Examples:
+      moorize export ./smollm2-moore --adapter ./adapter --onnx ./smollm2-onnx --with-past
+      moorize export ./smollm2-moore --adapter ./adapter --onnx ./onnx-ref --weights reference
+      moorize export ./minilm-moore --adapter ./clf-adapter --onnx ./minilm-onnx --decompose
+      moorize export ./smollm2-moore --adapter ./adapter --pt2 ./smollm2.pt2
+    """
+    targets = [d for d in (onnx_dest, ts_dest, pt2_dest) if d is not None]
+    if not targets:
+        raise MoorizeError("nothing to export: pass --onnx DEST, --torchscript DEST.pt or --pt2 DEST.pt2")
+    opts = ExportOptions(validate_export=not no_validate, **options)
+    if ts_dest or pt2_dest:  # before any export runs
+        opts.check_file_backend()
+    if onnx_dest is not None:
+        from ..exporters.onnx import export_onnx
+
+        report = export_onnx(factored_dir, onnx_dest, adapter, opts)
+        op = "standard ops only" if opts.decompose else f"{report.moore_nodes} ai.moorize::MoORELinear nodes"
+        click.echo(f"wrote {report.dest}: {report.kind}, tasks {', '.join(report.tasks)}, opset {opts.opset}, {op}, "
+                   f"{opts.dtype}{', with past' if opts.with_past else ''} ({report.seconds:.1f} s)")
+        click.echo(f"  graph {_mb(report.graph_bytes)}, model.onnx_data {_mb(report.data_bytes)}, "
+                   f"referenced in the factored shards {_mb(report.referenced_bytes)}")
+        _echo_validation(report.validation)
+    for dest, backend in ((ts_dest, "torchscript"), (pt2_dest, "pt2")):
+        if dest is None:
+            continue
+        from ..exporters.torchscript import TORCHSCRIPT_NOTE, export_pt2, export_torchscript
+
+        if backend == "torchscript":
+            click.echo(f"note: {TORCHSCRIPT_NOTE}", err=True)
+        fn = export_torchscript if backend == "torchscript" else export_pt2
+        rep = fn(factored_dir, dest, adapter, opts)
+        click.echo(f"wrote {rep.dest}: {backend}, {rep.kind}, tasks {', '.join(rep.tasks)}, {_mb(rep.bytes)} "
+                   f"({rep.seconds:.1f} s)")
+        _echo_validation(rep.validation)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _echo_validation(v) -> None:
+    if v is None:
+        click.echo("  not validated (--no-validate)")
+        return
+    for line in v.lines():
+        click.echo("  " + line)
