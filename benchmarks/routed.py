@@ -99,11 +99,11 @@ def _linear_macs(model, routed: bool) -> dict[str, float]:
         if not routed:
             out["dense"] += m * n
             continue
-        if layer.config.router == "task":  # runs its merged dense matrix (residual folded in)
+        if layer.router.mergeable:  # runs its merged dense matrix (residual folded in)
             out["experts"] += m * n
             continue
         out["experts"] += r * (m + n)
-        if layer.config.uses_sample:
+        if layer.router.sample:
             kr = layer.config.router_experts
             out["router"] += n * kr + kr * r
             out["router_per_kr"] += n + r

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ..errors import MoorizeError
-from ..model.config import ROUTER_NORM_EPS
 from ..model.layer import MoORELinear, householder_wy, inverse_rms
 from .options import MIN_OPSET
 
@@ -84,13 +83,10 @@ class ExportMoORELinear(nn.Module):
         folds that constant subgraph when it loads the model."""
         super().__init__()
         self.holder, self.use_op = holder, use_op
-        cfg = layer.config
         self.rotate = not fold_rotation and layer.householder is not None
         with torch.no_grad():  # the constants are computed as MoORELinear computes them, bit for bit
-            gate = layer.sigma.float().expand(len(cfg.tasks), -1)
-            if cfg.uses_task:
-                gate = gate + (layer.task_embedding @ layer.task_router.t()).float()
-            self.register_buffer("gate_table", gate.to(dtype).contiguous())
+            router = layer.router.export_tensors(layer, dtype)  # gate_table, router_in, router_out, router_eps
+            self.register_buffer("gate_table", router["gate_table"])
             self.register_buffer("U", layer.U.to(dtype))
             if self.rotate:
                 Y, T = householder_wy(layer.householder.detach())
@@ -99,13 +95,10 @@ class ExportMoORELinear(nn.Module):
                 self.register_buffer("wy_t", T.t().to(dtype).contiguous())
             else:
                 self.register_buffer("vh", layer.inference_vh().to(dtype).contiguous())
-            for name, src in (("router_in", "router_in"), ("router_out", "router_out")):
-                t = getattr(layer, src, None) if cfg.uses_sample else None
-                self.register_buffer(name, None if t is None else t.detach().to(dtype).contiguous())
+            for name in ("router_in", "router_out", "router_eps"):
+                self.register_buffer(name, router[name])
             self.register_buffer("residual", None if layer.residual is None else layer.residual.to(dtype))
             self.register_buffer("bias", None if layer.bias is None else layer.bias.to(dtype))
-            rms = cfg.uses_sample and cfg.router_norm == "rms"
-            self.register_buffer("router_eps", torch.tensor(ROUTER_NORM_EPS, dtype=dtype) if rms else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # tokens flattened from the rows (a sparse-MoE block's shared expert)

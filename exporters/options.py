@@ -6,11 +6,10 @@ The keywords of ``export_onnx`` / ``export_torchscript`` / ``export_pt2`` and th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..errors import MoorizeError
-from ..options import with_overrides
+from ..options import check_options, option, with_overrides
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the torch exporter's own operator library starts here
@@ -21,29 +20,29 @@ ONNX_ONLY = ("decompose", "weights", "dtype")
 
 @dataclass
 class ExportOptions:
-    with_past: bool = False  # decoders: KV-cache inputs and outputs, one token per step
-    decompose: bool = False  # ONNX: standard ops only instead of one custom node per layer
-    weights: str = "copy"  # ONNX: copy the weights, or reference the factored shards
-    dtype: str = "float32"  # ONNX: float16 for GPU deployment
-    opset: int = DEFAULT_OPSET  # ONNX
-    validate_export: bool = True  # check every task against PyTorch after the export
-    atol: float | None = None  # validation tolerances; None: the dtype's default
-    rtol: float | None = None
-    overwrite: bool = False
+    """Every choice of an export: the keywords of the export functions and the options of ``moorize export``."""
+
+    with_past: bool = option(False, help="Decoders: KV-cache inputs (past_key_values.*) and outputs (present.*), "
+                                         "one token per step.")
+    decompose: bool = option(False, help="ONNX: standard ops only instead of one ai.moorize::MoORELinear node per "
+                                         "layer.")
+    weights: str = option("copy", choices=WEIGHTS, help="ONNX: copy the weights to model.onnx_data, or reference the "
+                                                        "factored shards (hard-linked into DEST, no bytes copied; DEST "
+                                                        "must be on the same filesystem).")
+    dtype: str = option("float32", choices=DTYPES, help="ONNX: float16 for GPU deployment.")
+    opset: int = option(DEFAULT_OPSET, kind=int, help=f"ONNX opset ({MIN_OPSET} or newer).")
+    validate_export: bool = option(True, flag="validate", negatable=True,
+                                   help="Check every task against PyTorch after the export (--no-validate: skip).")
+    atol: float | None = option(None, kind=float, low=0.0,
+                                help="Validation: each output's max |difference| from PyTorch must stay within atol + "
+                                     "rtol * max|PyTorch output| [default atol: 1e-4 in float32, 1e-3 in float16].")
+    rtol: float | None = option(None, kind=float, low=0.0,
+                                help="Validation: see --atol [default: 1e-5 in float32 (rounding grows with the "
+                                     "output's scale), 5e-2 in float16].")
+    overwrite: bool = option(False, help="Replace an existing DEST (only once the new one is complete).")
 
     def __post_init__(self) -> None:
-        if self.weights not in WEIGHTS:
-            raise MoorizeError(f"unknown --weights {self.weights!r}: use copy or reference")
-        if self.dtype not in DTYPES:
-            raise MoorizeError(f"unknown --dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if isinstance(self.opset, bool) or not isinstance(self.opset, int):
-            raise MoorizeError(f"--opset must be an integer, got {self.opset!r}")
-        for name in ("atol", "rtol"):  # a NaN tolerance would pass nothing: checked before the export runs
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise MoorizeError(f"--{name} must be a finite number >= 0, got {value!r}")
+        check_options(self)  # a NaN tolerance would pass nothing: checked before the export runs
 
     @classmethod
     def build(cls, options: ExportOptions | None, overrides: dict) -> ExportOptions:

@@ -95,11 +95,9 @@ def test_the_defaults_curve_is_moorize_train_defaults_and_the_table_sets_old_aga
     """The curve the README calls the defaults trains with exactly TrainOptions()' MoORE settings, and the old
     defaults' curve differs from it only by what changed (router_norm, sample_router_lr), so their two curves
     are the before and after of that change; the report sets them side by side per learning rate."""
-    from dataclasses import asdict
-
     from moorize.training.options import TrainOptions
 
-    defaults = asdict(TrainOptions())
+    defaults = TrainOptions().to_dict()
     new, old = (frontier.METHODS[m].options for m in (frontier.DEFAULTS_METHOD, frontier.OLD_DEFAULTS_METHOD))
     assert {k: defaults[k] for k in new} == new
     assert {k for k in old if old[k] != defaults[k]} == {"router_norm", "sample_router_lr"}

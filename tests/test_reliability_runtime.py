@@ -142,11 +142,12 @@ def test_run_cli_inputs(exports):
     assert res.exit_code == 0, res.output  # an encoder truncates (with a warning) rather than failing
 
 
-@pytest.mark.parametrize("flag,value", [("--atol", "nan"), ("--atol", "-1"), ("--rtol", "inf"), ("--rtol", "-0.5")])
-def test_export_tolerances_are_checked_before_exporting(exports, tmp_path, flag, value):
+@pytest.mark.parametrize("flag,value,says", [("--atol", "nan", "a finite number"), ("--atol", "-1", "at least 0"),
+                                            ("--rtol", "inf", "a finite number"), ("--rtol", "-0.5", "at least 0")])
+def test_export_tolerances_are_checked_before_exporting(exports, tmp_path, flag, value, says):
     dest = tmp_path / "never"
     res = CliRunner().invoke(cli, ["export", str(exports["factored"]), "--onnx", str(dest), flag, value])
-    one_line(res, f"{flag} must be a finite number >= 0")
+    one_line(res, f"{flag[2:]} must be {says}")
     assert not dest.exists()
     res = CliRunner().invoke(cli, ["export", str(exports["factored"]), "--pt2", str(tmp_path / "x.pt2"), flag, value])
-    one_line(res, f"{flag} must be a finite number >= 0")
+    one_line(res, f"{flag[2:]} must be {says}")

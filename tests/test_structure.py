@@ -31,7 +31,7 @@ ALLOWED = {
     "serving": {"runtime", "io", "errors", "version", "process"},  # runs exports; never the exporters
     "quickstart": {"conversion", "model", "io", "errors", "assets"},
     "cli": {"conversion", "model", "training", "exporters", "runtime", "serving", "io", "errors", "quickstart",
-            "version", "process"},
+            "version", "process", "options"},
     "__main__": {"cli"},
     "moorize": {"errors", "version", "io", "conversion", "model", "training"},  # the lazy public API
 }

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ..errors import MoorizeError
-from ..exporters.options import DEFAULTS, DTYPES, MIN_OPSET, WEIGHTS, ExportOptions
+from ..exporters.options import ExportOptions
+from ..options import click_options
 
 PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
 
@@ -23,26 +24,8 @@ PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong 
               help="Write a TorchScript file (torch.jit.trace; deprecated upstream, prefer --pt2).")
 @click.option("--pt2", "pt2_dest", type=PATH, default=None, metavar="DEST.pt2",
               help="Write a torch.export ExportedProgram (.pt2).")
-@click.option("--with-past", is_flag=True,
-              help="Decoders: KV-cache inputs (past_key_values.*) and outputs (present.*), one token per step.")
-@click.option("--decompose", is_flag=True,
-              help="ONNX: standard ops only instead of one ai.moorize::MoORELinear node per layer.")
-@click.option("--weights", type=click.Choice(WEIGHTS), default=DEFAULTS.weights, show_default=True,
-              help="ONNX: copy the weights to model.onnx_data, or reference the factored shards (hard-linked "
-                   "into DEST, no bytes copied; DEST must be on the same filesystem).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULTS.dtype, show_default=True,
-              help="ONNX: float16 for GPU deployment.")
-@click.option("--opset", type=int, default=DEFAULTS.opset, show_default=True,
-              help=f"ONNX opset ({MIN_OPSET} or newer).")
-@click.option("--no-validate", is_flag=True, help="Skip the check against PyTorch after the export.")
-@click.option("--atol", type=float, default=None,
-              help="Validation: each output's max |difference| from PyTorch must stay within atol + rtol * "
-                   "max|PyTorch output| [default atol: 1e-4 in float32, 1e-3 in float16].")
-@click.option("--rtol", type=float, default=None,
-              help="Validation: see --atol [default: 1e-5 in float32 (rounding grows with the output's scale), "
-                   "5e-2 in float16].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing DEST (only once the new one is complete).")
-def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, no_validate: bool, **options) -> None:
+@click_options(ExportOptions)  # every export choice, as its field writes it
+def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, **options) -> None:
     """Export the routed model of FACTORED_DIR for deployment, validated against PyTorch.
 
     Every task is served by one graph: the task is an input (task_ids, int64 [batch]).
@@ -57,7 +40,7 @@ def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, no_validat
     targets = [d for d in (onnx_dest, ts_dest, pt2_dest) if d is not None]
     if not targets:
         raise MoorizeError("nothing to export: pass --onnx DEST, --torchscript DEST.pt or --pt2 DEST.pt2")
-    opts = ExportOptions(validate_export=not no_validate, **options)
+    opts = ExportOptions(**options)
     if ts_dest or pt2_dest:  # before any export runs
         opts.check_file_backend()
     if onnx_dest is not None:

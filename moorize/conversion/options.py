@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import MoorizeError
-from ..options import with_overrides
+from ..options import check_options, option, with_overrides
 
 RESIDUALS = ("keep", "drop")
 SOLVERS = ("auto", "gram", "svd", "randomized")
@@ -20,35 +19,37 @@ DEFAULT_BATCH = {"cpu": "64MB", "cuda": "1GB"}
 
 @dataclass
 class ConvertOptions:
-    """How to factor a checkpoint; see ``moorize convert --help`` for each option."""
+    """How to factor a checkpoint: the keywords of ``moorize.convert`` and the options of ``moorize convert``."""
 
-    targets: list[str] | None = None  # glob or 're:' patterns; None: every linear layer inside the blocks
-    rank: list[str] | str | None = None  # full (None), N, energy:x, ratio:x, 'PATTERN=POLICY' overrides
-    residual: str = "keep"
-    solver: str = "auto"
-    svd_dtype: str = "float32"
-    dtype: str | None = None  # storage dtype of the factors; None: each weight's source dtype
-    device: str = "auto"
-    gguf_file: str | None = None
-    allow_pickle: bool = False
-    overwrite: bool = False
-    max_shard_size: str | int = "2GB"
-    batch_size: str | int = "auto"
-    oversample: int = 10
-    power_iters: int = 2
-    seed: int = 0
+    targets: list[str] | None = option(None, multiple=True, metavar="PATTERN",
+                                       help="Layers to factor (glob, or regex with 're:'); repeatable. Default: every "
+                                            "linear layer inside the transformer blocks.")
+    rank: list[str] | str | None = option(None, multiple=True, metavar="POLICY",
+                                          help="full (default), N, energy:0.99 or ratio:0.25; 'PATTERN=POLICY' "
+                                               "overrides per layer (e.g. 'mlp.*=energy:0.95'). Repeatable.")
+    residual: str = option("keep", choices=RESIDUALS, help="When truncated: keep W - U_r S_r Vh_r (model stays "
+                                                          "exact) or drop it (compression).")
+    solver: str = option("auto", choices=SOLVERS, help="auto: gram on CPU (float64 Gram + eigh), svd on GPU; "
+                                                       "randomized for fixed truncated ranks.")
+    oversample: int = option(10, kind=int, low=0, high=1 << 20, help="Randomized solver: extra columns.")
+    power_iters: int = option(2, kind=int, low=0, high=1000, help="Randomized solver: power iterations.")
+    svd_dtype: str = option("float32", choices=SVD_DTYPES,
+                            help="Precision of the svd/randomized solvers (gram always forms its Gram matrix in "
+                                 "float64).")
+    dtype: str | None = option(None, choices=STORE_DTYPES, help="Storage dtype of the factors. Default: the source "
+                                                                "dtype of each weight.")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
+    gguf_file: str | None = option(None, help="GGUF file name inside MODEL_DIR (de-quantised to float32).")
+    allow_pickle: bool = option(False, help="Accept pytorch_model.bin (loaded with weights_only=True).")
+    overwrite: bool = option(False, help="Replace a non-empty OUT_DIR (only once the new one is complete).")
+    max_shard_size: str | int = option("2GB", help="Largest output shard.")
+    batch_size: str | int = option("auto", help="Same-shaped weights decomposed together, in float32 bytes (auto: "
+                                                + ", ".join(f"{v} on {k.upper()}" for k, v in DEFAULT_BATCH.items())
+                                                + ").")
+    seed: int = option(0, kind=int, low=0, high=2**63 - 1, help="Seed of the randomized solver.")
 
     def __post_init__(self) -> None:
-        for name, choices in (("residual", RESIDUALS), ("solver", SOLVERS), ("svd_dtype", SVD_DTYPES)):
-            if getattr(self, name) not in choices:
-                raise MoorizeError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                   f"got {getattr(self, name)!r}")
-        if self.dtype is not None and self.dtype not in STORE_DTYPES:
-            raise MoorizeError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}")
-        for name, lo, hi in (("oversample", 0, 1 << 20), ("power_iters", 0, 1000), ("seed", 0, 2**63 - 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise MoorizeError(f"{name.replace('_', '-')} must be an integer in [{lo}, {hi}], got {value!r}")
+        check_options(self)
 
     @classmethod
     def build(cls, options: ConvertOptions | None, overrides: dict) -> ConvertOptions:

@@ -6,12 +6,14 @@ no torch import, so the CLI can read them at start-up.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from ..errors import MoorizeError
-from ..options import with_overrides
+from ..options import check_options, option, with_overrides
 
-ROUTER_MODES = ("task", "sample", "task+sample")
+# the router modes' names (their classes: ``routers``, which adds any router registered later); a list,
+# so that the CLI can name the choices without importing torch
+ROUTER_MODES = ["task", "sample", "task+sample"]
 ROUTER_NORMS = ("none", "rms")
 ROUTER_NORM_EPS = 1e-6  # added to mean(x²) before the square root, as RMSNorm layers do
 # a field an adapter written by an older moorize lacks meant the behaviour of then, not today's default
@@ -22,38 +24,28 @@ LEGACY_FIELDS = {"router_norm": "none"}
 class MoOREConfig:
     """Hyper-parameters of every MoORE layer of a model (saved with adapters)."""
 
-    router: str = "task+sample"
-    tasks: list[str] = field(default_factory=lambda: ["default"])
-    task_dim: int = 64  # size of the task embedding e_t
-    router_experts: int = 128  # k_r, rows of C
-    # the sample router's input: x / rms(x) ("rms", the default), so that one step moves the gate by the same
-    # amount for every token whatever the size of its activations (less forgetting: README, frontier), or
-    # x as it comes ("none", as published)
-    router_norm: str = "rms"
-    householder: int = 8  # k reflections (even: they start as identical pairs)
-    train_sigma: bool = False
-    seed: int = 0
+    router: str = option("task+sample", choices=ROUTER_MODES, label="router mode",
+                         help="What routes the experts: the task (one dense matrix per task, merges), each token "
+                              "(sample), or both (task+sample, as published).")
+    tasks: list[str] = option(default_factory=lambda: ["default"], cli=False, help="Task names (ids in order).")
+    task_dim: int = option(64, kind=int, low=1, help="Task embedding size.")  # e_t
+    router_experts: int = option(128, kind=int, low=1, help="Sample router width k_r.")  # rows of C
+    # x / rms(x) ("rms", the default): one step moves the gate by the same amount for every token whatever the
+    # size of its activations (less forgetting: README, frontier); x as it comes ("none", as published)
+    router_norm: str = option("rms", choices=ROUTER_NORMS, label="router norm",
+                              help="The sample router's input: x as published (none), or x / rms(x) (rms: steadier "
+                                   "gates, less forgetting; README, frontier).")
+    householder: int = option(8, kind=int, low=0, help="Householder reflections (even: they start as identical "
+                                                       "pairs, H = I).")
+    train_sigma: bool = option(False, help="Train the singular values too.")
+    seed: int = option(0, kind=int, low=0, high=2**63 - 1, cli=False, help="Seed of the fresh routers.")
 
     def __post_init__(self) -> None:
-        if self.router not in ROUTER_MODES:
-            raise MoorizeError(f"unknown router mode {self.router!r}: use one of {', '.join(ROUTER_MODES)}")
+        check_options(self)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise MoorizeError(f"tasks must be a non-empty list of distinct names, got {self.tasks!r}")
-        if self.router_norm not in ROUTER_NORMS:
-            raise MoorizeError(f"unknown router norm {self.router_norm!r}: use one of {', '.join(ROUTER_NORMS)}")
-        if self.householder < 0 or self.householder % 2:
+        if self.householder % 2:
             raise MoorizeError(f"householder must be an even number >= 0 (pairs start as H = I), got {self.householder}")
-        for name in ("task_dim", "router_experts"):
-            if getattr(self, name) < 1:
-                raise MoorizeError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @property
-    def uses_task(self) -> bool:
-        return "task" in self.router
-
-    @property
-    def uses_sample(self) -> bool:
-        return "sample" in self.router
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +61,7 @@ class MoOREConfig:
                                "(written by a newer moorize?)")
         try:
             return cls(**{**LEGACY_FIELDS, **saved})
-        except TypeError as e:  # a hand-edited value of the wrong type, caught by a comparison
+        except (TypeError, MoorizeError) as e:  # a hand-edited value of the wrong type or out of range
             raise MoorizeError(f"{where}: malformed MoORE settings ({e})") from None
 
     @classmethod

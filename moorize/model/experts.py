@@ -75,7 +75,7 @@ def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k
     layer = _layers(self)
     tokens = hidden_states.shape[0]
     # rows were flattened to tokens (batch-major), so the batch's task ids repeat over each row's tokens
-    task_ids = layer.state.current(tokens, hidden_states.device) if layer.config.uses_task else None
+    task_ids = layer.state.current(tokens, hidden_states.device) if layer.router.task else None
     k = top_k_index.shape[-1]
     expert_of = top_k_index.reshape(-1)
     weight_of = top_k_weights.reshape(-1)
@@ -104,7 +104,7 @@ def _forward_traceable(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     if holder is not None:
         task_ids = holder.token_ids
     else:
-        task_ids = layer.state.current(tokens, hidden_states.device) if layer.config.uses_task else None
+        task_ids = layer.state.current(tokens, hidden_states.device) if layer.router.task else None
     valid = (top_k_index < self.num_experts).to(top_k_weights.dtype)
     dense = torch.zeros(tokens, self.num_experts, dtype=top_k_weights.dtype, device=hidden_states.device)
     dense = dense.scatter_add(1, top_k_index.clamp(max=self.num_experts - 1), top_k_weights * valid)

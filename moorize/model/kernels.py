@@ -9,12 +9,13 @@ V [k, n] (rows u_i), sample router C [kr, n], B [r, kr], task router A [r, d], e
   WY: one small triangular solve, no loop over reflections), applied on the token side:
   z = x Vhᵀ − (x Vᵀ) S⁻¹ (V Vhᵀ), i.e. Vh H x with H = H_k ⋯ H_1, without rotating the frozen Vh;
 * the expert input x Vhᵀ is one matmul, the reflections' and router's inputs [x Vᵀ, x Cᵀ] another;
-* the gate g = ReLU(σ + A e_t + B (C x / rms(x))) is one fused ``addmm + relu`` over a per-forward table
-  of task rows (σ + E Aᵀ, [T, r], gathered by a one-hot matmul), with rms(x) from one norm;
+* the gate g = ReLU(table[t] + B (C x / rms(x))) is one fused ``addmm + relu`` over the router's table of
+  task rows (σ + its task term, [T, r], ``routers``), gathered by a one-hot matmul, with rms(x) from one norm;
+  the backward returns the table's gradient and autograd carries it to the router's parameters;
 * y = (z ⊙ g) Uᵀ (+ x Rᵀ) (+ b).
 
-Everything that depends only on the parameters (S, S⁻¹ V Vhᵀ, the concatenated input weights, the
-task table) is made once per forward by ``prepare`` and taken again by a gradient checkpoint's recompute.
+Everything that depends only on the frozen factors and the chain (S, S⁻¹ V Vhᵀ, the concatenated input
+weights) is made once per forward by ``prepare`` and taken again by a gradient checkpoint's recompute.
 One dtype policy: the big matmuls run in the compute dtype (bf16 under autocast, else the factors'
 dtype); the small k×k algebra and the rms statistic in float32; parameters stay float32.
 """
@@ -96,12 +97,10 @@ class Prepared:
     q: torch.Tensor | None  # −S⁻¹ V Vhᵀ [k, r], compute dtype: z = x Vhᵀ + (x Vᵀ) q
     s_neg: torch.Tensor | None  # −S [k, k], float32: the backward's triangular solve
     q32: torch.Tensor | None  # q in float32
-    table: torch.Tensor  # gate rows σ + E Aᵀ [T, r] (σ alone [1, r] without a task router), compute dtype
     b: torch.Tensor | None  # B [r, kr], compute dtype
 
 
-def prepare(vh, vectors, router_in, router_out, task_router, task_embedding, sigma,
-            dtype: torch.dtype) -> Prepared:
+def prepare(vh, vectors, router_in, router_out, dtype: torch.dtype) -> Prepared:
     """The tensors of ``Prepared`` from the layer's current parameters."""
     with torch.no_grad():
         q = s_neg = q32 = None
@@ -116,9 +115,8 @@ def prepare(vh, vectors, router_in, router_out, task_router, task_embedding, sig
         if router_in is not None:
             parts.append(router_in)
         w_in = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype) if parts else None
-        table = gate_table(sigma, task_router, task_embedding).to(dtype)
         b = None if router_out is None else router_out.to(dtype)
-    return Prepared(w_in, q, s_neg, q32, table, b)
+    return Prepared(w_in, q, s_neg, q32, b)
 
 
 def distinct(tensors: list) -> tuple[list, tuple]:
@@ -130,15 +128,6 @@ def distinct(tensors: list) -> tuple[list, tuple]:
         if j is not None:
             aliases.append((i, j))
     return out, tuple(aliases)
-
-
-def gate_table(sigma, task_router, task_embedding) -> torch.Tensor:
-    """σ + E Aᵀ [tasks, r] in float32 or wider: every task's gate before the sample router (σ alone, [1, r],
-    without a task router)."""
-    wide = torch.promote_types(sigma.dtype, torch.float32)
-    if task_router is None:
-        return sigma.to(wide).unsqueeze(0)
-    return torch.addmm(sigma.to(wide), task_embedding.to(wide), task_router.to(wide).t())
 
 
 def gate_rows(table: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
@@ -178,23 +167,22 @@ def infer(x: torch.Tensor, w_in: torch.Tensor, U: torch.Tensor, rows: torch.Tens
 class MoOREFunction(torch.autograd.Function):
     """One MoORE layer forward with gradients, and its backward by hand (a few matmuls, no autograd graph).
 
-    Inputs: x [N, n] (compute dtype), the frozen factors (compute dtype), the trainable parameters (for
-    their gradients), ``Prepared`` tensors, the one-hot of the tasks (per token [N, T] with a sample router,
+    Inputs: x [N, n] (compute dtype), the frozen factors (compute dtype), the Householder vectors and the
+    sample router's C and B (for their gradients), the router's table of gate rows [T, r] (compute dtype; its
+    gradient is returned, and autograd takes it to the router's parameters), ``Prepared`` tensors, the one-hot of the tasks (per token [N, T] with a sample router,
     per batch row [B, T] without; None when the table has one row), the router norm's eps (None: no norm), a
     callable run when the backward starts (the layer's per-forward tensors expire then) or None, and
     ``aliases``: pairs (i, j) saying that input i, passed as None, is input j. Checked against autograd and
     against ``forward_reference`` in float64 (tests)."""
 
     @staticmethod
-    def forward(ctx, x, U, Vh, residual, bias, vectors, router_in, router_out, task_router, task_embedding, sigma,
-                w_in, q, s_neg, q32, table, b, onehot, rms_eps, on_backward, aliases=()):
+    def forward(ctx, x, U, Vh, residual, bias, vectors, router_in, router_out, table, w_in, q, s_neg, q32, b,
+                onehot, rms_eps, on_backward, aliases=()):
         if aliases:  # (i, j): input i is input j (torch.compile traces no Function given one tensor twice)
-            given = [x, U, Vh, residual, bias, vectors, router_in, router_out, task_router, task_embedding, sigma,
-                     w_in, q, s_neg, q32, table, b]
+            given = [x, U, Vh, residual, bias, vectors, router_in, router_out, table, w_in, q, s_neg, q32, b]
             for i, j in aliases:
                 given[i] = given[j]
-            (x, U, Vh, residual, bias, vectors, router_in, router_out, task_router, task_embedding, sigma, w_in, q,
-             s_neg, q32, table, b) = given
+            x, U, Vh, residual, bias, vectors, router_in, router_out, table, w_in, q, s_neg, q32, b = given
         k = 0 if q is None else q.shape[0]
         a = x @ Vh.t()
         xv = xc = denom = None
@@ -215,16 +203,16 @@ class MoOREFunction(torch.autograd.Function):
         y = out @ U.t() if bias is None else torch.addmm(bias, out, U.t())
         if residual is not None:
             y = y.addmm_(x, residual.t())
-        ctx.save_for_backward(x, U, Vh, residual, vectors, router_in, router_out, task_router, task_embedding,
-                              w_in, q, s_neg, q32, b, onehot, xv, xc, denom, z, g)
+        ctx.save_for_backward(x, U, Vh, residual, vectors, router_in, router_out, w_in, q, s_neg, q32, b, onehot,
+                              xv, xc, denom, z, g)
         ctx.k, ctx.scale, ctx.on_backward = k, scale, on_backward
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        (x, U, Vh, residual, vectors, router_in, router_out, task_router, task_embedding, w_in, q, s_neg, q32, b,
-         onehot, xv, xcn, denom, z, g) = ctx.saved_tensors
+        (x, U, Vh, residual, vectors, router_in, router_out, w_in, q, s_neg, q32, b, onehot, xv, xcn, denom, z,
+         g) = ctx.saved_tensors
         k = ctx.k
         if ctx.on_backward is not None:
             ctx.on_backward()
@@ -239,7 +227,7 @@ class MoOREFunction(torch.autograd.Function):
         dx = dz @ Vh if need[0] else None  # the first layers' inputs (frozen embeddings) need none
         if residual is not None and dx is not None:
             dx = dx.addmm_(dy, residual)
-        d_vectors = d_router_in = d_router_out = d_task_router = d_embedding = d_sigma = None
+        d_vectors = d_router_in = d_router_out = d_table = None
         parts = []
         dz_v = None
         if k:
@@ -272,14 +260,7 @@ class MoOREFunction(torch.autograd.Function):
                 # d(V Vᵀ) + its transpose: dS above the diagonal, mirrored below, dS_ii (= 2 · ½ dS_ii) on it
                 sym = torch.where(upper, m, m.t()).to(x.dtype)
                 d_vectors = torch.addmm(torch.addmm(dw_in[:k], sym, w_in[:k]), dp.to(x.dtype), Vh)
-        if task_router is not None or need[10]:
-            dtable = dpre.sum(0, keepdim=True) if onehot is None else onehot.t() @ dpre
-            if task_router is not None:
-                dtable = dtable.to(task_router.dtype)
-                d_embedding = dtable @ task_router if need[9] else None
-                if need[8]:
-                    d_task_router = dtable.t() @ task_embedding
-            if need[10]:
-                d_sigma = dtable.sum(0)
-        return (dx, None, None, None, None, d_vectors, d_router_in, d_router_out, d_task_router, d_embedding, d_sigma,
-                None, None, None, None, None, None, None, None, None, None)
+        if need[8]:  # the gate rows: the router's parameters (and σ when it trains) take it from here
+            d_table = dpre.sum(0, keepdim=True) if onehot is None else onehot.t() @ dpre
+        return (dx, None, None, None, None, d_vectors, d_router_in, d_router_out, d_table,
+                None, None, None, None, None, None, None, None, None)

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..errors import MoorizeError
 from .config import ROUTER_MODES, ROUTER_NORM_EPS, MoOREConfig  # noqa: F401  (re-exported: where the layer's config lives)
-from .kernels import MoOREFunction, distinct, gate_table, householder_wy, infer, inverse_rms, prepare  # noqa: F401  (re-exported)
+from .kernels import MoOREFunction, distinct, householder_wy, infer, inverse_rms, prepare  # noqa: F401  (re-exported)
+from .routers import Router, router_for
 from .routing import Routing, RoutingState  # noqa: F401  (re-exported: where the routing state lived)
 
 
@@ -44,6 +45,7 @@ class MoORELinear(nn.Module):
         self.in_features, self.out_features, self.rank = n, m, r
         self.config = config
         self.state = state
+        self.router: Router = router_for(config)  # its parameters, gate, merge rule and export inputs
         # The frozen factors are parameters that never train (requires_grad=False), not buffers: FSDP shards
         # parameters across ranks and replicates buffers, and the factors are nearly all of the model's bytes.
         for name, t in (("U", U), ("Vh", Vh), ("residual", residual), ("bias", bias)):
@@ -58,25 +60,14 @@ class MoORELinear(nn.Module):
             self.householder = nn.Parameter(half.repeat_interleave(2, dim=0))
         else:
             self.register_parameter("householder", None)
-        if config.uses_task:
-            d = config.task_dim
-            self.task_embedding = nn.Parameter(torch.randn(len(config.tasks), d, generator=generator, dtype=pdt)
-                                               / math.sqrt(d))
-            self.task_router = nn.Parameter(torch.zeros(r, d, dtype=pdt))  # A
-        if config.uses_sample:
-            kr = config.router_experts
-            bound = 1.0 / math.sqrt(n)  # Kaiming-uniform with a = sqrt(5), as nn.Linear
-            self.router_in = nn.Parameter((torch.rand(kr, n, generator=generator, dtype=pdt) * 2 - 1) * bound)  # C
-            self.router_out = nn.Parameter(torch.zeros(r, kr, dtype=pdt))  # B
+        self.router.create_parameters(self, r, n, pdt, generator)
         self._cache: tuple | None = None  # inference: (key, folded weights)
         self._prepared: tuple | None = None  # training: (key, this forward's kernels.Prepared), until its backward
         self._merged: dict[int, tuple] = {}  # router 'task', inference: task -> (key, dense matrix)
 
     # ---- weights derived from the parameters -----------------------------------------------------
     def _trainables(self) -> list[torch.Tensor]:
-        return [p for p in (self.householder, getattr(self, "router_in", None), getattr(self, "router_out", None),
-                            getattr(self, "task_router", None), getattr(self, "task_embedding", None), self.sigma)
-                if p is not None]
+        return [p for p in (self.householder, *self.router.parameters(self), self.sigma) if p is not None]
 
     def _cache_key(self, dtype: torch.dtype) -> tuple:
         """Changes whenever a parameter is updated in place (the optimizer) or replaced, or the dtype changes."""
@@ -111,14 +102,13 @@ class MoORELinear(nn.Module):
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
         with torch.no_grad():
-            parts = [self.inference_vh()] + ([self.router_in.to(self.Vh.dtype)] if self.config.uses_sample else [])
+            C, B = self.router.sample_weights(self)
+            parts = [self.inference_vh()] + ([C.to(self.Vh.dtype)] if C is not None else [])
             w_in = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype)
-            table = gate_table(self.sigma, getattr(self, "task_router", None),
-                               getattr(self, "task_embedding", None))
+            table = self.router.table(self)
             b = None
-            if self.config.uses_sample:
-                b = self.router_out * (math.sqrt(self.in_features) if self.config.router_norm == "rms" else 1.0)
-                b = b.to(dtype)
+            if B is not None:
+                b = (B * (math.sqrt(self.in_features) if self.router.norm_eps is not None else 1.0)).to(dtype)
             else:
                 table = torch.relu(table)
             weights = (w_in, table.to(dtype), b)
@@ -136,14 +126,13 @@ class MoORELinear(nn.Module):
         if (key is not None and self.state.recomputing and self._prepared is not None
                 and self._prepared[0] == key):
             return self._prepared[1]
-        prepared = prepare(self.Vh, self.householder, getattr(self, "router_in", None),
-                           getattr(self, "router_out", None), getattr(self, "task_router", None),
-                           getattr(self, "task_embedding", None), self.sigma, dtype)
+        prepared = prepare(self.Vh, self.householder, *self.router.sample_weights(self), dtype)
         self._prepared = None if compiling else (key, prepared)
         return prepared
 
     def _merged_for(self, task: int) -> torch.Tensor:
-        """Inference with router 'task': one dense matrix per task, cached (dense cost per token)."""
+        """Inference with a router that merges (no sample term): one dense matrix per task, cached (dense
+        cost per token)."""
         key = (task, self._cache_key(self.Vh.dtype))
         hit = self._merged.get(task)
         if hit is None or hit[0] != key:
@@ -154,13 +143,13 @@ class MoORELinear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing = self.state.routing(x.shape[0], x.device) if self.config.uses_task else None
+        routing = self.state.routing(x.shape[0], x.device) if self.router.task else None
         return self.routed(x, routing)
 
     def routed(self, x: torch.Tensor, task_ids: Routing | torch.Tensor | None) -> torch.Tensor:
         """The layer with explicit task ids, one per row of ``x``'s first dimension (a sparse-MoE expert
         sees a subset of the batch's tokens, each with its own row's task): a ``Routing`` or a LongTensor."""
-        cfg = self.config
+        router = self.router
         routing = task_ids
         if isinstance(task_ids, torch.Tensor):
             routing = Routing(task_ids, self.state.uniform_task())
@@ -177,7 +166,7 @@ class MoORELinear(nn.Module):
             trainables = self._trainables()
             if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in trainables)):
                 y = self._train_forward(x2, routing, per_row, dtype, residual, bias)
-            elif cfg.router == "task" and uniform is not None:
+            elif router.mergeable and uniform is not None:
                 y = x2 @ self._merged_for(uniform).to(dtype).t()
                 if bias is not None:
                     y = y + bias
@@ -188,25 +177,22 @@ class MoORELinear(nn.Module):
                 elif uniform is not None:
                     gate = table[uniform]
                 else:  # per token with a sample router; per batch row without
-                    gate = table.index_select(0, routing.token_ids(per_row) if cfg.uses_sample else routing.ids)
-                eps = ROUTER_NORM_EPS if cfg.uses_sample and cfg.router_norm == "rms" else None
-                y = infer(x2, w_in, self.U.to(dtype), gate, b, eps, residual, bias)
+                    gate = table.index_select(0, routing.token_ids(per_row) if router.sample else routing.ids)
+                y = infer(x2, w_in, self.U.to(dtype), gate, b, router.norm_eps, residual, bias)
         y = y.reshape(*lead, self.out_features)
         return y if autocast else y.to(x.dtype)
 
     def _train_forward(self, x2, routing: Routing | None, per_row: int, dtype, residual, bias) -> torch.Tensor:
-        cfg = self.config
+        router = self.router
         self._cache = None  # the parameters are about to change: inference weights are made again after
         p = self._step_weights(dtype)
-        tasks = p.table.shape[0]
+        table = router.table(self).to(dtype)  # with autograd: the kernel returns its gradient
+        tasks = table.shape[0]
         # without a sample router the gate is one row per sequence: no per-token [N, r] tensor
-        onehot = routing.onehot(per_row if cfg.uses_sample else 1, tasks, dtype) if tasks > 1 else None
-        eps = ROUTER_NORM_EPS if cfg.uses_sample and cfg.router_norm == "rms" else None
+        onehot = routing.onehot(per_row if router.sample else 1, tasks, dtype) if tasks > 1 else None
         tensors, aliases = distinct([x2, self.U.to(dtype), self.Vh.to(dtype), residual, bias, self.householder,
-                                     getattr(self, "router_in", None), getattr(self, "router_out", None),
-                                     getattr(self, "task_router", None), getattr(self, "task_embedding", None),
-                                     self.sigma, p.w_in, p.q, p.s_neg, p.q32, p.table, p.b])
-        return MoOREFunction.apply(*tensors, onehot, eps,
+                                     *router.sample_weights(self), table, p.w_in, p.q, p.s_neg, p.q32, p.b])
+        return MoOREFunction.apply(*tensors, onehot, router.norm_eps,
                                    None if torch.compiler.is_compiling() else self._expire_step_weights, aliases)
 
     def _expire_step_weights(self) -> None:
@@ -240,34 +226,23 @@ class MoORELinear(nn.Module):
         """g(x, t) = ReLU(σ + A e_t + B (C x)) (C x / rms(x) with the norm) per token, [*x.shape[:-1], r], in
         float32 or wider, written as published: which experts each token uses, and how much."""
         wide = torch.promote_types(self.Vh.dtype, torch.float32)
-        g = self.sigma.to(wide)
-        if self.config.uses_task:
+        ids = None
+        if self.router.task:
             ids = task_ids if task_ids is not None else self.state.current(x.shape[0], x.device)
-            g = g + (self.task_embedding.to(wide)[ids] @ self.task_router.to(wide).t()).reshape(
-                ids.shape[0], *([1] * (x.dim() - 2)), -1)
-        if self.config.uses_sample:
-            xr = x.to(wide)
-            if self.config.router_norm == "rms":
-                xr = xr / torch.sqrt(xr.pow(2).mean(-1, keepdim=True) + ROUTER_NORM_EPS)
-            g = g + (xr @ self.router_in.to(wide).t()) @ self.router_out.to(wide).t()
-        return torch.relu(g).expand(*x.shape[:-1], self.rank)
+        return torch.relu(self.router.reference_gate(self, x, ids, wide)).expand(*x.shape[:-1], self.rank)
 
     @torch.no_grad()
     def merged_weight(self, task: int) -> torch.Tensor:
-        """The dense [out, in] matrix of one task (exact in ``task`` router mode), in float64."""
-        if self.config.uses_sample:
-            raise MoorizeError("a sample router makes the layer depend on each input: it cannot be merged "
-                               "into one dense matrix (use router mode 'task')")
-        g = self.sigma.double()
-        if self.config.uses_task:
-            g = g + self.task_router.double() @ self.task_embedding.double()[task]
+        """The dense [out, in] matrix of one task (exact for a router that merges, such as 'task'), in float64."""
+        self.router.check_mergeable()
+        g = self.router.table(self, torch.float64)[task if self.router.task else 0]
         W = (self.U.double() * torch.relu(g)) @ self.rotated_vh(torch.float64)
         if self.residual is not None:
             W = W + self.residual.double()
         return W
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, router={self.config.router}, "
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, router={self.router.name}, "
                 f"householder={self.config.householder}, residual={self.residual is not None}, "
                 f"bias={self.bias is not None}")
 
@@ -326,12 +301,10 @@ def moore_layers(model: nn.Module) -> dict[str, MoORELinear]:
     return {name: model.get_submodule(path) for name, path in model.moore.layer_paths.items()}
 
 
-TRAINABLE = ("householder", "task_embedding", "task_router", "router_in", "router_out")  # + sigma with train_sigma
-
-
 def layer_trainable(layer: nn.Module) -> dict[str, nn.Parameter]:
-    """A MoORE layer's trainable parameters by name (the frozen factors are parameters too, for FSDP)."""
-    names = TRAINABLE + (("sigma",) if layer.config.train_sigma else ())
+    """A MoORE layer's trainable parameters by name: the chain's vectors, its router's, σ when it trains (the
+    frozen factors are parameters too, for FSDP)."""
+    names = ("householder", *layer.router.parameter_names) + (("sigma",) if layer.config.train_sigma else ())
     return {n: p for n, p in layer.named_parameters() if n in names}
 
 

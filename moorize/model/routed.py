@@ -41,6 +41,7 @@ from .layer import (
     moore_layers,
     trainable_parameters,
 )
+from .routers import router_for
 
 log = logging.getLogger(__name__)
 
@@ -321,10 +322,7 @@ def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
 def _write_dense(model, directory, task: str, dest, *, overwrite: bool, max_shard_size: int,
                  protect: list[Path] = ()) -> Path:
     """The dense checkpoint of one task of a routed model whose base is the factored ``directory``."""
-    config: MoOREConfig = model.moore.config
-    if config.uses_sample:
-        raise MoorizeError(f"router mode {config.router!r} has a sample router: each token gets its own weights, "
-                           "so no single dense matrix reproduces it; merge needs router mode 'task'")
+    router_for(model.moore.config).check_mergeable()
     task_id = model.moore.routing.task_id(task)
     dest = Path(dest)
     layers = moore_layers(model)

@@ -31,7 +31,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -50,7 +50,6 @@ from ..io.outdir import (
 )
 from ..model.adapter import write_adapter_files
 from ..model.heads import MoOREClassifier, TaskHeads, default_pooling
-from ..options import with_overrides
 from .checkpoints import _checkpoint_dirs, _load_checkpoint, _read_json, _save_checkpoint
 from .data import IGNORE_INDEX, Example, TaskTable, collate, encode, length_grouped_batches, read_examples
 from .losses import _forward, evaluate
@@ -386,7 +385,7 @@ def train(factored_dir, data, output, *, eval_data=None, resume: bool = False, o
     ``callbacks`` get every metrics record (a dict) as it is logged. ``output`` is locked while
     the run writes it; it may not be, or contain, any of the run's inputs.
     """
-    opts = with_overrides(TrainOptions, options, overrides, "training") if overrides else options or TrainOptions()
+    opts = TrainOptions.build(options, overrides) if overrides else options or TrainOptions()
     factored_dir, output = Path(factored_dir), Path(output)
     data_paths, eval_paths = _as_paths(data), _as_paths(eval_data)
     FactoredCheckpoint(factored_dir).close()  # a clear error if it is not a factored checkpoint
@@ -428,7 +427,7 @@ class _Run:
         self.module, self.routed, self.heads = _build_model(factored_dir, self.ds.table, self.ds.kind, opts)
         self.trainable = _trainable(self.routed, self.heads)
         self.plan = _Plan(self.ds.train, opts, self.accelerator.num_processes)
-        self.config = {"options": {k: v for k, v in asdict(opts).items() if k not in BOOKKEEPING},
+        self.config = {"options": {k: v for k, v in opts.to_dict().items() if k not in BOOKKEEPING},
                        "base_fingerprint": self.routed.moore.base_fingerprint,
                        "base_layout_fingerprint": self.routed.moore.base_layout_fingerprint,  # ranks, residual, dtypes
                        "data_sha256": file_digests(data), "eval_data_sha256": file_digests(eval_data or []),
@@ -437,7 +436,7 @@ class _Run:
         if opts.fsdp:  # before the optimizer: sharding replaces the parameters
             self.module = _shard(self.module, self.routed, self.accelerator)
             self.trainable = _trainable(self.routed, self.heads)
-        optimizer = torch.optim.AdamW(param_groups(self.trainable, opts), lr=opts.lr, weight_decay=opts.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(self.trainable, opts, self.routed), lr=opts.lr, weight_decay=opts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opts, self.plan.total))
         # the scheduler is stepped by hand, once a step
         if opts.fsdp:
@@ -479,7 +478,7 @@ class _Run:
         if saved == self.config:
             return
         # an option the saved run predates had the behaviour of then (LEGACY_OPTIONS, else today's default)
-        saved_opts = {**asdict(TrainOptions()), **LEGACY_OPTIONS, **saved.get("options", {})}
+        saved_opts = {**TrainOptions().to_dict(), **LEGACY_OPTIONS, **saved.get("options", {})}
         changed = sorted(k for k in self.config if k != "options" and saved.get(k) != self.config[k])
         differing = [k for k, v in self.config["options"].items() if saved_opts.get(k) != v]
         if not changed and not differing:
@@ -555,7 +554,7 @@ class _Run:
         tensors = {k: _full(t) for k, t in _adapter_tensors(self.routed, self.heads).items()}  # every rank gathers
         if self.accelerator.is_main_process:
             write_adapter_files(self.routed, self.run_dir, heads=self.heads, tensors=tensors,
-                                extra={"training": {"options": asdict(opts), "steps": total, "kind": self.ds.kind,
+                                extra={"training": {"options": opts.to_dict(), "steps": total, "kind": self.ds.kind,
                                                     "final_eval": self.last_eval}})
             if not opts.keep_checkpoints_at_end:
                 shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
@@ -570,12 +569,15 @@ class _Run:
                            resumed_from=resumed_from, frozen_bytes_per_process=self.frozen_bytes)
 
 
-def param_groups(trainable: dict[str, torch.nn.Parameter], opts: TrainOptions) -> list[dict]:
-    """AdamW groups: the sample router (B and C) at lr × sample_router_lr, everything else at lr. Adam moves
-    every coordinate by about lr, so B C x moves with k_r · |C x| per step: far more than A e_t does."""
+def param_groups(trainable: dict[str, torch.nn.Parameter], opts: TrainOptions, routed) -> list[dict]:
+    """AdamW groups: the sample router's parameters (B and C) at lr × sample_router_lr, everything else at lr.
+    Adam moves every coordinate by about lr, so B C x moves with k_r · |C x| per step: far more than A e_t does."""
+    from ..model.routers import router_for
+
+    names = router_for(routed.moore.config).sample_parameters
     sample, rest = [], []
     for key, p in trainable.items():
-        (sample if key.endswith((".router_out", ".router_in")) else rest).append(p)
+        (sample if key.rpartition(".")[2] in names else rest).append(p)
     groups = [{"params": rest, "lr": opts.lr}]
     if sample:
         groups.append({"params": sample, "lr": opts.lr * opts.sample_router_lr})

@@ -1,14 +1,14 @@
-"""Every option of a training run, validated up front: a bad one is one line, never NaN weights."""
+"""Every option of a training run, each written once (its field: help, range, default), validated up front:
+a bad one is one line, never NaN weights."""
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..errors import MoorizeError
-from ..model.config import DEFAULTS as MOORE_DEFAULTS
-from ..model.config import LEGACY_FIELDS, ROUTER_NORMS, MoOREConfig
+from ..model.config import LEGACY_FIELDS, MoOREConfig
+from ..options import check_options, field_default, option
 
 log = logging.getLogger(__name__)
 
@@ -24,113 +24,115 @@ BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "keep_checkpoints
                "tensorboard", "eval_max_examples", "compile"}
 
 
-@dataclass
-class TrainOptions:
-    """Every knob of a run (saved as train_config.json and checked on resume)."""
+# the MoORE fields a training run sets (its tasks come from the data, its seed is the run's)
+MOORE_FIELDS = tuple(f.name for f in fields(MoOREConfig) if f.name not in ("tasks", "seed"))
 
-    # MoORE layers (defaults: MoOREConfig's, the one place they are written)
-    router: str = MOORE_DEFAULTS.router
-    householder: int = MOORE_DEFAULTS.householder
-    task_dim: int = MOORE_DEFAULTS.task_dim
-    router_experts: int = MOORE_DEFAULTS.router_experts
-    router_norm: str = MOORE_DEFAULTS.router_norm
-    train_sigma: bool = MOORE_DEFAULTS.train_sigma
-    pooling: str | None = None  # classification: mean/cls/last (default by architecture)
+
+@dataclass(init=False)
+class TrainOptions:
+    """Every knob of a run (saved as train_config.json and checked on resume). The MoORE layers' settings are
+    a ``MoOREConfig`` (``moore``); they are also taken and read by their own names (``router="task"``,
+    ``opts.router``), as before they lived there."""
+
+    moore: MoOREConfig = option(default_factory=MoOREConfig, cli=False, help="The MoORE layers' settings.")
+    pooling: str | None = option(None, choices=("mean", "cls", "last"), show_default=False,
+                                 help="Classification pooling [default: mean for encoders, last for decoders].")
     # optimisation
-    lr: float = 1e-3
-    # multiplier of lr for the sample router (B, C): B C x acts on every token, so one step of it moves more
-    # than the task router's; a tenth forgets less at the same accuracy (README, frontier); 1.0 as published
-    sample_router_lr: float = 0.1
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
-    decay: float = 0.2  # wsd: fraction of the steps spent decaying at the end
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    batch_size: int = 8  # examples per micro-batch and process
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    precision: str = "auto"  # autocast: bf16 where the GPU has it, none on the CPU
-    gradient_checkpointing: bool = False  # recompute each block's activations in backward (transformers' own)
-    compile: bool = False  # torch.compile the model (the same numbers, faster steps once compiled)
-    fsdp: bool = False  # shard the frozen factors and the MoORE state over the processes (FSDP2), not replicate
-    seed: int = 0
+    lr: float = option(1e-3, kind=float, low=0.0, low_open=True, help="Peak learning rate.")
+    # B C x acts on every token, so one step of it moves more than the task router's; a tenth forgets less at
+    # the same accuracy (README, frontier); 1.0 as published
+    sample_router_lr: float = option(0.1, kind=float, low=0.0, help="Multiplier of --lr for the sample router "
+                                                                      "(B, C); below 1 protects what the model knew.")
+    weight_decay: float = option(0.0, kind=float, low=0.0, help="AdamW weight decay.")
+    schedule: str = option("cosine", choices=SCHEDULES, label="schedule",
+                           help="Learning-rate schedule after warmup (wsd: warmup-stable-decay).")
+    warmup: float = option(0.05, kind=float, low=0.0, help="Warmup: share of steps, or steps if >= 1.")
+    decay: float = option(0.2, kind=float, low=0.0, high=1.0, help="wsd: share of steps in the final decay.")
+    min_lr_ratio: float = option(0.0, kind=float, low=0.0, high=1.0,
+                                 help="The schedule's floor, as a share of --lr.")
+    max_grad_norm: float = option(1.0, kind=float, low=0.0, help="Gradient clipping (0: off).")
+    batch_size: int = option(8, kind=int, low=1, help="Examples per micro-batch and process.")
+    grad_accum: int = option(1, kind=int, low=1, help="Micro-batches per optimizer step.")
+    epochs: float = option(1.0, kind=float, low=0.0, help="Passes over the training data.")
+    max_steps: int | None = option(None, kind=int, low=1, help="Optimizer steps (overrides --epochs).")
+    precision: str = option("auto", choices=PRECISIONS, label="precision",
+                            help="Autocast (auto: bf16 on a GPU that has it, none on the CPU).")
+    gradient_checkpointing: bool = option(False, help="Recompute each block's activations in backward, and return "
+                                                      "freed host memory to the OS at once: less memory, more "
+                                                      "compute.")
+    compile: bool = option(False, help="torch.compile the model: the same results, faster steps after the first "
+                                       "few (which compile).")
+    fsdp: bool = option(False, help="Under several processes, shard the frozen factors and the MoORE state (FSDP2) "
+                                    "instead of replicating them.")
+    seed: int = option(0, kind=int, low=0, high=2**63 - 1, help="Seed of the run: fresh routers, data order, dropout.")
     # data
-    max_length: int = 512
-    truncate: bool = True  # over max_length: truncate with a warning, or refuse
-    chat_template: bool = False
-    eval_split: float = 0.0  # held-out share per task when no eval data is given
-    eval_max_examples: int | None = None  # per task
+    max_length: int = option(512, kind=int, low=1, help="Longest example in tokens.")
+    truncate: bool = option(True, negatable=True, help="Truncate longer examples with a warning, or refuse them.")
+    chat_template: bool = option(False, help="Wrap prompts in the checkpoint's chat template.")
+    eval_split: float = option(0.0, kind=float, low=0.0, high=1.0, high_open=True,
+                               help="Held-out share per task when no --eval-data is given.")
+    eval_max_examples: int | None = option(None, kind=int, low=1, help="Evaluate at most N examples per task.")
     # bookkeeping
-    eval_every: int = 0  # steps; 0: only at the end
-    save_every: int = 0  # steps; 0: no intermediate checkpoints
-    keep_checkpoints: int = 2
-    keep_checkpoints_at_end: bool = False
-    log_every: int = 1
-    tensorboard: bool = False
-    cpu: bool = False  # train on the CPU even when a GPU is present
+    eval_every: int = option(0, kind=int, low=0, help="Evaluate every N steps (0: at the end).")
+    save_every: int = option(0, kind=int, low=0, help="Checkpoint every N steps (0: never).")
+    keep_checkpoints: int = option(2, kind=int, low=1, help="Checkpoints kept while running.")
+    keep_checkpoints_at_end: bool = option(False, help="Keep the run's checkpoints in the adapter directory.")
+    log_every: int = option(1, kind=int, low=1, help="Write metrics every N steps.")
+    tensorboard: bool = option(False, help="Also log to TensorBoard (needs the tensorboard package).")
+    cpu: bool = option(False, help="Train on the CPU even when a GPU is present.")
+
+    def __init__(self, moore: MoOREConfig | None = None, **options) -> None:
+        """Fields by keyword, as a dataclass takes them; the MoORE ones also by their own names."""
+        names = {f.name for f in fields(self)}
+        unknown = set(options) - names - set(MOORE_FIELDS)
+        if unknown:
+            raise TypeError(f"TrainOptions got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+        layer = {k: options.pop(k) for k in MOORE_FIELDS if k in options}
+        for f in fields(self):
+            if f.name != "moore":
+                setattr(self, f.name, options[f.name] if f.name in options else field_default(f))
+        self.moore = MoOREConfig.build(moore, layer) if layer or moore is None else moore
+        self.__post_init__()
+
+    def __getattr__(self, name: str):  # opts.router, opts.householder, ...: the MoORE fields read through
+        moore = self.__dict__.get("moore")
+        if name in MOORE_FIELDS and moore is not None:
+            return getattr(moore, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self) -> None:
         """Every option checked up front (types, finite, in range): a bad one is one line, never NaN weights."""
-        if self.schedule not in SCHEDULES:
-            raise MoorizeError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
-        if self.router_norm not in ROUTER_NORMS:
-            raise MoorizeError(f"unknown router norm {self.router_norm!r}: use one of {', '.join(ROUTER_NORMS)}")
-        if self.precision not in PRECISIONS:
-            raise MoorizeError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        for name, (kind, lo, hi, lo_open) in _NUMERIC_RANGES.items():
-            value = getattr(self, name)
-            if value is None and name in ("max_steps", "eval_max_examples"):
-                continue
-            _check_number(name, value, kind, lo, hi, lo_open)
+        if not isinstance(self.moore, MoOREConfig):
+            raise MoorizeError(f"moore must be a MoOREConfig, got {type(self.moore).__name__}")
+        check_options(self)
         if self.fsdp and self.save_every:
             raise MoorizeError("--fsdp runs cannot save intermediate checkpoints yet (their optimizer state is "
                                "sharded): drop --save-every, or train with DDP")
         if self.max_steps is None and not self.epochs > 0:
             raise MoorizeError(f"epochs must be positive, got {self.epochs}")
 
+    @classmethod
+    def build(cls, options: TrainOptions | None, overrides: dict) -> TrainOptions:
+        """``options`` (or the defaults) with keyword ``overrides`` (MoORE fields by their names too)."""
+        unknown = set(overrides) - {f.name for f in fields(cls)} - set(MOORE_FIELDS)
+        if unknown:
+            raise MoorizeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        base = options if options is not None else cls()
+        layer = {k: overrides[k] for k in MOORE_FIELDS if k in overrides}
+        moore = MoOREConfig.build(base.moore, layer) if layer else base.moore
+        rest = {k: v for k, v in overrides.items() if k not in MOORE_FIELDS}
+        return cls(moore, **{**{f.name: getattr(base, f.name) for f in fields(cls) if f.name != "moore"}, **rest})
+
+    def to_dict(self) -> dict:
+        """The options as train_config.json records them: flat, the MoORE fields by their names."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "moore"}
+        return {**{k: getattr(self.moore, k) for k in MOORE_FIELDS}, **out}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """Every name ``to_dict`` writes."""
+        return set(MOORE_FIELDS) | {f.name for f in fields(cls) if f.name != "moore"}
+
     def moore_config(self, tasks: list[str]) -> MoOREConfig:
         """The MoORE layers this run trains: its options, its tasks, and its seed."""
-        return MoOREConfig(router=self.router, tasks=list(tasks), task_dim=self.task_dim,
-                           router_experts=self.router_experts, router_norm=self.router_norm,
-                           householder=self.householder,
-                           train_sigma=self.train_sigma, seed=self.seed)
-
-
-# option -> (type, lowest, highest, lowest excluded); None: unbounded
-_NUMERIC_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
-    "householder": (int, 0, None, False), "task_dim": (int, 1, None, False),
-    "router_experts": (int, 1, None, False),
-    "lr": (float, 0.0, None, True), "sample_router_lr": (float, 0.0, None, False),
-    "weight_decay": (float, 0.0, None, False), "warmup": (float, 0.0, None, False),
-    "decay": (float, 0.0, 1.0, False), "min_lr_ratio": (float, 0.0, 1.0, False),
-    "max_grad_norm": (float, 0.0, None, False), "batch_size": (int, 1, None, False),
-    "grad_accum": (int, 1, None, False), "epochs": (float, 0.0, None, False),
-    "max_steps": (int, 1, None, False), "seed": (int, 0, 2**63 - 1, False),
-    "max_length": (int, 1, None, False), "eval_split": (float, 0.0, 1.0, False),
-    "eval_max_examples": (int, 1, None, False), "eval_every": (int, 0, None, False),
-    "save_every": (int, 0, None, False), "keep_checkpoints": (int, 1, None, False),
-    "log_every": (int, 1, None, False),
-}
-
-
-def _check_number(name: str, value, kind: type, lo, hi, lo_open: bool) -> None:
-    """One numeric option: the message names the CLI flag and the keyword (``--batch-size``, ``batch_size``)."""
-    flag, where = name.replace("_", "-"), f" (TrainOptions.{name})"
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and is_number and not isinstance(value, int):
-        is_number = isinstance(value, float) and value.is_integer()
-    if not is_number:
-        raise MoorizeError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {value!r}{where}")
-    if not math.isfinite(value):
-        raise MoorizeError(f"{flag} must be a finite number, got {value}{where}")
-    if name == "eval_split" and value >= 1.0:
-        raise MoorizeError(f"eval-split must be in [0, 1), got {value}{where}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        bound = "positive" if lo_open and lo == 0 else f"at least {lo}"
-        raise MoorizeError(f"{flag} must be {bound}, got {value}{where}")
-    if hi is not None and value > hi:
-        raise MoorizeError(f"{flag} must be at most {hi}, got {value}{where}")
-
-
+        return MoOREConfig.build(self.moore, {"tasks": list(tasks), "seed": self.seed})
