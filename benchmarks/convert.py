@@ -299,7 +299,7 @@ def part_a(work: Path, args) -> None:
 
 def part_b(work: Path, args) -> bool:
     """Returns False when the conversion itself failed."""
-    from moorize.io.safetensors import parse_size
+    from moorize.io.shards import parse_size
 
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     target = parse_size(args.memory_size or ("300MB" if args.quick else "4GiB"))

@@ -146,7 +146,7 @@ def part_convert(work: Path, args) -> bool:
     import moorize
     from moorize.conversion.options import DEFAULT_BATCH
     from moorize.conversion.svd import SVDOptions, _gram, _svd, resolve_solver
-    from moorize.io.safetensors import parse_size
+    from moorize.io.shards import parse_size
 
     device = args.device
     dev = torch.device(device)

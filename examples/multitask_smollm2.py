@@ -293,9 +293,9 @@ def run_peft(dense: Path, data: Path, eval_path: Path, s: dict, task: str | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moorize.training.data import TaskTable, collate, encode, length_grouped_batches, read_examples
-    from moorize.training.loop import lr_factor
     from moorize.training.losses import causal_losses
     from moorize.training.options import TrainOptions
+    from moorize.training.schedule import lr_factor
 
     seed = s.get("seed", 0)
     torch.manual_seed(seed)

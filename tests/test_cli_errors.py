@@ -289,7 +289,7 @@ def test_disk_full(shared_src, tmp_path, monkeypatch, where):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if where == "ShardFile.add":
-        from moorize.io.safetensors import ShardFile
+        from moorize.io.shards import ShardFile
 
         real_add = ShardFile.add
 

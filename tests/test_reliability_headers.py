@@ -258,7 +258,7 @@ def test_well_formed_files_read_like_the_library(tmp_path, case):
 
 def test_moorize_own_shards_pass(tmp_path):
     """ShardFile pads its header with spaces: valid for both."""
-    from moorize.io.safetensors import ShardFile
+    from moorize.io.shards import ShardFile
 
     shard = ShardFile(tmp_path / "s.safetensors", ["a", "b"])
     shard.add_tensor("a", torch.arange(6, dtype=torch.float32).reshape(2, 3))

@@ -205,7 +205,7 @@ def test_resume_accepts_a_run_saved_before_an_option_existed(tiny_llama, tmp_pat
 
 def test_full_disk_during_a_training_checkpoint(tiny_llama, data, tmp_path, monkeypatch):
     """ENOSPC while a checkpoint's safetensors are written (after one checkpoint already exists)."""
-    from moorize.io.safetensors import ShardFile
+    from moorize.io.shards import ShardFile
 
     real = ShardFile.close
     calls = {"n": 0}

@@ -22,9 +22,11 @@ from moorize.cli import cli
 from moorize.io.factored import FactoredCheckpoint
 from moorize.model.heads import PAD_LOGIT
 from moorize.training.data import collate
-from moorize.training.loop import _load_data, _Plan, _tokenizer, lr_factor
+from moorize.training.loop import _tokenizer
 from moorize.training.losses import _forward, causal_row_losses
 from moorize.training.options import TrainOptions
+from moorize.training.plan import StepPlan, load_data
+from moorize.training.schedule import lr_factor
 
 pytestmark = pytest.mark.versions  # also run at the minimum versions and on the newest torch (.ci/run)
 
@@ -186,8 +188,8 @@ def test_accumulated_loss_is_the_token_mean_of_the_whole_step(tiny_llama, tmp_pa
     report = moorize.train(tiny_llama, data, tmp_path / "acc", options=opts)
 
     tok, pad = _tokenizer(tiny_llama)
-    ds = _load_data(data, None, tok, opts)
-    micro, denom = _Plan(ds.train, opts, world=1).step(0, rank=0)
+    ds = load_data(data, None, tok, opts)
+    micro, denom = StepPlan(ds.train, opts, world=1).step(0, rank=0)
     assert len(micro) == 2 and sum(map(len, micro)) == 8
     model = moorize.load(tiny_llama, router=opts.router, tasks=ds.table.tasks, householder=opts.householder,
                          task_dim=opts.task_dim, router_experts=opts.router_experts, seed=opts.seed)

@@ -31,7 +31,8 @@ from ..errors import MoorizeError
 from ..io.factored import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, as_stored, factor_key
 from ..io.hf import copy_aux_files
 from ..io.outdir import check_out_dir, is_main_process, output_lock, partial_dir, publish, raise_for_os_error
-from ..io.safetensors import ST_TO_TORCH, ShardFile, ShardPart, TensorInfo, dtype_name, finalize_shards, parse_size
+from ..io.safetensors import ST_TO_TORCH, TensorInfo, dtype_name
+from ..io.shards import ShardFile, ShardPart, finalize_shards, parse_size
 from ..io.sources import SourceCheckpoint, open_checkpoint
 from ..process import heap_trimmer
 from ..version import __version__

@@ -157,8 +157,6 @@ class LayerFactors:
     rel_error: float  # ‖W − (U S Vh [+ R])‖ / ‖W‖, of the stored tensors
     factor_rel_error: float  # same without the residual
     solver: str
-    sigma_max: float
-    sigma_min_kept: float
 
 
 def resolve_device(device: str) -> torch.device:
@@ -359,5 +357,4 @@ def _finish(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
     else:
         tot = (sig**2).sum().item()
         energy = (sig[:rank] ** 2).sum().item() / tot if tot > 0 else 1.0
-    return LayerFactors(Us, Ss, Vhs, residual, rank, full, min(energy, 1.0), err, factor_err, solver,
-                        float(sig[0]), float(sig[rank - 1]))
+    return LayerFactors(Us, Ss, Vhs, residual, rank, full, min(energy, 1.0), err, factor_err, solver)

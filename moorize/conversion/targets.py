@@ -47,7 +47,6 @@ class Target:
     layout: str
     shape: tuple[int, int]
     has_bias: bool
-    module_type: str
 
     @property
     def weight_key(self) -> str:
@@ -57,10 +56,6 @@ class Target:
     @property
     def index(self) -> int | None:
         return weight_slot(self.name, self.layout)[1]
-
-    @property
-    def bias_key(self) -> str:
-        return f"{self.name}.bias"
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
@@ -105,7 +100,7 @@ def _expert_targets(model: nn.Module, prefix: str, tensors: dict) -> list[Target
                 raise MoorizeError(f"{key} has shape {list(shape)} but the architecture expects "
                                    f"{list(params[pname].shape)}: config.json does not match the weights")
             mat = (shape[2], shape[1]) if layout == "expert_t" else (shape[1], shape[2])
-            out += [Target(f"{key}.{e}", layout, mat, False, type(module).__name__) for e in range(shape[0])]
+            out += [Target(f"{key}.{e}", layout, mat, False) for e in range(shape[0])]
     return out
 
 
@@ -191,7 +186,7 @@ def find_targets(model: nn.Module, tensors: dict, patterns: list[str] | None = N
             )
         out_in = (shape[1], shape[0]) if layout == "conv1d" else shape
         candidates.append(
-            Target(ckpt_name, layout, out_in, f"{ckpt_name}.bias" in tensors, type(module).__name__)
+            Target(ckpt_name, layout, out_in, f"{ckpt_name}.bias" in tensors)
         )
     candidates += _expert_targets(model, prefix, tensors)
     if not patterns:

@@ -166,7 +166,7 @@ def _open_dir(model_dir: Path, allow_pickle: bool, original: Path, gguf: Path | 
     return SourceCheckpoint(model_dir, "gguf" if gguf else kind, sources, tensors, fp, original)
 
 
-def dequantize_gguf(gguf_path: Path, dest: Path, tokenizer_dir: Path | None = None) -> None:
+def dequantize_gguf(gguf_path: Path, dest: Path) -> None:
     """De-quantise a GGUF file through transformers into an ordinary HF directory at ``dest``.
 
     This loads the whole (small, quantised) model in memory: GGUF files are read by

@@ -20,7 +20,8 @@ from ..errors import MoorizeError
 from ..io.factored import LAYOUT_FIELDS
 from ..io.jsonfiles import read_versioned_json
 from ..io.outdir import atomic_output_dir
-from ..io.safetensors import read_tensors, write_tensors
+from ..io.safetensors import read_tensors
+from ..io.shards import write_tensors
 from .layer import MoOREConfig, trainable_parameters
 
 ADAPTER_FORMAT = "moorize.adapter"

@@ -27,7 +27,7 @@ from ..errors import MoorizeError
 from ..io.factored import EXPERT_LAYOUTS, MANIFEST, FactoredCheckpoint, dense_weights, weight_slot
 from ..io.hf import checkpoint_name, copy_aux_files, is_experts_module, model_class
 from ..io.outdir import atomic_output_dir, output_lock, raise_for_os_error
-from ..io.safetensors import ShardFile, ShardPart, finalize_shards, parse_size
+from ..io.shards import ShardFile, ShardPart, finalize_shards, parse_size
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from .adapter import HEADS_PREFIX, read_adapter, write_adapter_files
 from .adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME

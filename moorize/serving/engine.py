@@ -103,14 +103,6 @@ class Engine:
             self._gauge()
             self._cond.notify()
 
-    @property
-    def queue_length(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def running_rows(self) -> int:
-        return len(self._rows)
-
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..errors import MoorizeError
-from ..io.safetensors import read_tensors, write_tensors
+from ..io.safetensors import read_tensors
+from ..io.shards import write_tensors
 
 log = logging.getLogger(__name__)
 

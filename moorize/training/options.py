@@ -128,11 +128,6 @@ class TrainOptions:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "moore"}
         return {**{k: getattr(self.moore, k) for k in MOORE_FIELDS}, **out}
 
-    @classmethod
-    def field_names(cls) -> set[str]:
-        """Every name ``to_dict`` writes."""
-        return set(MOORE_FIELDS) | {f.name for f in fields(cls) if f.name != "moore"}
-
     def moore_config(self, tasks: list[str]) -> MoOREConfig:
         """The MoORE layers this run trains: its options, its tasks, and its seed."""
         return MoOREConfig.build(self.moore, {"tasks": list(tasks), "seed": self.seed})
