@@ -35,6 +35,7 @@ class Option:
     negatable: bool = False  # a boolean shown as --x/--no-x
     multiple: bool = False  # repeatable on the CLI (a list in the API; none given: the default)
     metavar: str | None = None
+    envvar: str | None = None  # the CLI also reads it from this environment variable
     cli_type: Any = None  # a click type other than the one the field's kind gives
     cli: bool = True  # False: an API-only field
     show_default: bool | str = True
@@ -112,6 +113,8 @@ def click_options(cls, *, skip: tuple[str, ...] = (), defaults: dict | None = No
             kw: dict[str, Any] = {"help": opt.help}
             if opt.metavar:
                 kw["metavar"] = opt.metavar
+            if opt.envvar:
+                kw.update(envvar=opt.envvar, show_envvar=True)
             if isinstance(default, bool) or f.type in ("bool", bool):
                 decl = f"{flag}/--no-{flag[2:]}" if opt.negatable else flag
                 kw.update(default=bool(default), show_default=opt.negatable)

@@ -1,5 +1,6 @@
 """Write docs/CLI.md, the CLI reference, from the commands themselves: each option's flag, type, default and help
-are what click was given, which for convert, train and export are the options' dataclass fields. ``--check``
+are what click was given, which for every command but inspect, merge and quickstart are the options'
+dataclass fields. ``--check``
 exits 1 when the file differs from what the code says (a test runs it), so the reference cannot drift.
 
     python scripts/cli_reference.py            # rewrite docs/CLI.md
@@ -73,9 +74,10 @@ def reference() -> str:
     from moorize.cli import cli
 
     out = ["# CLI reference", "",
-           "Made by `python scripts/cli_reference.py` from the commands themselves (for `convert`, `train` and "
-           "`export` each option is a field of `ConvertOptions`, `MoOREConfig` + `TrainOptions` or "
-           "`ExportOptions`, written once); `tests/test_cli_reference.py` fails when this file is out of date.",
+           "Made by `python scripts/cli_reference.py` from the commands themselves (each option of `convert`, "
+           "`train`, `export`, `run` and `serve` is a field of `ConvertOptions`, `MoOREConfig` + `TrainOptions`, "
+           "`ExportOptions`, `RunOptions` or `ServeOptions`, written once); `tests/test_cli_reference.py` fails "
+           "when this file is out of date.",
            "", "Every command prints a one-line `error: …` and exits non-zero on bad input (2; 3 for a full disk; "
            "130 when interrupted); `moorize --debug COMMAND` shows the traceback instead, `-v` / `-vv` raise the "
            "log level.", ""]

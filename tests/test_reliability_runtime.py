@@ -129,11 +129,11 @@ def test_run_cli_inputs(exports):
     cases = [
         ((llama_dir, "--task", "a", "--prompt", ""), ("input 1 is empty",)),
         ((llama_dir, "--task", "a", "--prompt", words(80)), ("80 tokens", "64 positions")),
-        ((llama_dir, "--task", "a", "--prompt", "hi", "--max-new-tokens", "-1"), ("--max-new-tokens",)),
-        ((llama_dir, "--task", "a", "--prompt", "hi", "--do-sample", "--temperature", "nan"), ("finite temperature",)),
-        ((llama_dir, "--task", "a", "--prompt", "hi", "--do-sample", "--top-p", "0"), ("0 < top_p <= 1",)),
-        ((llama_dir, "--task", "a", "--prompt", "hi", "--bench", "--bench-runs", "0"), ("--bench-runs",)),
-        ((llama_dir, "--task", "a", "--prompt", "hi", "--seed", "-1"), ("--seed",)),
+        ((llama_dir, "--task", "a", "--prompt", "hi", "--max-new-tokens", "-1"), ("max-new-tokens must be at least 1",)),
+        ((llama_dir, "--task", "a", "--prompt", "hi", "--do-sample", "--temperature", "nan"), ("temperature must be a finite number",)),
+        ((llama_dir, "--task", "a", "--prompt", "hi", "--do-sample", "--top-p", "0"), ("top-p must be in (0, 1]",)),
+        ((llama_dir, "--task", "a", "--prompt", "hi", "--bench", "--bench-runs", "0"), ("bench-runs must be at least 1",)),
+        ((llama_dir, "--task", "a", "--prompt", "hi", "--seed", "-1"), ("seed must be at least 0",)),
         ((bert_dir, "--task", "a", "--prompt", ""), ("input 1 is empty",)),
     ]
     for args, phrases in cases:

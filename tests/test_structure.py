@@ -28,7 +28,7 @@ ALLOWED = {
     "training": {"options", "model", "io", "errors"},
     "runtime": {"io", "errors"},  # executes an export: ONNX Runtime and numpy, never torch
     "exporters": {"options", "model", "io", "errors", "version", "compat", "runtime"},
-    "serving": {"runtime", "io", "errors", "version", "process"},  # runs exports; never the exporters
+    "serving": {"runtime", "io", "errors", "version", "process", "options"},  # runs exports; never the exporters
     "quickstart": {"conversion", "model", "io", "errors", "assets"},
     "cli": {"conversion", "model", "training", "exporters", "runtime", "serving", "io", "errors", "quickstart",
             "version", "process", "options"},

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from ..errors import MoorizeError
+from ..options import check_options, cli_values, click_options, option
 
 PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
 
@@ -36,23 +38,34 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
+@dataclass
+class RunOptions:
+    """What ``moorize run`` takes besides the export directory, each written once (its field)."""
+
+    task: str | None = option(None, help="Task name (required when the model has several).")
+    prompts: list[str] | None = option(None, multiple=True, flag="prompt", help="Input text; repeatable (one batch).")
+    input_file: Path | None = option(None, flag="input", cli_type=PATH,
+                                     help='JSONL file, one {"prompt": ..., "task": optional} per line.')
+    max_new_tokens: int = option(32, kind=int, low=1, help="Tokens to generate at most.")
+    do_sample: bool = option(False, help="Sample instead of greedy decoding.")
+    temperature: float = option(1.0, kind=float, low=0.0, low_open=True, help="Sampling temperature.")
+    top_p: float = option(1.0, kind=float, low=0.0, high=1.0, low_open=True,
+                          help="Nucleus sampling: the smallest set of tokens whose probability reaches top_p.")
+    seed: int | None = option(None, kind=int, low=0, help="Sampling seed.")
+    providers: list[str] | None = option(None, multiple=True, flag="provider",
+                                         help="ONNX Runtime execution provider(s) in order. Default: CUDA when "
+                                              "usable, else CPU.")
+    bench: bool = option(False, help="Also time generation: tokens/s and latency percentiles.")
+    bench_runs: int = option(5, kind=int, low=1, help="Timed runs for --bench.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
 @click.command()
 @click.argument("export_dir", type=PATH)
-@click.option("--task", default=None, help="Task name (required when the model has several).")
-@click.option("--prompt", "prompts", multiple=True, help="Input text; repeatable (one batch).")
-@click.option("--input", "input_file", type=PATH, default=None,
-              help='JSONL file, one {"prompt": ..., "task": optional} per line.')
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed.")
-@click.option("--provider", "providers", multiple=True,
-              help="ONNX Runtime execution provider(s) in order. Default: CUDA when usable, else CPU.")
-@click.option("--bench", is_flag=True, help="Also time generation: tokens/s and latency percentiles.")
-@click.option("--bench-runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs for --bench.")
-def run(export_dir: Path, task, prompts, input_file, max_new_tokens, do_sample, temperature, top_p, seed, providers,
-        bench, bench_runs) -> None:
+@click_options(RunOptions)
+def run(export_dir: Path, **options) -> None:
     """Run an ONNX export with ONNX Runtime and print the outputs (generations or labels).
 
     \b
@@ -61,13 +74,13 @@ def run(export_dir: Path, task, prompts, input_file, max_new_tokens, do_sample, 
       moorize run ./minilm-onnx --task sentiment --input reviews.jsonl
       moorize run ./smollm2-onnx --task math --prompt "Hello" --bench
     """
+    o = RunOptions(**cli_values(RunOptions, options))
+    task, prompts, input_file, max_new_tokens = o.task, o.prompts or [], o.input_file, o.max_new_tokens
     if bool(prompts) == bool(input_file):
         raise MoorizeError("give the inputs with --prompt TEXT (repeatable) or --input FILE.jsonl, not both")
-    if bench and bench_runs < 1:
-        raise MoorizeError("--bench-runs must be at least 1")
     from ..runtime.session import MoOREOrtModel
 
-    model = MoOREOrtModel.from_export(export_dir, providers=list(providers) or None)
+    model = MoOREOrtModel.from_export(export_dir, providers=o.providers or None)
     rows = _read_jsonl(input_file) if input_file else [{"text": p, "task": None} for p in prompts]
     texts = [r["text"] for r in rows]
     tasks = [r["task"] if r["task"] is not None else task for r in rows]
@@ -75,15 +88,15 @@ def run(export_dir: Path, task, prompts, input_file, max_new_tokens, do_sample, 
         model.task_ids(t, 1)
     tasks_arg = tasks if len(set(tasks)) > 1 else tasks[0]
     if model.kind == "decoder":
-        outs = model.generate(texts, task=tasks_arg, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                              temperature=temperature, top_p=top_p, seed=seed)
+        outs = model.generate(texts, task=tasks_arg, max_new_tokens=max_new_tokens, do_sample=o.do_sample,
+                              temperature=o.temperature, top_p=o.top_p, seed=o.seed)
     else:
         outs = model.classify(texts, task=tasks_arg)
     click.echo(f"# {export_dir}: {model.kind}, provider {model.provider}", err=True)  # after the inputs passed
     for text, out in zip(texts, outs):
         click.echo(json.dumps({"input": text, "output": out}, ensure_ascii=False))
-    if bench:
-        _bench(model, texts, tasks_arg, max_new_tokens, bench_runs)
+    if o.bench:
+        _bench(model, texts, tasks_arg, max_new_tokens, o.bench_runs)
 
 
 def _bench(model, texts, task, max_new_tokens: int, runs: int) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from ..errors import MoorizeError
 from ..process import return_freed_memory
+from .options import API_KEY_ENV, ServeOptions
 
 log = logging.getLogger(__name__)
-API_KEY_ENV = "MOORIZE_API_KEY"
 
 
 def build_app(export_dir, api_key: str | None = None, max_batch_size: int = 16, max_queue: int = 64,
@@ -28,8 +28,7 @@ def build_app(export_dir, api_key: str | None = None, max_batch_size: int = 16, 
     from .engine import Engine
     from .metrics import server_metrics
 
-    if max_batch_size < 1 or max_queue < 1:
-        raise MoorizeError(f"--max-batch-size and --max-queue must be at least 1, got {max_batch_size}, {max_queue}")
+    ServeOptions(max_batch_size=max_batch_size, max_queue=max_queue, threads=threads or 0)  # checked first
     model = MoOREOrtModel.from_export(Path(export_dir), providers=providers, session_options=session_options(threads))
     if model.tokenizer is None:
         raise MoorizeError(f"{export_dir} has no tokenizer files: the server takes text")
@@ -61,20 +60,22 @@ def session_options(threads: int | None):
     return options
 
 
-def serve(export_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch_size: int = 16, max_queue: int = 64, providers: list[str] | None = None,
-          threads: int | None = None, log_level: str = "warning") -> None:
-    """Serve ``export_dir`` over HTTP (OpenAI-compatible) until interrupted.
+def serve(export_dir, options: ServeOptions | None = None, **overrides) -> None:
+    """Serve ``export_dir`` over HTTP (OpenAI-compatible) until interrupted. Options are the fields of
+    ``ServeOptions``, as ``options=`` or keywords (``port=8080``).
 
     ``api_key`` defaults to the environment variable MOORIZE_API_KEY; when set, every
     request needs ``Authorization: Bearer <key>``.
     """
     import uvicorn
 
-    api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+    opts = ServeOptions.build(options, overrides)
+    host, port, log_level = opts.host, opts.port, opts.log_level
+    api_key = opts.api_key if opts.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     sock = bind(host, port)
     return_freed_memory()  # KV-cache buffers freed at every step must not accumulate in glibc's heap
-    app = build_app(export_dir, api_key, max_batch_size, max_queue, providers, threads)
+    app = build_app(export_dir, api_key, opts.max_batch_size, opts.max_queue, opts.providers or None,
+                    opts.threads or None)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
