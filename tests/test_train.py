@@ -392,3 +392,20 @@ def test_fsdp_two_processes_shard_the_factors_and_train_like_one(tiny_llama, tmp
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     one, sharded = runs["one"]["frozen_bytes_per_process"], runs["fsdp"]["frozen_bytes_per_process"]
     assert one > 0 and sharded <= 0.55 * one, (one, sharded)
+
+
+def test_adam_beta2_reaches_the_optimizer_and_the_adapter(tiny_llama, tmp_path, monkeypatch):
+    """A flag is one field (TrainOptions.adam_beta2): the CLI, its check and the run all come from it."""
+    seen = []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            seen.append(kw["betas"])
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    data = write_jsonl(tmp_path / "train.jsonl", toy_causal(8))
+    moorize.train(tiny_llama, data, tmp_path / "a", max_steps=1, adam_beta2=0.95, **FAST)
+    assert seen == [(0.9, 0.95)]
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["training"]["options"]["adam_beta2"] == 0.95

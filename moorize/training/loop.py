@@ -165,7 +165,8 @@ class _Run:
         if opts.fsdp:  # before the optimizer: sharding replaces the parameters
             self.module = shard(self.module, self.routed, self.accelerator)
             self.trainable = _trainable(self.routed, self.heads)
-        optimizer = torch.optim.AdamW(param_groups(self.trainable, opts, self.routed), lr=opts.lr, weight_decay=opts.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(self.trainable, opts, self.routed), lr=opts.lr,
+                                      betas=(0.9, opts.adam_beta2), weight_decay=opts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opts, self.plan.total))
         # the scheduler is stepped by hand, once a step
         if opts.fsdp:

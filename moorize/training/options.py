@@ -44,6 +44,9 @@ class TrainOptions:
     sample_router_lr: float = option(0.1, kind=float, low=0.0, help="Multiplier of --lr for the sample router "
                                                                       "(B, C); below 1 protects what the model knew.")
     weight_decay: float = option(0.0, kind=float, low=0.0, help="AdamW weight decay.")
+    adam_beta2: float = option(0.999, kind=float, low=0.0, high=1.0, high_open=True,
+                               help="AdamW's second-moment decay (0.95 is common for long LLM runs: it forgets "
+                                    "stale gradient scales sooner).")
     schedule: str = option("cosine", choices=SCHEDULES, label="schedule",
                            help="Learning-rate schedule after warmup (wsd: warmup-stable-decay).")
     warmup: float = option(0.05, kind=float, low=0.0, help="Warmup: share of steps, or steps if >= 1.")
