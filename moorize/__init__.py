@@ -7,7 +7,8 @@ needs them is touched.
 Stages, one subpackage each, imports flowing one way (tests/test_structure.py enforces it):
 ``io`` (files: safetensors, sources, the factored format, atomic outputs) ←
 ``conversion`` (targets, SVD, the convert pipeline) and ``model`` (the MoORE layer, routed
-models, adapters, heads) ← ``training``; ``exporters`` build on ``model``; ``cli`` sits on top.
+models, adapters, heads) ← ``training``; ``exporters`` build on ``model``; ``runtime`` runs an export
+(ONNX Runtime, no torch) for ``moorize run`` and ``serving``; ``cli`` sits on top.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _EXPORTS = {
     "FactoredCheckpoint": ".io.factored", "LayerRecord": ".io.factored",
     "ConvertReport": ".conversion.pipeline", "convert": ".conversion.pipeline", "ConvertOptions": ".conversion.options",
     "MoOREConfig": ".model.layer", "MoORELinear": ".model.layer", "moore_layers": ".model.layer",
+    "Router": ".model.routers", "register_router": ".model.routers",
     "load": ".model.routed", "merge": ".model.routed", "prepare_for_training": ".model.routed",
     "use_task": ".model.routed",
     "read_adapter": ".model.adapter", "save_adapter": ".model.adapter",
@@ -32,7 +34,7 @@ _EXPORTS = {
 __all__ = [
     "__version__", "MoorizeError", "FactoredCheckpoint", "LayerRecord", "ConvertReport", "convert", "ConvertOptions",
     "MoOREConfig",
-    "MoORELinear", "moore_layers", "load", "merge", "prepare_for_training", "use_task", "read_adapter",
+    "MoORELinear", "moore_layers", "Router", "register_router", "load", "merge", "prepare_for_training", "use_task", "read_adapter",
     "save_adapter", "MoOREClassifier", "TaskHeads", "load_classifier", "train", "TrainReport", "TrainOptions",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
@@ -60,5 +62,6 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .model.heads import MoOREClassifier, TaskHeads, load_classifier
     from .model.layer import MoOREConfig, MoORELinear, moore_layers
     from .model.routed import load, merge, prepare_for_training, use_task
+    from .model.routers import Router, register_router
     from .training.loop import TrainReport, train
     from .training.options import TrainOptions
