@@ -47,15 +47,28 @@ def load_routed(factored_dir, adapter=None) -> Routed:
     if model.config.is_encoder_decoder:
         raise MoorizeError(f"{model.config.model_type}: encoder-decoder models are not exportable yet "
                            "(decoder-only and encoder-only models are)")
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        raise MoorizeError(f"{model.config.model_type}: models that take {model.main_input_name} are not exportable "
+                           "yet (the export graph takes token ids; decoder-only and text encoders are)")
     kind = "decoder" if model.can_generate() else "encoder"
+    if kind == "decoder" and not hasattr(text_config(model.config), "num_attention_heads"):
+        raise MoorizeError(f"{model.config.model_type}: decoders without attention layers (state-space models) are "
+                           "not exportable yet: their cache is a recurrent state, not keys and values")
     if kind == "decoder" and heads is not None:
         raise MoorizeError("classification heads on a decoder are not exportable yet: export the encoder "
                            "classifier or a generative adapter")
     return Routed(model, heads, kind, list(model.moore.config.tasks), labels)
 
 
+def text_config(config):
+    """The decoder's own config: a vision-language or other composite config nests it (``text_config``)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def kv_layout(config) -> dict:
-    """Cache geometry of a decoder: one key and one value [batch, kv_heads, past, head_dim] per layer."""
+    """Cache geometry of a decoder: one key and one value [batch, kv_heads, past, head_dim] per layer (read from
+    the text config when the model's config nests one)."""
+    config = text_config(config)
     heads = config.num_attention_heads
     return {"num_layers": config.num_hidden_layers,
             "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
@@ -75,7 +88,7 @@ class ExportGraph(nn.Module):
             raise MoorizeError("--with-past is for decoder language models; this model is an encoder")
         self.model, self.heads, self.kind, self.with_past = routed.model, routed.heads, routed.kind, with_past
         self.holder = holder
-        self.num_layers = routed.model.config.num_hidden_layers
+        self.num_layers = text_config(routed.model.config).num_hidden_layers
         self.eval()
 
     @property
@@ -142,12 +155,15 @@ SAMPLE_TEXTS = ("The capital of France is", "Write a short poem about the sea an
 def sample_inputs(routed: Routed, tokenizer, with_past: bool, past: int = 0, batch: int = 2, seq: int = 8,
                   dtype: torch.dtype = torch.float32) -> tuple:
     """(input_ids, attention_mask, task_ids[, ``past`` cached positions of random keys and values])."""
-    vocab = routed.model.config.vocab_size
+    vocab = text_config(routed.model.config).vocab_size
     ids = None
     if tokenizer is not None and tokenizer.pad_token is not None:  # a tokenizer made from a config alone has none
-        enc = tokenizer(list(SAMPLE_TEXTS[:batch]), return_tensors="pt", padding="max_length", max_length=seq,
-                        truncation=True)
-        if enc.input_ids.shape == (batch, seq) and int(enc.input_ids.max()) < vocab:
+        try:
+            enc = tokenizer(list(SAMPLE_TEXTS[:batch]), return_tensors="pt", padding="max_length", max_length=seq,
+                            truncation=True)
+        except Exception:  # a tokenizer without a vocabulary (made from a config alone): random ids will do
+            enc = None
+        if enc is not None and enc.input_ids.shape == (batch, seq) and int(enc.input_ids.max()) < vocab:
             ids = enc.input_ids
     if ids is None:
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))

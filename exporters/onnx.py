@@ -109,8 +109,9 @@ class OnnxBackend:
                        fold_rotation=opts.weights == "copy")
         log.info("traced (%.1f s)", time.perf_counter() - job.t0)
         report.moore_nodes = ops.attach_functions(model, opts.opset)
-        if report.moore_nodes != len(routed.model.moore.layer_paths):
-            raise MoorizeBug(f"{report.moore_nodes} {ops.OP_NAME} nodes for "
+        layers = ops.layers_in_graph(model)  # a layer whose weights several blocks share (ALBERT) is one layer
+        if layers != len(routed.model.moore.layer_paths):
+            raise MoorizeBug(f"{report.moore_nodes} {ops.OP_NAME} nodes of {layers} layers for "
                              f"{len(routed.model.moore.layer_paths)} MoORE layers")
         if opts.decompose:
             model = inline_functions(model)
@@ -158,7 +159,9 @@ def _trace(graph: ExportGraph, routed: Routed, tokenizer, holder, dtype: str, op
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             at = next((i for i, ln in enumerate(lines) if ln.startswith("## Exception summary")), None)
             first = lines[at + 1] if at is not None and at + 1 < len(lines) else (lines or [type(e).__name__])[0]
-            raise MoorizeError(f"torch.onnx.export failed: {first} (rerun with --debug for details)") from e
+            what = f"{routed.model.config.model_type}: the ONNX export{' with past' if graph.with_past else ''}"
+            raise MoorizeError(f"{what} cannot trace this architecture: {first} (rerun with --debug for "
+                               "details)") from e
     prog.save(tmp / "trace.onnx", external_data=True)  # onnx_ir writes the weights: no 2 GB proto limit
     # Something in the exporter's stack outlives the export with its graph, whose initializers wrap the
     # model's own tensors: cut them loose, so validation can release the model before ONNX Runtime loads.

@@ -218,6 +218,13 @@ def function_proto(overload: str, opset: int):
                                            "(docs/FORMAT.md)", overload=overload)
 
 
+def layers_in_graph(model) -> int:
+    """How many distinct MoORE layers the graph's nodes are: nodes that share their factors (one module called by
+    several blocks) are one layer."""
+    u = [name for name, _ in OP_INPUTS].index("U")
+    return len({node.input[u] for node in model.graph.node if node.domain == OP_DOMAIN and node.op_type == OP_NAME})
+
+
 def attach_functions(model, opset: int) -> int:
     """Give every MoORELinear node its overload and the model the matching function bodies; returns the count."""
     from onnx import helper

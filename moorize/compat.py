@@ -57,7 +57,15 @@ def cache_keyword(model) -> str:
 
 
 def dynamic_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], config):
-    """A transformers DynamicCache holding (keys, values) per layer, as every 5.x release builds one."""
+    """A transformers DynamicCache holding (keys, values) per layer, as every 5.x release builds one.
+
+    Every layer keeps every position, its sliding-window layers too: their attention masks apply the window
+    (transformers builds a sliding mask from the config whatever the cache holds), and the cache stays one
+    dynamic length for all layers, which torch.export can trace (a sliding layer's cache, trimmed to its
+    window, ties the past length to the window in guards it cannot prove)."""
     from transformers import DynamicCache
 
-    return DynamicCache(ddp_cache_data=pairs, config=config)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None) or ()
+    sliding = any("sliding" in str(t) for t in types) or getattr(text, "sliding_window", None) is not None
+    return DynamicCache(ddp_cache_data=pairs, config=None if sliding else config)

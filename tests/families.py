@@ -8,6 +8,7 @@ token ids, ids plus decoder ids, or pixels.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -34,9 +35,11 @@ class Family:
         torch.manual_seed(seed)
         cfg = transformers.AutoConfig.for_model(self.name, **self.config)
         model = getattr(transformers, self.model_class)(cfg).eval()
+        unsaved = getattr(model, "_keys_to_ignore_on_save", None) or ()  # computed on load (sinusoidal tables)
         with torch.no_grad():  # off init, so no weight is exactly zero or identity
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
+            for name, p in model.named_parameters():
+                if not any(re.search(pattern, name) for pattern in unsaved):
+                    p.add_(torch.randn_like(p) * 0.02)
         return model
 
     def example_inputs(self, model, batch: int = 2, seq: int = 7, seed: int = 0) -> dict:
@@ -73,12 +76,40 @@ FAMILIES = [
                                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)),
     _f("falcon", "FalconForCausalLM", dict(vocab_size=96, hidden_size=32, num_hidden_layers=2,
                                            num_attention_heads=4), note="fused query_key_value"),
+    _f("gemma", "GemmaForCausalLM", dict(DECODER, head_dim=8), note="(1 + w) norms, scaled embeddings"),
+    _f("gemma3_text", "Gemma3ForCausalLM", dict(DECODER, head_dim=8, sliding_window=4,
+                                                 layer_types=["sliding_attention", "full_attention"]),
+       note="sliding and full attention layers alternate"),
+    _f("cohere", "CohereForCausalLM", DECODER, note="parallel attention and MLP, layer norm"),
+    _f("cohere2", "Cohere2ForCausalLM", dict(DECODER, sliding_window=4,
+                                             layer_types=["sliding_attention", "full_attention"]),
+       note="sliding windows on some layers"),
+    _f("stablelm", "StableLmForCausalLM", dict(DECODER, partial_rotary_factor=0.5), note="partial rotary"),
+    _f("starcoder2", "Starcoder2ForCausalLM", dict(DECODER, sliding_window=None), note="biases, GELU MLP"),
+    _f("olmo2", "Olmo2ForCausalLM", DECODER, note="q/k norms after the projections"),
+    _f("granite", "GraniteForCausalLM", dict(DECODER, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                             attention_multiplier=0.5, logits_scaling=2.0), note="multipliers"),
+    _f("phi", "PhiForCausalLM", dict(SMALL, partial_rotary_factor=0.5), note="dense, partial rotary, biases"),
+    _f("gptj", "GPTJForCausalLM", dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                       rotary_dim=4, bos_token_id=1, eos_token_id=2), note="interleaved rotary"),
+    _f("bloom", "BloomForCausalLM", dict(vocab_size=96, hidden_size=32, n_layer=2, n_head=4,
+                                         bos_token_id=1, eos_token_id=2), note="ALiBi, fused query_key_value"),
+    _f("gpt_bigcode", "GPTBigCodeForCausalLM", dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                    bos_token_id=1, eos_token_id=2), note="multi-query attention"),
+    _f("mamba", "MambaForCausalLM", dict(vocab_size=96, hidden_size=32, state_size=4, num_hidden_layers=2,
+                                         expand=2, conv_kernel=4), note="state-space layers, no attention"),
     # encoder-only
     _f("bert", "BertModel", SMALL),
     _f("roberta", "RobertaModel", dict(SMALL, pad_token_id=1)),
     _f("distilbert", "DistilBertModel", dict(vocab_size=96, dim=32, hidden_dim=48, n_layers=2, n_heads=4,
                                              max_position_embeddings=64)),
     _f("deberta-v2", "DebertaV2Model", SMALL, note="relative attention"),
+    _f("electra", "ElectraModel", dict(SMALL, embedding_size=16), note="embedding projection"),
+    _f("albert", "AlbertModel", dict(SMALL, embedding_size=16, num_hidden_groups=1),
+       note="one layer's weights shared by every layer"),
+    _f("xlm-roberta", "XLMRobertaModel", dict(SMALL, pad_token_id=1)),
+    _f("mpnet", "MPNetModel", dict(SMALL, pad_token_id=1), note="relative position buckets"),
+    _f("roformer", "RoFormerModel", dict(SMALL, embedding_size=32), note="rotary encoder"),
     # encoder-decoder
     _f("t5", "T5ForConditionalGeneration", dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                                 num_heads=4, decoder_start_token_id=0),
@@ -88,11 +119,30 @@ FAMILIES = [
                                                     decoder_attention_heads=4, encoder_ffn_dim=48,
                                                     decoder_ffn_dim=48, max_position_embeddings=64),
        inputs="seq2seq"),
+    _f("mt5", "MT5ForConditionalGeneration", dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                  num_heads=4, decoder_start_token_id=0), inputs="seq2seq",
+       note="gated feed-forward"),
+    _f("pegasus", "PegasusForConditionalGeneration", dict(vocab_size=96, d_model=32, encoder_layers=2,
+                                                          decoder_layers=2, encoder_attention_heads=4,
+                                                          decoder_attention_heads=4, encoder_ffn_dim=48,
+                                                          decoder_ffn_dim=48, max_position_embeddings=64),
+       inputs="seq2seq", note="sinusoidal positions, computed"),
+    _f("marian", "MarianMTModel", dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2,
+                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                                       decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=0,
+                                       decoder_start_token_id=0), inputs="seq2seq"),
     # vision transformers
     _f("vit", "ViTModel", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                image_size=16, patch_size=4), inputs="pixels"),
     _f("clip_vision_model", "CLIPVisionModel", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                                     num_attention_heads=4, image_size=16, patch_size=4),
+       inputs="pixels"),
+    _f("deit", "DeiTModel", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=16, patch_size=4), inputs="pixels", note="distillation token"),
+    _f("dinov2", "Dinov2Model", dict(hidden_size=32, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=16, patch_size=4), inputs="pixels", note="layer scale"),
+    _f("siglip_vision_model", "SiglipVisionModel", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                        num_attention_heads=4, image_size=16, patch_size=4),
        inputs="pixels"),
     # sparse mixture-of-experts decoders (experts stored as one 3-D tensor per layer in the modules)
     _f("mixtral", "MixtralForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2,
@@ -100,5 +150,8 @@ FAMILIES = [
     _f("qwen2_moe", "Qwen2MoeForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2,
                                                 moe_intermediate_size=24, shared_expert_intermediate_size=40,
                                                 decoder_sparse_step=1), moe=True, note="plus a shared expert"),
+    _f("qwen3_moe", "Qwen3MoeForCausalLM", dict(DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                moe_intermediate_size=24, decoder_sparse_step=1), moe=True),
+    _f("olmoe", "OlmoeForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2), moe=True),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}

@@ -418,3 +418,14 @@ def test_help_lists_export_and_run():
     res = invoke("--help")
     assert "export" in res.output and "run " in res.output
     assert "deprecated" in invoke("export", "--help").output
+
+
+def test_the_kv_layout_of_a_nested_text_config():
+    """A vision-language config nests its decoder's (text_config): the cache geometry is the decoder's."""
+    import transformers
+
+    from moorize.exporters.graphs import kv_layout
+
+    text = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    nested = transformers.LlavaConfig(text_config=text.to_dict())
+    assert kv_layout(nested) == kv_layout(text) == {"num_layers": 3, "num_kv_heads": 2, "head_dim": 8}

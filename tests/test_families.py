@@ -179,3 +179,16 @@ def test_a_moore_layer_answers_what_model_code_reads_of_a_weight_and_refuses_com
         torch.nn.functional.linear(torch.ones(1, layer.in_features), w)
     with pytest.raises(MoorizeError):
         torch.ones(1, layer.out_features) @ w.T
+
+
+def test_layers_whose_weight_the_model_code_reads_stay_dense(converted, tmp_path):
+    """Mamba's mixer computes with ``self.dt_proj.weight`` (and hands x_proj and out_proj to fused kernels): those
+    layers are kept dense, with a warning, and asking for them is one line; its in_proj is factored. T5 reads only
+    its projections' dtype, so every one of its projections is factored."""
+    _, _, src, _, report = converted("mamba")
+    assert {r.name.rsplit(".", 1)[-1] for r in report.layers} == {"in_proj"}
+    with pytest.raises(MoorizeError, match="reads directly: it cannot be a MoORE layer"):
+        moorize.convert(src, tmp_path / "x", targets=["*.dt_proj"])
+    assert not (tmp_path / "x").exists()
+    t5 = converted("t5")[4]
+    assert {"q", "k", "v", "o", "wi", "wo"} <= {r.name.rsplit(".", 1)[-1] for r in t5.layers}

@@ -153,6 +153,41 @@ def collapse_names(names: list[str]) -> list[str]:
     return list(seen)
 
 
+# what model code may read of a projection's weight without computing with it (MoORELinear.weight answers these)
+_METADATA_READS = r"dtype|device|shape|size|ndim|dim|is_cuda|is_meta|requires_grad|numel|element_size|stride"
+_WEIGHT_READ = re.compile(rf"(?<!isinstance\()self\.(\w+)\.weight\b(?!\s*\.\s*(?:{_METADATA_READS})\b)")
+_READS_BY_CLASS: dict[type, frozenset[str]] = {}
+
+
+def _weights_read_by(cls: type) -> frozenset[str]:
+    """Names ``n`` whose ``self.n.weight`` the class's code uses as a tensor (``self.dt_proj.weight @ x`` in
+    Mamba, or handed to a fused kernel), not only for its dtype or shape: such a layer must stay dense."""
+    if cls not in _READS_BY_CLASS:
+        import inspect
+
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            if klass.__module__.startswith(("torch.", "builtins")):
+                continue
+            try:
+                names |= set(_WEIGHT_READ.findall(inspect.getsource(klass)))
+            except (OSError, TypeError):
+                continue
+        _READS_BY_CLASS[cls] = frozenset(names)
+    return _READS_BY_CLASS[cls]
+
+
+def weight_read_layers(model: nn.Module) -> set[str]:
+    """Module paths of the linear layers whose parent's code reads their weight as a tensor."""
+    out = set()
+    for pname, parent in model.named_modules():
+        read = _weights_read_by(type(parent))
+        for child in read:
+            if isinstance(getattr(parent, child, None), nn.Module):
+                out.add(f"{pname}.{child}" if pname else child)
+    return out
+
+
 def find_targets(model: nn.Module, tensors: dict, patterns: list[str] | None = None) -> list[Target]:
     """Map the architecture's linear layers and expert tensors to checkpoint tensors and pick the targets.
 
@@ -163,9 +198,14 @@ def find_targets(model: nn.Module, tensors: dict, patterns: list[str] | None = N
     prefix = getattr(model, "base_model_prefix", "") or ""
     candidates: list[Target] = []
     not_float: dict[str, torch.dtype] = {}
+    read = weight_read_layers(model)
+    kept_dense: list[str] = []
     for mname, module in model.named_modules():
         layout = _linear_like(module)
         if layout is None:
+            continue
+        if mname in read:  # the model's code computes with this weight: a MoORE layer has none to give
+            kept_dense.append(mname)
             continue
         weight_key = checkpoint_name(f"{mname}.weight", prefix, tensors)
         if weight_key is None:
@@ -189,6 +229,15 @@ def find_targets(model: nn.Module, tensors: dict, patterns: list[str] | None = N
             Target(ckpt_name, layout, out_in, f"{ckpt_name}.bias" in tensors)
         )
     candidates += _expert_targets(model, prefix, tensors)
+    if kept_dense:
+        log.warning("kept dense: %d linear layer(s) whose weight %s's code reads directly (%s)", len(kept_dense),
+                    type(model).__name__, ", ".join(collapse_names(kept_dense)[:4]))
+    if patterns:
+        for p in patterns:
+            hit = next((n for n in kept_dense if pattern_matches(p, n)), None)
+            if hit is not None and not any(pattern_matches(p, t.name) for t in candidates):
+                raise MoorizeError(f"--targets {p!r} names {hit}, whose weight {type(model).__name__}'s code reads "
+                                   "directly: it cannot be a MoORE layer (it holds factors, not a weight)")
     if not patterns:
         chosen = [t for t in candidates if _in_block(t.name) and not _is_token_router(t.name)]
         if not chosen:

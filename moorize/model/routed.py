@@ -103,7 +103,7 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
             rest[key] = ckpt.tensor(src)
     model.load_state_dict(rest, strict=False, assign=True)
     model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    still_meta = _compute_unsaved(model, [n for n, p in model.named_parameters() if p.is_meta])
     if still_meta:
         raise MoorizeError(f"{ckpt.directory} lacks tensors the architecture needs: {still_meta[:3]}")
     ckpt.close()
@@ -299,6 +299,21 @@ def use_task(model, task_ids):
         yield
     finally:
         state.sticky, state.task_ids = previous
+
+
+def _compute_unsaved(model: nn.Module, missing: list[str]) -> list[str]:
+    """Make the tensors transformers never saves because it computes them (``_keys_to_ignore_on_save``: the
+    sinusoidal position tables of Marian or Pegasus), by the model's own initialisation rule, as
+    ``from_pretrained`` does; returns the names still missing."""
+    import re
+
+    computed = [n for n in missing if any(re.search(p, n) for p in getattr(model, "_keys_to_ignore_on_save", None) or ())]
+    for path in dict.fromkeys(n.rpartition(".")[0] for n in computed):
+        module = model.get_submodule(path)
+        module.to_empty(device="cpu", recurse=False)
+        with torch.no_grad():
+            model._init_weights(module)
+    return [n for n, p in model.named_parameters() if p.is_meta]
 
 
 def prepare_for_training(model: nn.Module) -> list[nn.Parameter]:
