@@ -27,7 +27,7 @@ class Routed:
 
     model: nn.Module  # the transformers model with MoORELinear layers
     heads: nn.Module | None  # TaskHeads of a classifier adapter
-    kind: str  # "decoder" | "encoder"
+    kind: str  # "decoder" | "encoder" | "vision" (an image encoder: pixel_values in)
     tasks: list[str]
     labels: dict[str, list[str]] | None
 
@@ -46,10 +46,15 @@ def load_routed(factored_dir, adapter=None) -> Routed:
         model, heads, labels = load(factored_dir, adapter), None, None
     if model.config.is_encoder_decoder:
         raise MoorizeError(f"{model.config.model_type}: encoder-decoder models are not exportable yet "
-                           "(decoder-only and encoder-only models are)")
-    if getattr(model, "main_input_name", "input_ids") != "input_ids":
-        raise MoorizeError(f"{model.config.model_type}: models that take {model.main_input_name} are not exportable "
-                           "yet (the export graph takes token ids; decoder-only and text encoders are)")
+                           "(decoders, text encoders and image encoders are)")
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "pixel_values" and not model.can_generate():
+        if heads is not None:
+            raise MoorizeError(f"{model.config.model_type}: task heads on an image encoder are not exportable yet")
+        return Routed(model, None, "vision", list(model.moore.config.tasks), None)
+    if main != "input_ids":
+        raise MoorizeError(f"{model.config.model_type}: models that take {main} are not exportable yet (the export "
+                           "graph takes token ids or, for image encoders, pixel_values)")
     kind = "decoder" if model.can_generate() else "encoder"
     if kind == "decoder" and not hasattr(text_config(model.config), "num_attention_heads"):
         raise MoorizeError(f"{model.config.model_type}: decoders without attention layers (state-space models) are "
@@ -79,13 +84,19 @@ def past_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
+def export_graph(routed: Routed, with_past: bool, holder: TaskIds) -> "ExportGraph":
+    """The graph of ``routed``'s kind: token ids in (``ExportGraph``), or pixels in (``ImageEncoderGraph``)."""
+    return (ImageEncoderGraph if routed.kind == "vision" else ExportGraph)(routed, with_past, holder)
+
+
 class ExportGraph(nn.Module):
     """The routed model as a function of tensors only (see the module docstring)."""
 
     def __init__(self, routed: Routed, with_past: bool, holder: TaskIds):
         super().__init__()
         if with_past and routed.kind != "decoder":
-            raise MoorizeError("--with-past is for decoder language models; this model is an encoder")
+            what = "an image encoder" if routed.kind == "vision" else "an encoder"
+            raise MoorizeError(f"--with-past is for decoder language models; this model is {what}")
         self.model, self.heads, self.kind, self.with_past = routed.model, routed.heads, routed.kind, with_past
         self.holder = holder
         self.num_layers = text_config(routed.model.config).num_hidden_layers
@@ -139,6 +150,29 @@ class ExportGraph(nn.Module):
         return (out.logits, *present)
 
 
+class ImageEncoderGraph(ExportGraph):
+    """An image encoder (ViT, DeiT, DINOv2, CLIP or SigLIP vision): ``(pixel_values, task_ids)`` in,
+    ``last_hidden_state`` out; the image size is the config's (fixed), the batch is dynamic."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["pixel_values", "task_ids"]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["last_hidden_state"]
+
+    def dynamic_shapes(self) -> dict:
+        from torch.export import Dim
+
+        batch = Dim("batch")
+        return {"pixel_values": {0: batch}, "task_ids": {0: batch}}
+
+    def forward(self, pixel_values, task_ids):
+        self.holder.ids, self.holder.token_ids = task_ids, None
+        return self.model(pixel_values=pixel_values).last_hidden_state
+
+
 def tokenizer_or_none(directory: Path):
     try:
         from transformers import AutoTokenizer
@@ -155,6 +189,11 @@ SAMPLE_TEXTS = ("The capital of France is", "Write a short poem about the sea an
 def sample_inputs(routed: Routed, tokenizer, with_past: bool, past: int = 0, batch: int = 2, seq: int = 8,
                   dtype: torch.dtype = torch.float32) -> tuple:
     """(input_ids, attention_mask, task_ids[, ``past`` cached positions of random keys and values])."""
+    if routed.kind == "vision":  # (pixel_values, task_ids): random pixels of the size the model was made for
+        cfg = routed.model.config
+        pixels = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size,
+                             generator=torch.Generator().manual_seed(0))
+        return pixels.to(dtype), torch.zeros(batch, dtype=torch.long)
     vocab = text_config(routed.model.config).vocab_size
     ids = None
     if tokenizer is not None and tokenizer.pad_token is not None:  # a tokenizer made from a config alone has none

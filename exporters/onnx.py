@@ -30,7 +30,7 @@ from ..io.safetensors import SafetensorsFile
 from ..io.sources import check_safetensors_weights
 from . import ops
 from .genai import write_genai_config
-from .graphs import ExportGraph, Routed, kv_layout, load_routed, sample_inputs, tokenizer_or_none
+from .graphs import ExportGraph, Routed, export_graph, kv_layout, load_routed, sample_inputs, tokenizer_or_none
 from .metadata import META_FILE, common_metadata
 from .options import DEFAULT_OPSET, MIN_OPSET, ExportOptions
 from .pipeline import ExportJob, run_export
@@ -102,7 +102,7 @@ class OnnxBackend:
             if self.exported.heads is not None:
                 self.exported.heads.to(getattr(torch, opts.dtype))
             self.holder = ops.TaskIds()
-            self.graph = ExportGraph(self.exported, opts.with_past, self.holder)
+            self.graph = export_graph(self.exported, opts.with_past, self.holder)
         report = ExportReport(job.dest, routed.kind, routed.tasks, opts.with_past, opts.decompose, opts.weights,
                               opts.dtype, opts.opset, 0)
         model = _trace(self.graph, self.exported, job.tokenizer, self.holder, opts.dtype, opts.opset, tmp,
@@ -189,7 +189,7 @@ def _write_graph(model, tmp: Path, refs: dict[str, str], source_dir: Path, weigh
 def _name_dims(model, graph: ExportGraph) -> None:
     """Symbolic dims get the names of graph.dynamic_shapes (batch, sequence, ...) instead of s53, s70."""
     spec = graph.dynamic_shapes()
-    flat = [spec["input_ids"], spec["attention_mask"], spec["task_ids"], *spec.get("past", ())]
+    flat = [spec[name] for name in graph.input_names if name in spec] + list(spec.get("past", ()))
     rename = {}
     for inp, dims in zip(model.graph.input, flat):
         for axis, dim in dims.items():

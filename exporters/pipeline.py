@@ -17,7 +17,7 @@ from typing import Protocol
 
 from ..io.outdir import atomic_output_dir, atomic_output_file
 from . import ops
-from .graphs import ExportGraph, Routed, load_routed, tokenizer_or_none
+from .graphs import ExportGraph, Routed, export_graph, load_routed, tokenizer_or_none
 from .options import ExportOptions
 from .validate import Validation
 
@@ -71,7 +71,7 @@ def run_export(backend: Backend, factored_dir, dest, adapter, opts: ExportOption
     log.info("loaded %s (%.1f s)", factored_dir, time.perf_counter() - t0)
     holder = ops.TaskIds()
     job = ExportJob(factored_dir, dest, adapter, opts, routed, tokenizer_or_none(factored_dir),
-                    ExportGraph(routed, opts.with_past, holder), holder, t0)
+                    export_graph(routed, opts.with_past, holder), holder, t0)
     del routed  # the job holds it, and may release it
     protect = [factored_dir] + ([adapter] if adapter is not None else [])
     atomic = atomic_output_dir if backend.output == "dir" else atomic_output_file

@@ -86,12 +86,13 @@ def references(graph: ExportGraph, routed: Routed, tokenizer) -> References:
     from ..model.routed import use_task
 
     out = References(list(graph.output_names), list(graph.input_names))
+    at = graph.input_names.index("task_ids")
     for t, task in enumerate(routed.tasks):
         args = sample_inputs(routed, tokenizer, graph.with_past, batch=3, seq=5)
-        args = (args[0], args[1], torch.full_like(args[2], t), *args[3:])
+        args = (*args[:at], torch.full_like(args[at], t), *args[at + 1:])
         steps, step = [], args
         while step is not None:
-            with torch.no_grad(), use_task(routed.model, step[2]):
+            with torch.no_grad(), use_task(routed.model, step[at]):
                 ref = graph(*step)
             ref = list(ref) if isinstance(ref, (tuple, list)) else [ref]
             steps.append((list(step), ref))

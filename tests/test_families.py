@@ -192,3 +192,33 @@ def test_layers_whose_weight_the_model_code_reads_stay_dense(converted, tmp_path
     assert not (tmp_path / "x").exists()
     t5 = converted("t5")[4]
     assert {"q", "k", "v", "o", "wi", "wo"} <= {r.name.rsplit(".", 1)[-1] for r in t5.layers}
+
+
+def test_an_image_encoder_exports_and_runs_in_onnx_runtime(converted, tmp_path):
+    """ViT: (pixel_values, task_ids) in, last_hidden_state out, every task validated against PyTorch; bad pixels
+    and a text command are one line each."""
+    from click.testing import CliRunner
+
+    from moorize.cli import cli
+    from moorize.exporters.onnx import export_onnx
+    from moorize.runtime import MoOREOrtModel
+
+    _, inputs, _, out, _ = converted("vit")
+    routed = moorize.load(out, tasks=TASKS, router="task+sample")
+    perturb(routed, seed=4)
+    moorize.save_adapter(routed, tmp_path / "ad")
+    report = export_onnx(out, tmp_path / "onnx", tmp_path / "ad")
+    assert report.kind == "vision" and report.validation.ok
+    ort = MoOREOrtModel.from_export(tmp_path / "onnx")
+    pixels = inputs["pixel_values"].numpy()
+    got = ort.image_features(pixels, task=["a", "b"])
+    with torch.no_grad():
+        want = routed(**inputs, task_ids=["a", "b"]).last_hidden_state.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(ort.image_features(pixels, task="a") - got).max() > 1e-4  # the task matters
+    for bad, says in ((pixels[0], "channels, height, width"), (pixels[:, :, :8], "ONNX Runtime refused"),
+                      (np.full_like(pixels, np.nan), "finite")):
+        with pytest.raises(MoorizeError, match=says):
+            ort.image_features(bad, task="a")
+    res = CliRunner().invoke(cli, ["run", str(tmp_path / "onnx"), "--task", "a", "--prompt", "hi"])
+    assert res.exit_code == 2 and "is an image encoder" in res.output

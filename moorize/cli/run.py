@@ -81,6 +81,9 @@ def run(export_dir: Path, **options) -> None:
     from ..runtime.session import MoOREOrtModel
 
     model = MoOREOrtModel.from_export(export_dir, providers=o.providers or None)
+    if model.kind == "vision":
+        raise MoorizeError(f"{export_dir} is an image encoder: moorize run takes text; run it from Python with "
+                           "moorize.runtime.MoOREOrtModel.from_export(DIR).image_features(pixel_values, task)")
     rows = _read_jsonl(input_file) if input_file else [{"text": p, "task": None} for p in prompts]
     texts = [r["text"] for r in rows]
     tasks = [r["task"] if r["task"] is not None else task for r in rows]

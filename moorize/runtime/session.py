@@ -104,6 +104,24 @@ class MoOREOrtModel:
         except ort_input_errors() as e:  # shapes or types ONNX Runtime refuses: the caller's input
             raise MoorizeError(f"ONNX Runtime refused the inputs: {str(e).splitlines()[0]}") from None
 
+    def image_features(self, pixel_values, task=None) -> np.ndarray:
+        """[batch, tokens, hidden] of an image-encoder export (kind 'vision') for ``pixel_values`` [batch, channels,
+        height, width] at the size the model was made for; ``task`` one name or id, or one per image."""
+        if self.kind != "vision":
+            raise MoorizeError(f"image_features() needs an image-encoder export; this one is a {self.kind}")
+        try:
+            px = np.asarray(pixel_values, dtype=self.float_dtype)
+        except (TypeError, ValueError):
+            raise MoorizeError("pixel_values must be a [batch, channels, height, width] array of numbers") from None
+        if px.ndim != 4 or px.shape[0] == 0 or not np.isfinite(px).all():
+            raise MoorizeError(f"pixel_values must be a non-empty [batch, channels, height, width] array of finite "
+                               f"numbers, got shape {list(px.shape)}")
+        values = {"pixel_values": px, "task_ids": self.task_ids(task, px.shape[0])}
+        try:
+            return self.session.run(None, values)[0]
+        except ort_input_errors() as e:  # another image size or channel count than the graph's
+            raise MoorizeError(f"ONNX Runtime refused the inputs: {str(e).splitlines()[0]}") from None
+
     def check_ids(self, input_ids, attention_mask=None, past_length: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (and mask) as the graph wants them, or one line saying what is wrong with them."""
         try:

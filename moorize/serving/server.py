@@ -30,6 +30,9 @@ def build_app(export_dir, api_key: str | None = None, max_batch_size: int = 16, 
 
     ServeOptions(max_batch_size=max_batch_size, max_queue=max_queue, threads=threads or 0)  # checked first
     model = MoOREOrtModel.from_export(Path(export_dir), providers=providers, session_options=session_options(threads))
+    if model.kind == "vision":
+        raise MoorizeError(f"{export_dir} is an image encoder: the server takes text (run it from Python with "
+                           "MoOREOrtModel.image_features)")
     if model.tokenizer is None:
         raise MoorizeError(f"{export_dir} has no tokenizer files: the server takes text")
     metrics = server_metrics()
