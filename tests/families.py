@@ -153,5 +153,8 @@ FAMILIES = [
     _f("qwen3_moe", "Qwen3MoeForCausalLM", dict(DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2,
                                                 moe_intermediate_size=24, decoder_sparse_step=1), moe=True),
     _f("olmoe", "OlmoeForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2), moe=True),
+    _f("granitemoe", "GraniteMoeForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2), moe=True,
+       note="experts stored as fused input/output linears"),
+    _f("phimoe", "PhimoeForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2), moe=True),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}

@@ -6,6 +6,7 @@ sparse-MoE experts are factored expert by expert, route each token with its row'
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def test_the_table_spans_the_kinds_the_issue_names():
 
 
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])
-def test_full_rank_conversion_loads_with_the_original_outputs(name, converted):
+def test_full_rank_conversion_loads_with_the_original_outputs(name, converted, tmp_path, caplog):
     model, inputs, src, out, report = converted(name)
     with torch.no_grad():
         ref = output_of(model(**inputs))
@@ -66,9 +67,14 @@ def test_full_rank_conversion_loads_with_the_original_outputs(name, converted):
     assert all(isinstance(m, MoORELinear) for m in moore_layers(routed).values())
     if BY_NAME[name].moe:
         layouts = {r.layout for r in report.layers}
-        assert "expert" in layouts, "the experts' 3-D tensors were not factored"
+        if "expert" not in layouts:  # experts outside the installed transformers' interface (GraniteMoE in 5.3)
+            with caplog.at_level(logging.WARNING, logger="moorize"):
+                moorize.convert(src, tmp_path / "again")
+            assert "outside transformers' experts interface: left dense" in caplog.text, "dense experts, unsaid"
+            assert name == "granitemoe", "the experts' 3-D tensors were not factored"
+            return
         experts = [r for r in report.layers if r.layout == "expert"]
-        n_experts = routed.config.num_local_experts if name == "mixtral" else routed.config.num_experts
+        n_experts = getattr(routed.config, "num_local_experts", None) or routed.config.num_experts
         per_tensor: dict[str, int] = {}
         for r in experts:
             per_tensor[r.name.rpartition(".")[0]] = per_tensor.get(r.name.rpartition(".")[0], 0) + 1

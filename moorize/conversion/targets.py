@@ -83,12 +83,14 @@ def validate_pattern(pattern: str) -> None:
 def _expert_targets(model: nn.Module, prefix: str, tensors: dict) -> list[Target]:
     out = []
     for mname, module in model.named_modules():
+        three_d = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
         params = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and n in EXPERT_TENSORS}
-        if not params:
+        if not three_d:
             continue
-        if not is_experts_module(module):
-            log.warning("%s keeps 3-D expert tensors (%s) outside transformers' experts interface: left dense",
-                        mname, ", ".join(params))
+        if not params or not is_experts_module(module):
+            if not isinstance(module, nn.modules.conv._ConvNd) and _in_block(mname):  # a conv's kernel is 3-D too
+                log.warning("%s keeps 3-D expert tensors (%s) outside transformers' experts interface: left dense",
+                            mname, ", ".join(three_d))
             continue
         layout = "expert_t" if module.is_transposed else "expert"
         for pname in EXPERT_TENSORS:
