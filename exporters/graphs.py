@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..compat import cache_keyword, dynamic_cache
+from ..compat import cache_keyword, dynamic_cache, text_config
 from ..errors import MoorizeError
 from .ops import TaskIds
 
@@ -63,11 +63,6 @@ def load_routed(factored_dir, adapter=None) -> Routed:
         raise MoorizeError("classification heads on a decoder are not exportable yet: export the encoder "
                            "classifier or a generative adapter")
     return Routed(model, heads, kind, list(model.moore.config.tasks), labels)
-
-
-def text_config(config):
-    """The decoder's own config: a vision-language or other composite config nests it (``text_config``)."""
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def kv_layout(config) -> dict:

@@ -56,6 +56,11 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
+def text_config(config):
+    """The decoder's own config: a vision-language or other composite config nests it (``text_config``)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def dynamic_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], config):
     """A transformers DynamicCache holding (keys, values) per layer, as every 5.x release builds one.
 
@@ -65,7 +70,7 @@ def dynamic_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], config):
     window, ties the past length to the window in guards it cannot prove)."""
     from transformers import DynamicCache
 
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     types = getattr(text, "layer_types", None) or ()
     sliding = any("sliding" in str(t) for t in types) or getattr(text, "sliding_window", None) is not None
     return DynamicCache(ddp_cache_data=pairs, config=None if sliding else config)

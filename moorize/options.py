@@ -63,7 +63,7 @@ def check_options(obj) -> None:
     where = type(obj).__name__
     for f, opt in options_of(type(obj)):
         value = getattr(obj, f.name)
-        if value is None and field_default(f) is None:
+        if value is None and f.default is None:  # an optional field left unset (a factory never gives None)
             continue
         flag = opt.flag_name(f.name)
         if opt.choices is not None:
