@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,20 @@ def test_ruff_is_clean():
     res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True,
                          text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_wheel_holds_every_module(tmp_path):
+    """What `pip install moorize` (not editable) gets: every module of the tree. A package missing from
+    pyproject's list installs without it, and the editable install CI uses would never notice."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    tree = tmp_path / "src"
+    for rel in tracked:
+        if (REPO / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tree / rel).write_bytes((REPO / rel).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("moorize-*.whl")
+    packed = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    expected = {name.replace(".", "/") + ("/__init__.py" if is_package(name) else ".py") for name in MODULES}
+    assert expected - packed == set(), "modules the wheel lacks (add their package to pyproject's list)"
