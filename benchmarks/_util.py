@@ -16,6 +16,7 @@ launcher is a fresh, small interpreter, so ``ru_maxrss`` of the process it start
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -314,6 +315,18 @@ def git_rev() -> str:
         return rev + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "?"
+
+
+def benchmark_parser(doc: str, quick_help: str, threads: int | None = 2) -> argparse.ArgumentParser:
+    """The options every run_benchmark script takes: --quick, --out-dir, --keep and (unless
+    ``threads`` is None) --threads; a script adds its own after."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out-dir", type=Path, default=None, help="where to put generated data (default: temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    if threads is not None:
+        ap.add_argument("--threads", type=int, default=threads, help=f"torch.set_num_threads (default {threads})")
+    return ap
 
 
 def run_benchmark(title: str, prefix: str, args, parts: Sequence[Callable[[Path], Any]], footer: str = "") -> int:

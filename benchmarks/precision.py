@@ -23,7 +23,6 @@ difference.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -114,13 +113,8 @@ def part(work: Path, args) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke test: 4 layers, 2 prompts, 8 tokens")
+    ap = U.benchmark_parser(__doc__, "smoke test: 4 layers, 2 prompts, 8 tokens")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
-    ap.add_argument("--out-dir", type=Path, default=None, help="where to put generated data (default: temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated data")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = ap.parse_args(argv)
     U.quiet_torch(args.threads)
     return U.run_benchmark("moorize precision benchmark", "moorize-bench-precision-", args,

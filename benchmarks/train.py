@@ -21,7 +21,6 @@ process on one machine; the ratio MoORE / LoRA is the figure the goal (≤ 1.5×
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -115,14 +114,9 @@ def part(work: Path, args) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke test: 4 SmolLM2 layers, 2 repeats")
-    ap.add_argument("--out-dir", type=Path, default=None, help="where to put generated data (default: temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap = U.benchmark_parser(__doc__, "smoke test: 4 SmolLM2 layers, 2 repeats")
     ap.add_argument("--repeat", type=int, default=None, help="median of N steps (default 7, --quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = ap.parse_args(argv)
     args.repeat = args.repeat or (2 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else 1

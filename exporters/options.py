@@ -16,6 +16,7 @@ MIN_OPSET = 18  # the torch exporter's own operator library starts here
 DTYPES = ("float32", "float16")
 WEIGHTS = ("copy", "reference")
 ONNX_ONLY = ("decompose", "weights", "dtype")
+GRAPH_ONLY = ("with_past", *ONNX_ONLY, "opset", "atol", "rtol")  # what a LoRA export (no graph) has no use for
 
 
 @dataclass
@@ -53,6 +54,14 @@ class ExportOptions:
         """TorchScript and .pt2 have no ONNX choices: a non-default one is refused, not silently dropped."""
         if any(getattr(self, name) != getattr(DEFAULTS, name) for name in ONNX_ONLY):
             raise MoorizeError("--decompose, --weights and --dtype apply to --onnx only")
+
+    def check_lora_only(self) -> None:
+        """A LoRA export alone writes no graph: a graph choice given with it is refused, not silently dropped."""
+        given = [name for name in GRAPH_ONLY if getattr(self, name) != getattr(DEFAULTS, name)]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise MoorizeError(f"{flags} appl{'ies' if len(given) == 1 else 'y'} to --onnx, --torchscript and --pt2, "
+                               "not to --lora")
 
 
 DEFAULTS = ExportOptions()

@@ -7,7 +7,8 @@ needs them is touched.
 Stages, one subpackage each, imports flowing one way (tests/test_structure.py enforces it):
 ``io`` (files: safetensors, sources, the factored format, atomic outputs) ←
 ``conversion`` (targets, SVD, the convert pipeline) and ``model`` (the MoORE layer, routed
-models, adapters, heads) ← ``training``; ``exporters`` build on ``model``; ``runtime`` runs an export
+models, adapters, heads) ← ``training``; ``exporters`` build on ``model``; ``lora`` writes each task as a PEFT
+LoRA adapter; ``runtime`` runs an export
 (ONNX Runtime, no torch) for ``moorize run`` and ``serving``; ``cli`` sits on top.
 """
 
@@ -30,12 +31,14 @@ _EXPORTS = {
     "read_adapter": ".model.adapter", "save_adapter": ".model.adapter",
     "MoOREClassifier": ".model.heads", "TaskHeads": ".model.heads", "load_classifier": ".model.heads",
     "train": ".training.loop", "TrainReport": ".training.loop", "TrainOptions": ".training.options",
+    "export_lora": ".lora.export", "LoraReport": ".lora.export", "LoraOptions": ".lora.options",
 }
 __all__ = [
     "__version__", "MoorizeError", "FactoredCheckpoint", "LayerRecord", "ConvertReport", "convert", "ConvertOptions",
     "MoOREConfig",
     "MoORELinear", "moore_layers", "Router", "register_router", "load", "merge", "prepare_for_training", "use_task", "read_adapter",
     "save_adapter", "MoOREClassifier", "TaskHeads", "load_classifier", "train", "TrainReport", "TrainOptions",
+    "export_lora", "LoraReport", "LoraOptions",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 
@@ -58,6 +61,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .conversion.pipeline import ConvertReport, convert
     from .errors import MoorizeError
     from .io.factored import FactoredCheckpoint, LayerRecord
+    from .lora.export import LoraReport, export_lora
+    from .lora.options import LoraOptions
     from .model.adapter import read_adapter, save_adapter
     from .model.heads import MoOREClassifier, TaskHeads, load_classifier
     from .model.layer import MoOREConfig, MoORELinear, moore_layers

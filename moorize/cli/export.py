@@ -8,7 +8,9 @@ import click
 
 from ..errors import MoorizeError
 from ..exporters.options import ExportOptions
-from ..options import click_options
+from ..lora.options import DEFAULTS as LORA_DEFAULTS
+from ..lora.options import LoraOptions
+from ..options import click_options, options_of
 
 PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
 
@@ -24,8 +26,12 @@ PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong 
               help="Write a TorchScript file (torch.jit.trace; deprecated upstream, prefer --pt2).")
 @click.option("--pt2", "pt2_dest", type=PATH, default=None, metavar="DEST.pt2",
               help="Write a torch.export ExportedProgram (.pt2).")
+@click.option("--lora", "lora_dest", type=PATH, default=None, metavar="DEST",
+              help="Write one PEFT LoRA adapter per task (router mode 'task') against the source model: "
+                   "DEST/<task>/adapter_config.json, adapter_model.safetensors, moorize_lora.json.")
 @click_options(ExportOptions)  # every export choice, as its field writes it
-def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, **options) -> None:
+@click_options(LoraOptions)
+def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, lora_dest, **options) -> None:
     """Export the routed model of FACTORED_DIR for deployment, validated against PyTorch.
 
     Every task is served by one graph: the task is an input (task_ids, int64 [batch]).
@@ -36,13 +42,27 @@ def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, **options)
       moorize export ./smollm2-moore --adapter ./adapter --onnx ./onnx-ref --weights reference
       moorize export ./minilm-moore --adapter ./clf-adapter --onnx ./minilm-onnx --decompose
       moorize export ./smollm2-moore --adapter ./adapter --pt2 ./smollm2.pt2
+      moorize export ./smollm2-moore --adapter ./task-adapter --lora ./smollm2-lora --max-error 1e-3
     """
-    targets = [d for d in (onnx_dest, ts_dest, pt2_dest) if d is not None]
-    if not targets:
-        raise MoorizeError("nothing to export: pass --onnx DEST, --torchscript DEST.pt or --pt2 DEST.pt2")
-    opts = ExportOptions(**options)
+    lora_names = {f.name for f, _ in options_of(LoraOptions)}
+    lora = LoraOptions(**{k: v for k, v in options.items() if k in lora_names})
+    opts = ExportOptions(**{k: v for k, v in options.items() if k not in lora_names})
+    graphs = [d for d in (onnx_dest, ts_dest, pt2_dest) if d is not None]
+    if not graphs and lora_dest is None:
+        raise MoorizeError("nothing to export: pass --onnx DEST, --torchscript DEST.pt, --pt2 DEST.pt2 or --lora DEST")
+    if lora_dest is None and lora != LORA_DEFAULTS:
+        raise MoorizeError("--rank, --max-error, --source, --lora-dtype and --device apply to --lora only")
     if ts_dest or pt2_dest:  # before any export runs
         opts.check_file_backend()
+    if not graphs:
+        opts.check_lora_only()
+    if lora_dest is not None:
+        from ..lora.export import export_lora
+
+        report = export_lora(factored_dir, adapter, lora_dest, lora, overwrite=opts.overwrite,
+                             validate=opts.validate_export)
+        for line in report.lines():
+            click.echo(line)
     if onnx_dest is not None:
         from ..exporters.onnx import export_onnx
 

@@ -220,25 +220,28 @@ class FactoredCheckpoint:
         W = as_stored(self.reconstruct(name, torch.float64), rec.layout)
         return W.to(getattr(torch, rec.source_dtype)).contiguous()
 
-    def dense_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor of the original model, targets rebuilt from their factors (experts restacked)."""
+    def dense_state_dict(self, matrix=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the original model, targets rebuilt from their factors (experts restacked), or given
+        by ``matrix(name)`` (the layer's [out, in] matrix, e.g. the source's own weight)."""
         import torch
 
         for key in self.passthrough_names():
             yield key, self.tensor(key)
         yield from dense_weights(
-            (n, r.layout, self.reconstruct(n, torch.float64).to(getattr(torch, r.source_dtype)))
+            (n, r.layout, (matrix(n) if matrix is not None else self.reconstruct(n, torch.float64))
+             .to(getattr(torch, r.source_dtype)))
             for n, r in self.layers.items())
 
-    def dense_model(self):
-        """The original transformers model rebuilt from the factors (for checks and dense merges)."""
+    def dense_model(self, matrix=None):
+        """The original transformers model rebuilt from the factors (for checks and dense merges), or with each
+        target's [out, in] matrix given by ``matrix(name)``."""
         from transformers import AutoConfig
 
         from .hf import model_class
 
         config = AutoConfig.from_pretrained(self.directory)
         model = model_class(config)(config)
-        missing, unexpected = model.load_state_dict(dict(self.dense_state_dict()), strict=False)
+        missing, unexpected = model.load_state_dict(dict(self.dense_state_dict(matrix)), strict=False)
         # buffers the architecture no longer persists (BERT's embeddings.position_ids) are not weights
         buffers = {n for n, _ in model.named_buffers()}
         unexpected = [k for k in unexpected if k not in buffers]

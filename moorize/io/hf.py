@@ -54,3 +54,15 @@ def checkpoint_name(module_path: str, prefix: str, names) -> str | None:
     elif prefix:
         spellings.append(f"{prefix}.{module_path}")
     return next((s for s in spellings if s in names), None)
+
+
+def module_paths(model, names) -> tuple[dict[str, str], list[str]]:
+    """Where each of ``names`` (checkpoint spellings of module paths) is in ``model``: ({name: module path},
+    the names found nowhere). The first module path whose spelling is the name wins."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    found: dict[str, str] = {}
+    for path, _ in model.named_modules():
+        name = checkpoint_name(path, prefix, names)
+        if name is not None and name not in found:
+            found[name] = path
+    return found, [n for n in names if n not in found]

@@ -234,12 +234,17 @@ class MoORELinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self, task: int) -> torch.Tensor:
         """The dense [out, in] matrix of one task (exact for a router that merges, such as 'task'), in float64."""
+        return next(self.merged_weights([task]))
+
+    @torch.no_grad()
+    def merged_weights(self, tasks):
+        """The dense [out, in] matrix of each of ``tasks`` in turn, in float64; the rotation is made once."""
         self.router.check_mergeable()
-        g = self.router.table(self, torch.float64)[task if self.router.task else 0]
-        W = (self.U.double() * torch.relu(g)) @ self.rotated_vh(torch.float64)
-        if self.residual is not None:
-            W = W + self.residual.double()
-        return W
+        table = self.router.table(self, torch.float64)
+        vh, U = self.rotated_vh(torch.float64), self.U.double()
+        for task in tasks:
+            W = (U * torch.relu(table[task if self.router.task else 0])) @ vh
+            yield W if self.residual is None else W + self.residual.double()
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, router={self.router.name}, "

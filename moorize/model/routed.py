@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import MoorizeError
 from ..io.factored import EXPERT_LAYOUTS, MANIFEST, FactoredCheckpoint, dense_weights, weight_slot
-from ..io.hf import checkpoint_name, copy_aux_files, is_experts_module, model_class
+from ..io.hf import checkpoint_name, copy_aux_files, is_experts_module, model_class, module_paths
 from ..io.outdir import atomic_output_dir, output_lock, raise_for_os_error
 from ..io.shards import ShardFile, ShardPart, finalize_shards, parse_size
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
@@ -88,7 +88,7 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
     prefix = getattr(model, "base_model_prefix", "") or ""
     state = RoutingState(config.tasks)
     gen = torch.Generator().manual_seed(config.seed)
-    placed = _place_layers(model, ckpt, prefix, config, state, gen)
+    placed = _place_layers(model, ckpt, config, state, gen)
 
     target_biases = {f"{n}.bias" for n, r in ckpt.layers.items() if r.bias}  # held by the MoORE layers
     passthrough = set(ckpt.passthrough_names()) - target_biases
@@ -115,11 +115,10 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
     return model.eval()
 
 
-def _place_layers(model: nn.Module, ckpt: FactoredCheckpoint, prefix: str, config: MoOREConfig,
+def _place_layers(model: nn.Module, ckpt: FactoredCheckpoint, config: MoOREConfig,
                   state: RoutingState, gen: torch.Generator) -> dict[str, str]:
     """Put a MoORELinear in place of every factored layer (experts: in place of their 3-D tensors);
     returns checkpoint layer name -> module path."""
-    paths = [p for p, _ in model.named_modules()]
     experts: dict[str, dict[str, dict[int, str]]] = {}  # experts module -> tensor -> expert -> layer name
     plain = {}
     for name, rec in ckpt.layers.items():
@@ -131,12 +130,7 @@ def _place_layers(model: nn.Module, ckpt: FactoredCheckpoint, prefix: str, confi
             plain[name] = rec
 
     def where(names) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for path in paths:
-            name = checkpoint_name(path, prefix, names)
-            if name is not None and name not in found:
-                found[name] = path
-        missing = [n for n in names if n not in found]
+        found, missing = module_paths(model, names)
         if missing:
             raise MoorizeError(f"{ckpt.directory}: factored layers not found in the architecture: {missing[:3]}")
         return found
