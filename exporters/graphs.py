@@ -6,6 +6,8 @@ task_ids[, past keys and values])`` in, ``logits`` (and the new cache) out. Deco
 compute their position ids from the attention mask (left padding works as in
 ``generate``); encoders return their task heads' logits, or the last hidden state
 when the adapter has no heads. The task is an input, so one graph serves every task.
+An encoder-decoder is two graphs (``EncoderDecoderGraphs``): its encoder, run once per
+input, and its decoder, run at every step on the encoder's states.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class Routed:
 
     model: nn.Module  # the transformers model with MoORELinear layers
     heads: nn.Module | None  # TaskHeads of a classifier adapter
-    kind: str  # "decoder" | "encoder" | "vision" (an image encoder: pixel_values in)
+    kind: str  # "decoder" | "encoder" | "encoder-decoder" | "vision" (an image encoder: pixel_values in)
     tasks: list[str]
     labels: dict[str, list[str]] | None
 
@@ -44,14 +46,19 @@ def load_routed(factored_dir, adapter=None) -> Routed:
         model, heads, labels = clf.model, clf.heads, clf.labels
     else:
         model, heads, labels = load(factored_dir, adapter), None, None
-    if model.config.is_encoder_decoder:
-        raise MoorizeError(f"{model.config.model_type}: encoder-decoder models are not exportable yet "
-                           "(decoders, text encoders and image encoders are)")
     main = getattr(model, "main_input_name", "input_ids")
+    tasks = list(model.moore.config.tasks)
+    if model.config.is_encoder_decoder:
+        if main != "input_ids":
+            raise MoorizeError(f"{model.config.model_type}: encoder-decoders that take {main} (speech) are not "
+                               "exportable yet (those that take token ids are)")
+        if heads is not None:
+            raise MoorizeError(f"{model.config.model_type}: task heads on an encoder-decoder are not exportable yet")
+        return Routed(model, None, "encoder-decoder", tasks, None)
     if main == "pixel_values" and not model.can_generate():
         if heads is not None:
             raise MoorizeError(f"{model.config.model_type}: task heads on an image encoder are not exportable yet")
-        return Routed(model, None, "vision", list(model.moore.config.tasks), None)
+        return Routed(model, None, "vision", tasks, None)
     if main != "input_ids":
         raise MoorizeError(f"{model.config.model_type}: models that take {main} are not exportable yet (the export "
                            "graph takes token ids or, for image encoders, pixel_values)")
@@ -62,7 +69,7 @@ def load_routed(factored_dir, adapter=None) -> Routed:
     if kind == "decoder" and heads is not None:
         raise MoorizeError("classification heads on a decoder are not exportable yet: export the encoder "
                            "classifier or a generative adapter")
-    return Routed(model, heads, kind, list(model.moore.config.tasks), labels)
+    return Routed(model, heads, kind, tasks, labels)
 
 
 def kv_layout(config) -> dict:
@@ -79,8 +86,11 @@ def past_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
-def export_graph(routed: Routed, with_past: bool, holder: TaskIds) -> "ExportGraph":
-    """The graph of ``routed``'s kind: token ids in (``ExportGraph``), or pixels in (``ImageEncoderGraph``)."""
+def export_graph(routed: Routed, with_past: bool, holder: TaskIds) -> "ExportGraph | EncoderDecoderGraphs":
+    """The graph of ``routed``'s kind: token ids in (``ExportGraph``), pixels in (``ImageEncoderGraph``), or an
+    encoder-decoder's two (``EncoderDecoderGraphs``); ``parts()`` names the graph files either way."""
+    if routed.kind == "encoder-decoder":
+        return EncoderDecoderGraphs(routed, with_past, holder)
     return (ImageEncoderGraph if routed.kind == "vision" else ExportGraph)(routed, with_past, holder)
 
 
@@ -93,9 +103,18 @@ class ExportGraph(nn.Module):
             what = "an image encoder" if routed.kind == "vision" else "an encoder"
             raise MoorizeError(f"--with-past is for decoder language models; this model is {what}")
         self.model, self.heads, self.kind, self.with_past = routed.model, routed.heads, routed.kind, with_past
-        self.holder = holder
+        self.holder, self.routed = holder, routed
         self.num_layers = text_config(routed.model.config).num_hidden_layers
         self.eval()
+
+    def parts(self) -> dict[str, "ExportGraph"]:
+        """The graphs to write, by file stem: this one, ``model``."""
+        return {"model": self}
+
+    def sample_inputs(self, tokenizer, past: int = 0, batch: int = 2, seq: int = 8,
+                      dtype: torch.dtype = torch.float32) -> tuple:
+        """Inputs in ``input_names`` order, for tracing and validation (see ``sample_inputs``)."""
+        return sample_inputs(self.routed, tokenizer, self.with_past, past, batch, seq, dtype)
 
     @property
     def input_names(self) -> list[str]:
@@ -166,6 +185,115 @@ class ImageEncoderGraph(ExportGraph):
     def forward(self, pixel_values, task_ids):
         self.holder.ids, self.holder.token_ids = task_ids, None
         return self.model(pixel_values=pixel_values).last_hidden_state
+
+
+class EncoderDecoderGraphs:
+    """An encoder-decoder (T5, BART, Marian, Pegasus, ...) as two graphs: ``encoder`` (token ids in, its states
+    out), run once per input, and ``decoder`` (the decoder's tokens and the encoder's states in, logits out), run
+    at every generation step. Without a cache the decoder recomputes its own tokens each step."""
+
+    kind, with_past = "encoder-decoder", False
+
+    def __init__(self, routed: Routed, with_past: bool, holder: TaskIds):
+        if with_past:
+            raise MoorizeError(f"{routed.model.config.model_type}: --with-past is not available for encoder-decoder "
+                               "models yet (their export is an encoder graph, run once per input, and a decoder graph "
+                               "that recomputes its own tokens each step): export without --with-past")
+        decoder_start_token(routed.model)  # refused now, not after the trace
+        self.encoder = Seq2SeqEncoderGraph(routed, False, holder)
+        self.decoder = Seq2SeqDecoderGraph(routed, False, holder)
+
+    def parts(self) -> dict[str, ExportGraph]:
+        return {"encoder": self.encoder, "decoder": self.decoder}
+
+
+def decoder_start_token(model) -> int:
+    """The token an encoder-decoder's decoder starts from: the generation config's, else the config's, else BOS,
+    as transformers' ``generate`` picks it."""
+    cfg, gen = model.config, getattr(model, "generation_config", None)
+    candidates = (getattr(gen, "decoder_start_token_id", None), getattr(cfg, "decoder_start_token_id", None),
+                  getattr(gen, "bos_token_id", None), getattr(cfg, "bos_token_id", None))
+    start = next((v for v in candidates if v is not None), None)
+    if start is None:
+        raise MoorizeError(f"{cfg.model_type}: the config names no decoder_start_token_id (nor bos_token_id), so "
+                           "generation cannot start: set one in config.json")
+    return int(start)
+
+
+def _position_limit(config) -> int | None:
+    """Learned or tabled positions bound the length (BART, Marian); relative ones (T5) do not."""
+    return getattr(config, "max_position_embeddings", None)
+
+
+class Seq2SeqEncoderGraph(ExportGraph):
+    """An encoder-decoder's encoder: ``(input_ids, attention_mask, task_ids)`` in, ``encoder_hidden_states`` out."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "task_ids"]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["encoder_hidden_states"]
+
+    def dynamic_shapes(self) -> dict:
+        from torch.export import Dim
+
+        batch, seq = Dim("batch"), Dim("sequence", max=_position_limit(self.model.config))
+        return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "task_ids": {0: batch}}
+
+    def sample_inputs(self, tokenizer, past: int = 0, batch: int = 2, seq: int = 8,
+                      dtype: torch.dtype = torch.float32) -> tuple:
+        # the text encoder's inputs: the tokenizer's right padding where it has a vocabulary
+        return sample_inputs(Routed(self.model, None, "encoder", self.routed.tasks, None), tokenizer, False, 0, batch,
+                             seq, dtype)
+
+    def forward(self, input_ids, attention_mask, task_ids):
+        self.holder.ids = task_ids
+        self.holder.token_ids = task_ids.unsqueeze(1).expand_as(input_ids).reshape(-1)
+        return self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class Seq2SeqDecoderGraph(ExportGraph):
+    """An encoder-decoder's decoder over the whole target so far: ``(decoder_input_ids, encoder_hidden_states,
+    attention_mask, task_ids)`` in (the mask is the encoder input's), ``logits`` out."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["decoder_input_ids", "encoder_hidden_states", "attention_mask", "task_ids"]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits"]
+
+    def dynamic_shapes(self) -> dict:
+        from torch.export import Dim
+
+        limit = _position_limit(self.model.config)
+        batch, seq, target = Dim("batch"), Dim("sequence", max=limit), Dim("decoder_sequence", max=limit)
+        return {"decoder_input_ids": {0: batch, 1: target}, "encoder_hidden_states": {0: batch, 1: seq},
+                "attention_mask": {0: batch, 1: seq}, "task_ids": {0: batch}}
+
+    def sample_inputs(self, tokenizer, past: int = 0, batch: int = 2, seq: int = 8,
+                      dtype: torch.dtype = torch.float32) -> tuple:
+        """Random target tokens and encoder states; with 3 rows or more the last one's input is padded, so the
+        cross-attention mask is exercised."""
+        cfg = self.model.config
+        gen = torch.Generator().manual_seed(2)
+        target = torch.randint(0, cfg.vocab_size, (batch, max(seq - 2, 1)), generator=gen)
+        states = torch.randn(batch, seq, cfg.hidden_size, generator=gen).to(dtype)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        if batch > 2 and seq > 2:
+            mask[-1, -2:] = 0
+        return target, states, mask, torch.zeros(batch, dtype=torch.long)
+
+    def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask, task_ids):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        self.holder.ids = task_ids
+        self.holder.token_ids = task_ids.unsqueeze(1).expand_as(decoder_input_ids).reshape(-1)
+        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
+                          attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False).logits
 
 
 def tokenizer_or_none(directory: Path):

@@ -7,7 +7,8 @@ afterwards (``ops.attach_functions``) or inlined (``decompose``). Weights go to
 ``model.onnx_data``, or with ``weights="reference"`` stay in the factored shards,
 which are hard-linked into the export directory: ONNX Runtime and the onnx checker
 only read external data inside the model's directory, and a hard link is the same
-file, not a copy. The directory is self-describing (``moorize_export.json``).
+file, not a copy. An encoder-decoder writes two graphs, ``encoder.onnx`` and ``decoder.onnx``,
+each with its own data file. The directory is self-describing (``moorize_export.json``).
 """
 
 from __future__ import annotations
@@ -30,16 +31,25 @@ from ..io.safetensors import SafetensorsFile
 from ..io.sources import check_safetensors_weights
 from . import ops
 from .genai import write_genai_config
-from .graphs import ExportGraph, Routed, export_graph, kv_layout, load_routed, sample_inputs, tokenizer_or_none
+from .graphs import (
+    EncoderDecoderGraphs,
+    ExportGraph,
+    Routed,
+    decoder_start_token,
+    export_graph,
+    kv_layout,
+    load_routed,
+    tokenizer_or_none,
+)
 from .metadata import META_FILE, common_metadata
 from .options import DEFAULT_OPSET, MIN_OPSET, ExportOptions
 from .pipeline import ExportJob, run_export
-from .validate import Validation, compare, default_atol, references
+from .validate import Validation, compare, default_atol, merged, references
 
 log = logging.getLogger(__name__)
 
-GRAPH_FILE = "model.onnx"
-DATA_FILE = "model.onnx_data"
+GRAPH_FILE = "model.onnx"  # one graph; an encoder-decoder's are encoder.onnx and decoder.onnx
+DATA_FILE = "model.onnx_data"  # <stem>.onnx_data beside each <stem>.onnx
 INLINE_BYTES = 1024  # smaller initializers stay inside the graph file
 ALIGN = 64
 
@@ -55,8 +65,8 @@ class ExportReport:
     dtype: str
     opset: int
     moore_nodes: int
-    graph_bytes: int = 0
-    data_bytes: int = 0  # written to model.onnx_data
+    graph_bytes: int = 0  # every graph file
+    data_bytes: int = 0  # written to the data files (model.onnx_data)
     referenced_bytes: int = 0  # read from the hard-linked factored shards
     validation: Validation | None = None
     seconds: float = 0.0
@@ -105,18 +115,23 @@ class OnnxBackend:
             self.graph = export_graph(self.exported, opts.with_past, self.holder)
         report = ExportReport(job.dest, routed.kind, routed.tasks, opts.with_past, opts.decompose, opts.weights,
                               opts.dtype, opts.opset, 0)
-        model = _trace(self.graph, self.exported, job.tokenizer, self.holder, opts.dtype, opts.opset, tmp,
-                       fold_rotation=opts.weights == "copy")
-        log.info("traced (%.1f s)", time.perf_counter() - job.t0)
-        report.moore_nodes = ops.attach_functions(model, opts.opset)
-        layers = ops.layers_in_graph(model)  # a layer whose weights several blocks share (ALBERT) is one layer
+        parts = self.graph.parts()
+        self.stems, layers = list(parts), 0
+        refs = _reference_map(job.factored_dir, self.exported) if opts.weights == "reference" else {}
+        for stem, graph in parts.items():
+            model = _trace(graph, job.tokenizer, self.holder, opts.dtype, opts.opset, tmp,
+                           fold_rotation=opts.weights == "copy", stem=stem)
+            log.info("traced %s (%.1f s)", graph_file(stem), time.perf_counter() - job.t0)
+            report.moore_nodes += ops.attach_functions(model, opts.opset)
+            layers += ops.layers_in_graph(model)  # a layer whose weights several blocks share (ALBERT) is one layer
+            if opts.decompose:
+                model = inline_functions(model)
+            written, referenced = _write_graph(model, tmp, refs, job.factored_dir, opts.weights, stem)
+            report.data_bytes += written
+            report.referenced_bytes += referenced
         if layers != len(routed.model.moore.layer_paths):
             raise MoorizeBug(f"{report.moore_nodes} {ops.OP_NAME} nodes of {layers} layers for "
                              f"{len(routed.model.moore.layer_paths)} MoORE layers")
-        if opts.decompose:
-            model = inline_functions(model)
-        refs = _reference_map(job.factored_dir, self.graph, self.exported) if opts.weights == "reference" else {}
-        report.data_bytes, report.referenced_bytes = _write_graph(model, tmp, refs, job.factored_dir, opts.weights)
         copy_aux_files(job.factored_dir, tmp)
         (tmp / "moorize.json").unlink(missing_ok=True)  # an export, not a factored checkpoint
         meta = export_metadata(routed, self.graph, opts.dtype, opts.opset, opts.decompose, opts.weights,
@@ -128,25 +143,34 @@ class OnnxBackend:
 
     def validate(self, job: ExportJob, tmp: Path, report: ExportReport) -> Validation:
         opts = job.opts
-        refs = references(job.graph, job.routed, job.tokenizer)
+        refs = {stem: references(graph, job.routed, job.tokenizer) for stem, graph in job.graph.parts().items()}
         self.exported = self.graph = None
         job.release_model()  # ONNX Runtime is about to load its own copy of every weight
-        return compare(refs, ort_runner(validation_session(tmp / GRAPH_FILE), refs.input_names), "ONNX Runtime",
-                       default_atol(opts.dtype, opts.atol), opts.dtype, opts.rtol)
+        return merged([compare(ref, ort_runner(validation_session(tmp / graph_file(stem)), ref.input_names),
+                               "ONNX Runtime", default_atol(opts.dtype, opts.atol), opts.dtype, opts.rtol)
+                       for stem, ref in refs.items()])
 
     def finish(self, job: ExportJob, tmp: Path, report: ExportReport) -> None:
-        report.graph_bytes = (tmp / GRAPH_FILE).stat().st_size
+        report.graph_bytes = sum((tmp / graph_file(stem)).stat().st_size for stem in self.stems)
         report.files = sorted(p.name for p in tmp.iterdir())
 
 
-def _trace(graph: ExportGraph, routed: Routed, tokenizer, holder, dtype: str, opset: int, tmp: Path,
-           fold_rotation: bool):
+def graph_file(stem: str) -> str:
+    return f"{stem}.onnx"
+
+
+def data_file(stem: str) -> str:
+    return f"{stem}.onnx_data"
+
+
+def _trace(graph: ExportGraph, tokenizer, holder, dtype: str, opset: int, tmp: Path, fold_rotation: bool,
+           stem: str = "model"):
     """torch.onnx.export with the MoORE op as a custom node; returns the ModelProto (weights left external)."""
     import onnx
 
-    args = sample_inputs(routed, tokenizer, graph.with_past, past=3, dtype=getattr(torch, dtype))
+    args = graph.sample_inputs(tokenizer, past=3, dtype=getattr(torch, dtype))
     names = graph.input_names
-    with ops.export_layers(routed.model, holder, getattr(torch, dtype), fold_rotation), torch.no_grad():
+    with ops.export_layers(graph.model, holder, getattr(torch, dtype), fold_rotation), torch.no_grad():
         try:
             # torch.export first: given Dim objects, torch.onnx.export loses their equalities (it renames them).
             # No optimiser when the rotation stays in the graph: constant folding would store Vh H again.
@@ -159,30 +183,32 @@ def _trace(graph: ExportGraph, routed: Routed, tokenizer, holder, dtype: str, op
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             at = next((i for i, ln in enumerate(lines) if ln.startswith("## Exception summary")), None)
             first = lines[at + 1] if at is not None and at + 1 < len(lines) else (lines or [type(e).__name__])[0]
-            what = f"{routed.model.config.model_type}: the ONNX export{' with past' if graph.with_past else ''}"
+            what = f"{graph.model.config.model_type}: the ONNX export{' with past' if graph.with_past else ''}"
             raise MoorizeError(f"{what} cannot trace this architecture: {first} (rerun with --debug for "
                                "details)") from e
-    prog.save(tmp / "trace.onnx", external_data=True)  # onnx_ir writes the weights: no 2 GB proto limit
+    trace = tmp / f"trace-{stem}.onnx"
+    prog.save(trace, external_data=True)  # onnx_ir writes the weights: no 2 GB proto limit
     # Something in the exporter's stack outlives the export with its graph, whose initializers wrap the
     # model's own tensors: cut them loose, so validation can release the model before ONNX Runtime loads.
     for value in prog.model.graph.initializers.values():
         value.const_value = None
     del prog, program
-    model = onnx.load(str(tmp / "trace.onnx"), load_external_data=False)
+    model = onnx.load(str(trace), load_external_data=False)
     _name_dims(model, graph)
     return model
 
 
-def _write_graph(model, tmp: Path, refs: dict[str, str], source_dir: Path, weights: str) -> tuple[int, int]:
-    """Place the weights, save model.onnx, drop the tracer's files and run the checker; returns the bytes
+def _write_graph(model, tmp: Path, refs: dict[str, str], source_dir: Path, weights: str,
+                 stem: str = "model") -> tuple[int, int]:
+    """Place the weights, save <stem>.onnx, drop the tracer's files and run the checker; returns the bytes
     written to and referenced from outside the graph."""
     import onnx
 
-    written, referenced = _place_weights(model, tmp, refs, source_dir)
-    onnx.save_model(model, tmp / GRAPH_FILE)
-    for f in tmp.glob("trace.onnx*"):
+    written, referenced = _place_weights(model, tmp, refs, source_dir, data_file(stem))
+    onnx.save_model(model, tmp / graph_file(stem))
+    for f in tmp.glob(f"trace-{stem}.onnx*"):
         f.unlink()
-    check_graph(tmp / GRAPH_FILE, model, weights)
+    check_graph(tmp / graph_file(stem), model, weights)
     return written, referenced
 
 
@@ -231,7 +257,7 @@ def inline_functions(model):
     return out
 
 
-def _reference_map(factored_dir: Path, graph: ExportGraph, routed: Routed) -> dict[str, str]:
+def _reference_map(factored_dir: Path, routed: Routed) -> dict[str, str]:
     """Initializer name -> checkpoint tensor name, for every exported weight the shards hold as is."""
     from ..io.hf import checkpoint_name
 
@@ -239,7 +265,7 @@ def _reference_map(factored_dir: Path, graph: ExportGraph, routed: Routed) -> di
     ckpt = FactoredCheckpoint(factored_dir)
     try:
         out = {}
-        wrapper_prefix = "model."  # ExportGraph.model
+        wrapper_prefix = "model."  # ExportGraph.model (every graph class holds the model there)
         layer_of = {path: name for name, path in model.moore.layer_paths.items()}
         parts = {"U": "U", "Vh": "Vh", "vh": "Vh", "residual": "residual"}
         prefix = getattr(model, "base_model_prefix", "") or ""
@@ -259,8 +285,9 @@ def _reference_map(factored_dir: Path, graph: ExportGraph, routed: Routed) -> di
         ckpt.close()
 
 
-def _place_weights(model, tmp: Path, refs: dict[str, str], factored_dir: Path) -> tuple[int, int]:
-    """Move every large initializer to model.onnx_data, or point it into a hard-linked shard; returns bytes."""
+def _place_weights(model, tmp: Path, refs: dict[str, str], factored_dir: Path, data_name: str = DATA_FILE
+                   ) -> tuple[int, int]:
+    """Move every large initializer to ``data_name``, or point it into a hard-linked shard; returns bytes."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo
 
@@ -268,7 +295,7 @@ def _place_weights(model, tmp: Path, refs: dict[str, str], factored_dir: Path) -
     shards: dict[str, SafetensorsFile] = {}
     written = referenced = 0
     try:
-        with open(tmp / DATA_FILE, "wb") as data:
+        with open(tmp / data_name, "wb") as data:
             for t in model.graph.initializer:
                 if t.data_location != onnx.TensorProto.EXTERNAL:
                     if len(t.raw_data) < INLINE_BYTES:
@@ -288,7 +315,7 @@ def _place_weights(model, tmp: Path, refs: dict[str, str], factored_dir: Path) -
                         continue
                 pad = (-data.tell()) % ALIGN
                 data.write(b"\0" * pad)
-                _set_external(t, DATA_FILE, data.tell(), len(buf))
+                _set_external(t, data_name, data.tell(), len(buf))
                 data.write(buf)
                 written += len(buf)
     finally:
@@ -297,7 +324,7 @@ def _place_weights(model, tmp: Path, refs: dict[str, str], factored_dir: Path) -
         if ckpt is not None:
             ckpt.close()
     if not written:
-        (tmp / DATA_FILE).unlink()
+        (tmp / data_name).unlink()
     return written, referenced
 
 
@@ -307,7 +334,8 @@ def _shard_location(ckpt: FactoredCheckpoint, src: str, tensor, buf: bytes, shar
     if fname not in shards:
         shards[fname] = SafetensorsFile(ckpt.directory / fname)
         try:
-            os.link(ckpt.directory / fname, tmp / fname)
+            if not (tmp / fname).exists():  # linked already for an earlier graph of the same export
+                os.link(ckpt.directory / fname, tmp / fname)
         except OSError as e:
             raise MoorizeError(f"--weights reference hard-links the factored shards into the export, which needs "
                                f"DEST on the same filesystem as {ckpt.directory} ({e.strerror}); "
@@ -333,10 +361,10 @@ def _set_external(tensor, location: str, offset: int, length: int) -> None:
         e.key, e.value = k, v
 
 
-def export_metadata(routed: Routed, graph: ExportGraph, dtype: str, opset: int, decompose: bool, weights: str,
+def export_metadata(routed: Routed, graph: ExportGraph | EncoderDecoderGraphs, dtype: str, opset: int, decompose: bool, weights: str,
                     factored_dir: Path, adapter) -> dict:
     """moorize_export.json: everything a runtime needs besides the graph (docs/FORMAT.md)."""
-    meta = _base_metadata(routed, graph, graph.input_names, dtype, opset, weights, factored_dir)
+    meta = _base_metadata(routed, graph, None, dtype, opset, weights, factored_dir)
     meta.update({
         "router": routed.model.moore.config.router,
         "op": None if decompose else {"domain": ops.OP_DOMAIN, "name": ops.OP_NAME, "version": ops.OP_VERSION},
@@ -346,24 +374,53 @@ def export_metadata(routed: Routed, graph: ExportGraph, dtype: str, opset: int, 
     return meta
 
 
-def _base_metadata(routed: Routed, graph: ExportGraph, inputs: list[str], dtype: str, opset: int, weights: str,
-                   source: Path) -> dict:
-    """The fields of moorize_export.json that routed and dense exports share."""
-    meta = common_metadata("onnx", routed.kind, routed.model.config.model_type, routed.tasks, routed.labels, inputs,
-                           graph.output_names, graph.with_past)
-    meta.update({"graph": GRAPH_FILE, "dtype": dtype, "opset": opset, "weights": weights, "source": str(source)})
+def _base_metadata(routed: Routed, graph: ExportGraph | EncoderDecoderGraphs, inputs: list[str] | None, dtype: str,
+                   opset: int, weights: str, source: Path) -> dict:
+    """The fields of moorize_export.json that routed and dense exports share (``inputs``: the graph's own names
+    when None). One graph is ``graph``; an encoder-decoder's are listed in ``graphs`` (file, inputs and outputs
+    of each), and ``inputs``/``outputs`` are the decoder's."""
+    parts = graph.parts()
+    main = parts.get("model") or parts["decoder"]
+    meta = common_metadata("onnx", routed.kind, routed.model.config.model_type, routed.tasks, routed.labels,
+                           inputs or main.input_names, main.output_names, graph.with_past)
+    meta.update({"dtype": dtype, "opset": opset, "weights": weights, "source": str(source)})
+    if "model" in parts:
+        meta["graph"] = GRAPH_FILE
+    else:
+        meta["graphs"] = {stem: {"file": graph_file(stem), "inputs": g.input_names, "outputs": g.output_names}
+                          for stem, g in parts.items()}
     if routed.kind == "decoder":
         meta.update(decoder_meta(routed.model))
+    elif routed.kind == "encoder-decoder":
+        meta.update(seq2seq_meta(routed.model))
     return meta
+
+
+def _stop_tokens(model) -> dict:
+    """End-of-sequence ids (a list) and the padding id, from the generation config first."""
+    cfg = model.config
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) or cfg.eos_token_id
+    return {"eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
+            "pad_token_id": getattr(gen, "pad_token_id", None) or cfg.pad_token_id}
 
 
 def decoder_meta(model) -> dict:
     """What generation needs besides the graph: cache geometry, end-of-sequence and padding ids."""
-    cfg = model.config
+    return {"kv": kv_layout(model.config), **_stop_tokens(model)}
+
+
+def seq2seq_meta(model) -> dict:
+    """What an encoder-decoder's generation needs besides its graphs: the decoder's start token, end and padding,
+    and the generation config's token constraints the runtime applies (forced first and last tokens; tokens
+    never generated: ``suppress_tokens`` and one-token ``bad_words_ids``, Marian's padding)."""
     gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) or cfg.eos_token_id
-    return {"kv": kv_layout(cfg), "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
-            "pad_token_id": getattr(gen, "pad_token_id", None) or cfg.pad_token_id}
+    suppress = list(getattr(gen, "suppress_tokens", None) or [])
+    suppress += [w[0] for w in getattr(gen, "bad_words_ids", None) or [] if isinstance(w, list) and len(w) == 1]
+    return {"decoder_start_token_id": decoder_start_token(model), **_stop_tokens(model),
+            "forced_bos_token_id": getattr(gen, "forced_bos_token_id", None),
+            "forced_eos_token_id": getattr(gen, "forced_eos_token_id", None),
+            "suppress_token_ids": sorted({int(t) for t in suppress})}
 
 
 def ort_runner(session, input_names: list[str]):
@@ -402,8 +459,7 @@ def export_dense_onnx(model_dir, dest, *, with_past: bool = False, opset: int = 
     holder = ops.TaskIds()
     graph = ExportGraph(routed, with_past, holder)
     with atomic_output_dir(dest, overwrite, protect=[model_dir]) as tmp:
-        proto = _trace(graph, routed, tokenizer_or_none(model_dir), holder, "float32", opset, tmp,
-                       fold_rotation=True)
+        proto = _trace(graph, tokenizer_or_none(model_dir), holder, "float32", opset, tmp, fold_rotation=True)
         _write_graph(proto, tmp, {}, model_dir, "copy")
         copy_aux_files(model_dir, tmp)
         meta = _base_metadata(routed, graph, [i.name for i in proto.graph.input], "float32", opset, "copy",

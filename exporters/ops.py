@@ -99,6 +99,14 @@ class ExportMoORELinear(nn.Module):
                 self.register_buffer(name, router[name])
             self.register_buffer("residual", None if layer.residual is None else layer.residual.to(dtype))
             self.register_buffer("bias", None if layer.bias is None else layer.bias.to(dtype))
+        # what model code reads of a linear layer's weight (T5's feed-forward casts to ``wo.weight.dtype``): its
+        # dtype and shape, on the meta device, so nothing of it can enter the graph
+        object.__setattr__(self, "_weight_stand_in", torch.empty(layer.out_features, layer.in_features, dtype=dtype,
+                                                                 device="meta"))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._weight_stand_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # tokens flattened from the rows (a sparse-MoE block's shared expert)

@@ -20,7 +20,7 @@ import torch
 from ..compat import export_program
 from ..errors import MoorizeError
 from . import ops
-from .graphs import ExportGraph, sample_inputs
+from .graphs import ExportGraph
 from .metadata import META_FILE, common_metadata
 from .options import ExportOptions
 from .pipeline import ExportJob, run_export
@@ -63,7 +63,10 @@ class FileBackend:
 
     def write(self, job: ExportJob, tmp: Path) -> FileExportReport:
         routed, graph = job.routed, job.graph
-        args = sample_inputs(routed, job.tokenizer, job.opts.with_past, past=3)
+        if routed.kind == "encoder-decoder":
+            raise MoorizeError(f"{routed.model.config.model_type}: encoder-decoder models export with --onnx only (an "
+                               f"encoder and a decoder graph); a {backend_title(self.backend)} file holds one graph")
+        args = graph.sample_inputs(job.tokenizer, past=3)
         meta = _meta(graph, routed, self.backend)
         with ops.export_layers(routed.model, job.holder, torch.float32, use_op=False), torch.no_grad():
             if self.backend == "torchscript":

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import MoorizeError
-from .graphs import ExportGraph, Routed, sample_inputs
+from .graphs import ExportGraph, Routed
 
 # |got - ref| <= atol + rtol * max|ref| per output. Float32 rounding grows with the output's scale: on
 # SmolLM2's logits (|max| ~30) PyTorch float32 itself is ~1e-4 off a float64 run, and ONNX Runtime likewise.
@@ -88,7 +88,7 @@ def references(graph: ExportGraph, routed: Routed, tokenizer) -> References:
     out = References(list(graph.output_names), list(graph.input_names))
     at = graph.input_names.index("task_ids")
     for t, task in enumerate(routed.tasks):
-        args = sample_inputs(routed, tokenizer, graph.with_past, batch=3, seq=5)
+        args = graph.sample_inputs(tokenizer, batch=3, seq=5)
         args = (*args[:at], torch.full_like(args[at], t), *args[at + 1:])
         steps, step = [], args
         while step is not None:
@@ -101,6 +101,16 @@ def references(graph: ExportGraph, routed: Routed, tokenizer) -> References:
             nxt = ref[0][:, -1].argmax(-1, keepdim=True)
             step = (nxt, torch.ones(nxt.shape[0], args[1].shape[1] + 1, dtype=torch.long), args[2], *ref[1:])
         out.steps[task] = steps
+    return out
+
+
+def merged(validations: Sequence[Validation]) -> Validation:
+    """One report of several graphs of one export (an encoder-decoder's two), task by task."""
+    out = validations[0]
+    for v in validations[1:]:
+        for task in v.diffs:
+            out.diffs.setdefault(task, {}).update(v.diffs[task])
+            out.ratios.setdefault(task, {}).update(v.ratios[task])
     return out
 
 

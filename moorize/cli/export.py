@@ -70,7 +70,8 @@ def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, lora_dest,
         op = "standard ops only" if opts.decompose else f"{report.moore_nodes} ai.moorize::MoORELinear nodes"
         click.echo(f"wrote {report.dest}: {report.kind}, tasks {', '.join(report.tasks)}, opset {opts.opset}, {op}, "
                    f"{opts.dtype}{', with past' if opts.with_past else ''} ({report.seconds:.1f} s)")
-        click.echo(f"  graph {_mb(report.graph_bytes)}, model.onnx_data {_mb(report.data_bytes)}, "
+        graphs = "encoder.onnx + decoder.onnx" if report.kind == "encoder-decoder" else "graph"
+        click.echo(f"  {graphs} {_mb(report.graph_bytes)}, weights written {_mb(report.data_bytes)}, "
                    f"referenced in the factored shards {_mb(report.referenced_bytes)}")
         _echo_validation(report.validation)
     for dest, backend in ((ts_dest, "torchscript"), (pt2_dest, "pt2")):

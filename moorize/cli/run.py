@@ -90,7 +90,7 @@ def run(export_dir: Path, **options) -> None:
     for t in set(tasks):  # unknown names fail before any work
         model.task_ids(t, 1)
     tasks_arg = tasks if len(set(tasks)) > 1 else tasks[0]
-    if model.kind == "decoder":
+    if model.generates:
         outs = model.generate(texts, task=tasks_arg, max_new_tokens=max_new_tokens, do_sample=o.do_sample,
                               temperature=o.temperature, top_p=o.top_p, seed=o.seed)
     else:
@@ -108,7 +108,7 @@ def _bench(model, texts, task, max_new_tokens: int, runs: int) -> None:
     totals, steps, prefills, tokens = [], [], [], 0
     for _ in range(runs):
         t0 = time.perf_counter()
-        if model.kind == "decoder":
+        if model.generates:
             model.generate(texts, task=task, max_new_tokens=max_new_tokens)
             times = model.last_times
             steps += times.steps
@@ -121,9 +121,9 @@ def _bench(model, texts, task, max_new_tokens: int, runs: int) -> None:
     line = (f"bench ({runs} runs, batch {len(texts)}, provider {model.provider}): latency p50 {ms(_pct(totals, .5))}, "
             f"p90 {ms(_pct(totals, .9))}, p99 {ms(_pct(totals, .99))}")
     click.echo(line, err=False, file=sys.stdout)
-    if model.kind == "decoder" and steps:
+    if model.generates and steps:
         click.echo(f"bench: prefill p50 {ms(statistics.median(prefills))}; per-token step p50 "
                    f"{ms(_pct(steps, .5))}, p90 {ms(_pct(steps, .9))}, p99 {ms(_pct(steps, .99))}; "
                    f"{tokens / sum(totals):.1f} tokens/s")
-    elif model.kind != "decoder":
+    elif not model.generates:
         click.echo(f"bench: {len(texts) * runs / sum(totals):.1f} texts/s")

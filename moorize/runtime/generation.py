@@ -2,7 +2,7 @@
 
 A ``--with-past`` decoder export starts from an empty cache and each step feeds the previous
 ``present`` tensors back as ``past_key_values``; an export without a cache recomputes the whole
-sequence each step. The loop is the same for ``moorize run`` and ``MoOREOrtModel.generate``; the
+sequence each step. An encoder-decoder runs its encoder once and its decoder every step. The loop is the same for ``moorize run`` and ``MoOREOrtModel.generate``; the
 server batches its own steps over the same session (``moorize.serving.engine``).
 """
 
@@ -53,13 +53,19 @@ def generate_ids(model, input_ids, attention_mask=None, task=None, max_new_token
                  seed: int | None = None) -> np.ndarray:
     """[batch, max_new_tokens] new token ids of ``model`` (a ``MoOREOrtModel``); rows that met EOS continue
     with the pad token. The timings land in ``model.last_times``."""
-    if model.kind != "decoder":
-        raise MoorizeError("generate() needs a decoder export; this one is an encoder (use classify())")
+    if not model.generates:
+        raise MoorizeError(f"generate() needs a decoder or encoder-decoder export; this one is an {model.kind} (use "
+                           "classify())")
     check_sampling(do_sample, temperature, top_p, seed)
     ids, mask = model.check_ids(input_ids, attention_mask)
-    max_new_tokens = capped_new_tokens(max_new_tokens, ids.shape[1], model.max_positions)
     batch = ids.shape[0]
     tids = model.task_ids(task, batch)
+    if model.kind == "decoder":
+        max_new_tokens = capped_new_tokens(max_new_tokens, ids.shape[1], model.max_positions)
+        step = _decoder_steps(model, ids, mask, tids)
+    else:  # the decoder's own positions: its start token and the new tokens
+        max_new_tokens = capped_new_tokens(max_new_tokens, 1, model.max_positions)
+        step = _seq2seq_steps(model, ids, mask, tids, max_new_tokens)
     eos = np.array(model.meta.get("eos_token_id") or [], dtype=np.int64)
     pad = model.meta.get("pad_token_id")
     pad = int(pad) if pad is not None else (int(eos[0]) if eos.size else 0)
@@ -67,11 +73,10 @@ def generate_ids(model, input_ids, attention_mask=None, task=None, max_new_token
     done = np.zeros(batch, dtype=bool)
     out = np.full((batch, max_new_tokens), pad, dtype=np.int64)
     times = GenerationTimes()
-    past, step_ids, seq = None, ids, ids
+    nxt = None
     for i in range(max_new_tokens):
         t0 = time.perf_counter()
-        outputs = model.run(step_ids, mask, tids, past)
-        logits = outputs[0][:, -1].astype(np.float32)
+        logits = step(nxt)
         nxt = sample_nucleus(logits, rng, temperature, top_p) if do_sample else logits.argmax(-1)
         nxt = np.where(done, pad, nxt)
         dt = time.perf_counter() - t0
@@ -82,14 +87,57 @@ def generate_ids(model, input_ids, attention_mask=None, task=None, max_new_token
         times.new_tokens += int((~done).sum())
         out[:, i] = nxt
         done |= np.isin(nxt, eos)
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
-        if model.with_past:
-            past, step_ids = list(outputs[1:]), nxt[:, None]
-        else:  # no cache in the graph: recompute the whole sequence
-            seq = np.concatenate([seq, nxt[:, None]], 1)
-            step_ids = seq
         if done.all():
             out = out[:, : i + 1]
             break
     model.last_times = times
     return out
+
+
+def _decoder_steps(model, ids: np.ndarray, mask: np.ndarray, tids: np.ndarray):
+    """A decoder's steps: ``step(previous token or None)`` → [batch, vocab] float32 logits of the next one. With a
+    cache each step feeds the previous ``present`` tensors back; without one it recomputes the whole sequence."""
+    state = {"past": None, "mask": mask, "seq": ids}
+
+    def step(prev):
+        feed = state["seq"]
+        if prev is not None:
+            state["mask"] = np.concatenate([state["mask"], np.ones((len(ids), 1), dtype=np.int64)], 1)
+            if model.with_past:
+                feed = prev[:, None]
+            else:
+                feed = state["seq"] = np.concatenate([state["seq"], prev[:, None]], 1)
+        outputs = model.run(feed, state["mask"], tids, state["past"])
+        if model.with_past:
+            state["past"] = list(outputs[1:])
+        return outputs[0][:, -1].astype(np.float32)
+
+    return step
+
+
+def _seq2seq_steps(model, ids: np.ndarray, mask: np.ndarray, tids: np.ndarray, max_new_tokens: int):
+    """An encoder-decoder's steps: the encoder runs once (in the first step, so the prefill time holds it); each
+    step the decoder reads the target so far, from the start token, against the encoder's states. The generation
+    config's constraints that the export records apply as transformers applies them: the forced first token
+    (mBART's target language), the forced last one (EOS at the length limit) and the tokens never generated."""
+    meta = model.meta
+    state = {"target": np.full((len(ids), 1), int(meta["decoder_start_token_id"]), dtype=np.int64)}
+    forced = {0: meta.get("forced_bos_token_id"), max_new_tokens - 1: meta.get("forced_eos_token_id")}
+    suppress = [t for t in meta.get("suppress_token_ids") or [] if 0 <= t]
+
+    def step(prev):
+        if prev is None:
+            state["states"] = model.encode(ids, mask, tids)
+        else:
+            state["target"] = np.concatenate([state["target"], prev[:, None]], 1)
+        logits = model.decode(state["target"], state["states"], mask, tids)[:, -1].astype(np.float32)
+        logits[:, [t for t in suppress if t < logits.shape[1]]] = -np.inf
+        token = forced.get(state["target"].shape[1] - 1)
+        if isinstance(token, list):  # a forced EOS given as several ids: the first, as transformers does
+            token = token[0] if token else None
+        if token is not None and 0 <= token < logits.shape[1]:
+            logits[:, :] = -np.inf
+            logits[:, token] = 0.0
+        return logits
+
+    return step

@@ -1,6 +1,7 @@
 """``MoOREOrtModel``: an exported routed model in one ONNX Runtime session, for ``moorize run`` and the server.
 
-One InferenceSession serves every task of the model, since the task is a graph input. Everything
+One InferenceSession serves every task of the model, since the task is a graph input (an
+encoder-decoder has two: its encoder's and its decoder's). Everything
 comes from the export directory (``moorize_export.json``, tokenizer, graph and its weights). Every
 input is checked here, so a bad one is one line, not an ONNX Runtime fault.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MoorizeError
-from .format import read_export_meta
+from .format import META_FILE, read_export_meta
 from .generation import GenerationTimes, generate_ids
 from .limits import model_limits
 from .providers import default_providers
@@ -24,8 +25,11 @@ log = logging.getLogger(__name__)
 class MoOREOrtModel:
     """An exported routed model in an ONNX Runtime session."""
 
-    def __init__(self, directory: Path, meta: dict, session, tokenizer):
+    def __init__(self, directory: Path, meta: dict, session, tokenizer, encoder_session=None):
+        """``session`` runs the graph (an encoder-decoder's decoder); ``encoder_session`` an encoder-decoder's
+        encoder."""
         self.directory, self.meta, self.session, self.tokenizer = directory, meta, session, tokenizer
+        self.encoder_session = encoder_session
         self.tasks: dict[str, int] = dict(meta["tasks"])
         self.labels: dict[str, list[str]] | None = meta.get("labels")
         self.kind: str = meta["kind"]
@@ -41,14 +45,25 @@ class MoOREOrtModel:
 
         directory = Path(directory)
         meta = read_export_meta(directory)
-        graph = directory / meta.get("graph", "model.onnx")
-        if not graph.is_file():
-            raise MoorizeError(f"{directory} lacks its graph {graph.name}")
-        try:
-            session = ort.InferenceSession(str(graph), sess_options=session_options,
-                                           providers=providers or default_providers())
-        except Exception as e:  # a missing weights file, an unknown provider, ...
-            raise MoorizeError(f"ONNX Runtime cannot load {graph}: {str(e).splitlines()[0]}") from None
+        graphs = meta.get("graphs") or {"model": {"file": meta.get("graph", "model.onnx")}}
+        if not isinstance(graphs, dict) or not all(isinstance(g, dict) and isinstance(g.get("file"), str)
+                                                   for g in graphs.values()):
+            raise MoorizeError(f"{directory / META_FILE}: 'graphs' must map names to {{\"file\": ...}}")
+        sessions = {}
+        for stem, spec in graphs.items():
+            graph = directory / spec["file"]
+            if not graph.is_file():
+                raise MoorizeError(f"{directory} lacks its graph {graph.name}")
+            try:
+                sessions[stem] = ort.InferenceSession(str(graph), sess_options=session_options,
+                                                      providers=providers or default_providers())
+            except Exception as e:  # a missing weights file, an unknown provider, ...
+                raise MoorizeError(f"ONNX Runtime cannot load {graph}: {str(e).splitlines()[0]}") from None
+        main = sessions.get("model") or sessions.get("decoder")
+        wanted = {"encoder", "decoder"} if meta.get("kind") == "encoder-decoder" else {"model"}
+        if set(sessions) != wanted:
+            raise MoorizeError(f"{directory / META_FILE}: a {meta.get('kind')} export has the graphs "
+                               f"{', '.join(sorted(wanted))}, this one lists {', '.join(sorted(sessions))}")
         tokenizer = None
         try:
             from transformers import AutoTokenizer
@@ -56,7 +71,12 @@ class MoOREOrtModel:
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except Exception:
             log.info("no tokenizer in %s: pass token ids", directory)
-        return cls(directory, meta, session, tokenizer)
+        return cls(directory, meta, main, tokenizer, sessions.get("encoder"))
+
+    @property
+    def generates(self) -> bool:
+        """Whether the export writes text (a decoder or an encoder-decoder), rather than classifying."""
+        return self.kind in ("decoder", "encoder-decoder")
 
     @property
     def provider(self) -> str:
@@ -87,20 +107,56 @@ class MoOREOrtModel:
 
     def run(self, input_ids, attention_mask, task_ids, past: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """One session call; ``task_ids`` is checked here, so a bad id is a clear error, not a Gather fault."""
+        if self.kind == "encoder-decoder":
+            raise MoorizeError("an encoder-decoder export runs in two graphs: use encode() and decode(), or "
+                               "generate()")
+        ids, mask = self.check_ids(input_ids, attention_mask, past_length=0 if not past else past[0].shape[2])
+        values = [ids, mask, self._checked_task_ids(task_ids, ids.shape[0])]
+        if self.with_past:
+            values += past if past is not None else self.empty_past(ids.shape[0])
+        return self._session_run(self.session, dict(zip(self.meta["inputs"], values)))
+
+    def encode(self, input_ids, attention_mask, task_ids) -> np.ndarray:
+        """An encoder-decoder's encoder: [batch, length, hidden] states of the (right-padded) input."""
+        self._need_seq2seq("encode()")
+        ids, mask = self.check_ids(input_ids, attention_mask)
+        values = {"input_ids": ids, "attention_mask": mask, "task_ids": self._checked_task_ids(task_ids, len(ids))}
+        return self._session_run(self.encoder_session, values)[0]
+
+    def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask, task_ids) -> np.ndarray:
+        """An encoder-decoder's decoder: [batch, target length, vocab] logits of the target so far, given the
+        encoder's states and its input's mask."""
+        self._need_seq2seq("decode()")
+        states = np.asarray(encoder_hidden_states, dtype=self.float_dtype)
+        ids, mask = self.check_ids(decoder_input_ids)
+        enc_mask = np.asarray(attention_mask)
+        if states.ndim != 3 or enc_mask.shape != states.shape[:2] or len(ids) != len(states):
+            raise MoorizeError(f"decode(): encoder_hidden_states [batch, length, hidden] and attention_mask [batch, "
+                               f"length] must match the decoder's batch of {len(ids)}, got {list(states.shape)} and "
+                               f"{list(enc_mask.shape)}")
+        values = {"decoder_input_ids": ids, "encoder_hidden_states": states,
+                  "attention_mask": enc_mask.astype(np.int64, copy=False),
+                  "task_ids": self._checked_task_ids(task_ids, len(ids))}
+        return self._session_run(self.session, values)[0]
+
+    def _need_seq2seq(self, what: str) -> None:
+        if self.kind != "encoder-decoder":
+            raise MoorizeError(f"{what} is for encoder-decoder exports; this one is a {self.kind} (use run())")
+
+    def _checked_task_ids(self, task_ids, batch: int) -> np.ndarray:
         task_ids = np.asarray(task_ids, dtype=np.int64)
         if task_ids.size and (task_ids.min() < 0 or task_ids.max() >= len(self.tasks)):
             raise MoorizeError(f"task id out of range in {task_ids.tolist()}: the model has {len(self.tasks)} "
                                f"task(s) ({', '.join(self.tasks)})")
-        names = self.meta["inputs"]
-        ids, mask = self.check_ids(input_ids, attention_mask, past_length=0 if not past else past[0].shape[2])
-        if task_ids.shape != (ids.shape[0],):
+        if task_ids.shape != (batch,):
             raise MoorizeError(f"task_ids must have one id per row: got shape {list(task_ids.shape)} for a batch of "
-                               f"{ids.shape[0]}")
-        values = [ids, mask, task_ids]
-        if self.with_past:
-            values += past if past is not None else self.empty_past(ids.shape[0])
+                               f"{batch}")
+        return task_ids
+
+    @staticmethod
+    def _session_run(session, values: dict) -> list[np.ndarray]:
         try:
-            return self.session.run(None, dict(zip(names, values)))
+            return session.run(None, values)
         except ort_input_errors() as e:  # shapes or types ONNX Runtime refuses: the caller's input
             raise MoorizeError(f"ONNX Runtime refused the inputs: {str(e).splitlines()[0]}") from None
 
@@ -175,7 +231,7 @@ class MoOREOrtModel:
                 raise MoorizeError(f"input {i + 1} is empty: it has no tokens")
         limit = self.max_positions
         if limit and max(lengths) > limit:
-            if self.kind == "decoder":
+            if self.kind != "encoder":  # a generation's input is never cut
                 raise MoorizeError(f"input {lengths.index(max(lengths)) + 1} has {max(lengths)} tokens: more than the "
                                    f"model's {limit} positions")
             log.warning("truncated %d of %d input(s) to the encoder's %d positions (as tokenizers do with "
@@ -185,10 +241,11 @@ class MoOREOrtModel:
 
     def generate(self, prompts, task=None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
-        """Continue each prompt (batched, left-padded); returns the new text of each."""
+        """Continue each prompt (a decoder: batched, left-padded), or answer it (an encoder-decoder: its output
+        text); returns the new text of each."""
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
-        ids, mask = self._encode(prompts, left_pad=True)
+        ids, mask = self._encode(prompts, left_pad=self.kind == "decoder")
         new = self.generate_ids(ids, mask, task, max_new_tokens, do_sample, temperature, top_p, seed)
         eos = set(self.meta.get("eos_token_id") or [])
         texts = []

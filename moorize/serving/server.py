@@ -33,6 +33,10 @@ def build_app(export_dir, api_key: str | None = None, max_batch_size: int = 16, 
     if model.kind == "vision":
         raise MoorizeError(f"{export_dir} is an image encoder: the server takes text (run it from Python with "
                            "MoOREOrtModel.image_features)")
+    if model.kind == "encoder-decoder":
+        raise MoorizeError(f"{export_dir} is an encoder-decoder ({model.meta.get('model_type')}): the server batches "
+                           "decoders exported with --with-past and encoder classifiers; run it with moorize run or "
+                           "MoOREOrtModel.generate")
     if model.tokenizer is None:
         raise MoorizeError(f"{export_dir} has no tokenizer files: the server takes text")
     metrics = server_metrics()
