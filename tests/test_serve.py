@@ -216,6 +216,54 @@ def test_malformed_json_is_400(server, raw):
     _error(http("POST", server.url + "/v1/chat/completions", content=raw), 400)
 
 
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/completions", b'{"model": "math", "prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/chat/completions", b'{"model": "math", "messages": [{"role": "user", "content": "\\udc00"}]}', "messages"),
+    ("/v1/completions", b'{"model": "\\ud83d", "prompt": "hi"}', "model"),
+    ("/v1/completions", b'{"model": "math", "prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", None),
+])
+def test_valid_json_that_is_no_request_is_400_not_500(server, path, raw, param):
+    """Lone surrogate escapes (valid JSON, no text: the tokenizer and the reply would fail on them) and deep
+    nesting are the caller's: a 400 naming the field, counted as such, and the server goes on."""
+    endpoint = "chat" if "chat" in path else "completions"
+    counts = {code: metric(server.url, "moorize_requests_total", endpoint=endpoint, status=code)
+              for code in ("400", "500")}
+    body = _error(http("POST", server.url + path, content=raw), 400)
+    assert body["param"] == param
+    assert metric(server.url, "moorize_requests_total", endpoint=endpoint, status="400") == counts["400"] + 1
+    assert metric(server.url, "moorize_requests_total", endpoint=endpoint, status="500") == counts["500"]
+
+
+def test_openai_parameters_not_implemented_are_400_through_the_client(client):
+    """Refused by name rather than ignored; the values that ask for nothing (what clients send by default) pass."""
+    chat = dict(model="math", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    for extra, param in ((dict(response_format={"type": "json_object"}), "response_format"),
+                         (dict(presence_penalty=0.5), "presence_penalty"), (dict(frequency_penalty=1.0),
+                                                                           "frequency_penalty"),
+                         (dict(logit_bias={"5": 10}), "logit_bias"),
+                         (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**chat, **extra)
+        assert e.value.body["param"] == param and "not supported" in e.value.body["message"]
+    r = client.chat.completions.create(**chat, presence_penalty=0, frequency_penalty=0,
+                                       response_format={"type": "text"})
+    assert r.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as e:  # a completion's prompt is its "prompt", not "messages"
+        client.completions.create(model="math", prompt="x" * 600, max_tokens=4)
+    assert e.value.body["param"] == "prompt"
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(client):
+    """A megabyte prompt cannot fit 512 positions whatever its tokens: refused by its length in characters (the
+    message says so), not after seconds of tokenizing on the event loop."""
+    for call in (lambda: client.completions.create(model="math", prompt="x" * 1_000_000, max_tokens=2),
+                 lambda: client.chat.completions.create(model="math", max_tokens=2,
+                                                        messages=[{"role": "user", "content": "y" * 1_000_000}])):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.body["code"] == "context_length_exceeded" and "characters" in e.value.body["message"]
+
+
 def test_unknown_routes_and_methods_are_json(server):
     assert _error(http("GET", server.url + "/v1/nothing"), 404)["code"] == "not_found"
     assert _error(http("GET", server.url + "/v1/completions"), 405)["code"] == "method_not_allowed"
@@ -315,13 +363,34 @@ def test_classify_an_encoder_export(serving_exports):
 
 # ---- the command line -----------------------------------------------------------------------------
 def test_cli_errors_are_one_line(tmp_path, server, serving_exports):
-    cases = [[str(tmp_path / "missing")], [serving_exports["llama"], "--port", str(server.port)]]
-    for args in cases:
+    (tmp_path / "file.onnx").write_bytes(b"")
+    cases = {"does not exist": [str(tmp_path / "missing")],
+             "in use": [serving_exports["llama"], "--port", str(server.port)],
+             "is a file": [str(tmp_path / "file.onnx")],
+             "NoSuchExecutionProvider is not available": [serving_exports["llama"], "--provider",
+                                                          "NoSuchExecutionProvider"]}
+    for phrase, args in cases.items():
         res = subprocess.run([sys.executable, "-m", "moorize", "serve", *map(str, args)], capture_output=True,
                              text=True, timeout=120)
         assert res.returncode == 2, res.stderr
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert phrase in lines[0], (phrase, lines[0])
+
+
+def test_serve_without_its_extra_names_the_extra(tmp_path, serving_exports):
+    """As if `pip install moorize` without [serve]: uvicorn cannot be imported."""
+    import os
+
+    shim = tmp_path / "shim" / "uvicorn"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'uvicorn'\", name='uvicorn')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "moorize", "serve", str(serving_exports["llama"])],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == ("error: moorize serve needs uvicorn, which is not installed: "
+                                                   "pip install 'moorize[serve]'")
 
 
 def test_sse_wire_format(server):

@@ -1,4 +1,4 @@
-"""The serving parts that need no server: incremental text with stop strings, and the KV batch's layout."""
+"""The serving parts that need no server: incremental text with stop strings, the KV batch's layout, metrics."""
 
 from __future__ import annotations
 
@@ -64,3 +64,10 @@ def test_kv_batch_merge_keep_and_trim():
     assert (kept.past[0][0] == 1.0).all()
     assert m.keep([]) is None
     assert kept.step_mask().tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+
+
+def test_gauges_are_scrapable_before_the_first_request():
+    from moorize.serving.metrics import server_metrics
+
+    text = server_metrics().text().splitlines()
+    assert "moorize_queue_length 0" in text and "moorize_running_rows 0" in text

@@ -33,6 +33,11 @@ def _silence_stdout() -> None:
         pass
 
 
+# optional packages, by module, and the extra of pyproject.toml that installs each
+OPTIONAL_EXTRAS = {"uvicorn": "serve", "starlette": "serve", "matplotlib": "plot", "onnxruntime_genai": "genai",
+                   "peft": "examples"}
+
+
 class MoorizeGroup(click.Group):
     """Turns exceptions into one-line messages and exit codes."""
 
@@ -65,6 +70,11 @@ class MoorizeGroup(click.Group):
         except Exception as e:  # a bug: keep it short unless asked
             if debug:
                 raise
+            missing = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
+            if missing in OPTIONAL_EXTRAS:  # an optional package: name the extra that installs it
+                click.echo(f"error: moorize {ctx.invoked_subcommand or ''} needs {missing}, which is not installed: "
+                           f"pip install 'moorize[{OPTIONAL_EXTRAS[missing]}]'", err=True)
+                ctx.exit(2)
             first = str(e).splitlines()[0] if str(e) else ""
             click.echo(f"error: internal error {type(e).__name__}: {first} (a bug in moorize: please report it "
                        "with the traceback that --debug shows)", err=True)

@@ -15,6 +15,8 @@ EXPORT_VERSION = 1
 
 def read_export_meta(directory: Path) -> dict:
     path = directory / META_FILE
+    if directory.is_file():
+        raise MoorizeError(f"{directory} is a file: give the export directory (moorize export --onnx DIR)")
     if not directory.is_dir():
         raise MoorizeError(f"export directory {directory} does not exist")
     if not path.is_file():

@@ -13,6 +13,21 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def checked_providers(providers: list[str]) -> list[str]:
+    """The user's providers, each one this onnxruntime has: ONNX Runtime itself only warns about an unknown
+    one and runs on the CPU, which a user who asked for the GPU would not notice."""
+    import onnxruntime as ort
+
+    from ..errors import MoorizeError
+
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise MoorizeError(f"execution provider {missing[0]} is not available in this onnxruntime "
+                           f"({ort.__version__}); it has {', '.join(available)}")
+    return list(providers)
+
+
 def nvidia_gpu_visible() -> bool:
     """Whether this process can see an NVIDIA GPU: not hidden by ``CUDA_VISIBLE_DEVICES``, and on Linux
     a device file of the driver present. Elsewhere ONNX Runtime is trusted to fall back to the CPU."""

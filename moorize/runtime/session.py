@@ -17,7 +17,7 @@ from ..errors import MoorizeError
 from .format import META_FILE, read_export_meta
 from .generation import GenerationTimes, generate_ids
 from .limits import model_limits
-from .providers import default_providers
+from .providers import checked_providers, default_providers
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ class MoOREOrtModel:
         if not isinstance(graphs, dict) or not all(isinstance(g, dict) and isinstance(g.get("file"), str)
                                                    for g in graphs.values()):
             raise MoorizeError(f"{directory / META_FILE}: 'graphs' must map names to {{\"file\": ...}}")
+        providers = checked_providers(providers) if providers else default_providers()
         sessions = {}
         for stem, spec in graphs.items():
             graph = directory / spec["file"]
             if not graph.is_file():
                 raise MoorizeError(f"{directory} lacks its graph {graph.name}")
             try:
-                sessions[stem] = ort.InferenceSession(str(graph), sess_options=session_options,
-                                                      providers=providers or default_providers())
+                sessions[stem] = ort.InferenceSession(str(graph), sess_options=session_options, providers=providers)
             except Exception as e:  # a missing weights file, an unknown provider, ...
                 raise MoorizeError(f"ONNX Runtime cannot load {graph}: {str(e).splitlines()[0]}") from None
         main = sessions.get("model") or sessions.get("decoder")

@@ -130,7 +130,11 @@ class Server:
         gen = self.need_decoder()
         req = parse_completion(await self.body(request))
         gen.task_id(req.model)
-        ids = gen.encode_text(req.prompt) if req.prompt is not None else req.prompt_ids
+        if req.prompt is not None:
+            gen.check_chars(len(req.prompt), "prompt")
+            ids = await gen.tokenize(gen.encode_text, req.prompt)
+        else:
+            ids = req.prompt_ids
         gen.check_ids(ids)
         max_tokens = gen.budget(len(ids), req.sampling, COMPLETION_DEFAULT_MAX_TOKENS)
         return await self._answer(request, gen.start(req.model, ids, req.sampling, max_tokens), req.model,
@@ -140,9 +144,10 @@ class Server:
         gen = self.need_decoder()
         req = parse_chat(await self.body(request))
         gen.task_id(req.model)
-        ids = gen.encode_chat(req.messages)
+        gen.check_chars(sum(len(m["content"]) for m in req.messages), "messages")
+        ids = await gen.tokenize(gen.encode_chat, req.messages)
         gen.check_ids(ids)
-        max_tokens = gen.budget(len(ids), req.sampling, CHAT_DEFAULT_MAX_TOKENS)
+        max_tokens = gen.budget(len(ids), req.sampling, CHAT_DEFAULT_MAX_TOKENS, "messages")
         return await self._answer(request, gen.start(req.model, ids, req.sampling, max_tokens), req.model,
                                   req.sampling, chat=True)
 

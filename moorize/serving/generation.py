@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .engine import Engine, GenRequest, QueueFull
@@ -33,6 +34,24 @@ class TextGenerator:
     def __init__(self, model, engine: Engine, metrics):
         self.model, self.engine, self.metrics = model, engine, metrics
         self.tokenizer = model.tokenizer
+        # a token covers at most as many characters as its longest vocabulary entry has (byte-level entries
+        # spell one character per byte or more): the bound that refuses a huge prompt before tokenizing it
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        self.max_token_chars = max(map(len, vocab), default=0) or None
+        # tokenizing is CPU work: off the event loop, one call at a time (a fast tokenizer is shared state)
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="moorize-tokenize")
+
+    async def tokenize(self, fn, *args) -> list[int]:
+        """``fn(*args)`` (encode_text, encode_chat) in the tokenizing thread, so other streams keep flowing."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+
+    def check_chars(self, chars: int, param: str) -> None:
+        """A prompt whose characters cannot fit the positions, whatever its tokens: a 400 before tokenizing."""
+        limit = self.model.max_positions
+        if limit and self.max_token_chars and chars > limit * self.max_token_chars:
+            raise bad(f"This model's maximum context length is {limit} tokens, and a prompt of {chars} characters "
+                      f"has more (a token spans at most {self.max_token_chars} characters)", param,
+                      "context_length_exceeded")
 
     def task_id(self, name: str) -> int:
         if name not in self.model.tasks:
@@ -60,12 +79,13 @@ class TextGenerator:
         if vocab and (min(ids) < 0 or max(ids) >= vocab):
             raise bad(f"token ids must lie in 0..{vocab - 1}", "prompt")
 
-    def budget(self, prompt_len: int, sampling: Sampling, default: int) -> int:
-        """max_tokens for this prompt; a prompt (plus an explicit max_tokens) beyond the positions is a 400."""
+    def budget(self, prompt_len: int, sampling: Sampling, default: int, param: str = "prompt") -> int:
+        """max_tokens for this prompt; a prompt (plus an explicit max_tokens) beyond the positions is a 400
+        naming ``param``, the field the prompt came in (``prompt`` or ``messages``)."""
         limit = self.model.max_positions
         if limit and prompt_len >= limit:
             raise bad(f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} "
-                      "tokens (no room to generate)", "messages", "context_length_exceeded")
+                      "tokens (no room to generate)", param, "context_length_exceeded")
         room = limit - prompt_len if limit else None
         if sampling.max_tokens is not None:
             if room is not None and sampling.max_tokens > room:

@@ -104,6 +104,8 @@ def server_metrics() -> Metrics:
     m.declare("moorize_finished_total", "counter", "Generations ended, by reason (stop, length, cancelled, error).")
     m.declare("moorize_queue_length", "gauge", "Requests waiting for a batch row.")
     m.declare("moorize_running_rows", "gauge", "Rows in the running batch.")
+    for gauge in ("moorize_queue_length", "moorize_running_rows"):  # scrapable from the start, not the first request
+        m.set(gauge, 0)
     m.declare("moorize_batch_size", "histogram", "Rows per ONNX Runtime decoding run.", BATCH_BUCKETS)
     m.declare("moorize_prefill_batch_size", "histogram", "Rows per ONNX Runtime prefill run.", BATCH_BUCKETS)
     m.declare("moorize_step_seconds", "histogram", "Seconds per engine step (prefill and decode).",

@@ -3,7 +3,9 @@
 Every check happens here, before a request reaches the engine, so bad input is a 4xx
 with a message that names the field (``param``) and never reaches ONNX Runtime.
 Unknown fields are ignored, as OpenAI-compatible servers do; features this server
-does not offer (``n`` > 1, ``logprobs``, several prompts) are refused, never faked.
+does not offer (``n`` > 1, ``logprobs``, tools, penalties, several prompts) are refused,
+never faked. Any valid JSON that is not a valid request is a 400: no string can hold a
+lone surrogate, no body can nest deeper than ``MAX_DEPTH``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ import uuid
 from dataclasses import dataclass, field
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
+MAX_DEPTH = 32  # OpenAI requests nest a few levels (messages, content parts, tool schemas)
+# OpenAI parameters this server does not implement, with the values that ask for nothing (clients send those)
+NOT_IMPLEMENTED = {
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+}
 
 
 class ApiError(Exception):
@@ -36,11 +45,41 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise bad(f"the request body nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    _check_text(body)
     return body
+
+
+def _check_text(body: dict) -> None:
+    """Every key and string is text (``"\\ud800"`` is valid JSON but no character: a tokenizer, or the reply
+    quoting it, fails on it) and the body nests at most MAX_DEPTH levels; walked without recursion."""
+    todo: list[tuple[object, str | None, int]] = [(body, None, 0)]
+    while todo:
+        value, field_, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise bad(f"the request body nests deeper than {MAX_DEPTH} levels", field_)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _require_text(key, field_)  # a bad key is named by its parent field: an error never quotes it
+                todo.append((item, field_ or key, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((item, field_, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _require_text(value, field_)
+
+
+def _require_text(s: str, field_: str | None) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = field_ if field_ is not None else "the request body"
+        raise bad(f"{where} holds {s[e.start:e.end].encode('utf-8', 'backslashreplace').decode()}, a lone "
+                  "surrogate escape: not a character (send text as UTF-8)", field_) from None
 
 
 @dataclass
@@ -75,14 +114,22 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open:
     v = body.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(f"{key} must be a number", key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+        raise bad(f"{key} must be a finite number", key)
     if v < lo or v > hi or (lo_open and v == lo):
         raise bad(f"{key} must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v!r}", key)
     return float(v)
 
 
-def _int(body: dict, key: str, lo: int) -> int | None:
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer of hundreds of digits (JSON allows them): no float holds it
+        return False
+
+
+def _int(body: dict, key: str, lo: int, hi: int = 2**63 - 1) -> int | None:
+    """An integer field in [lo, hi] (int64 by default, as OpenAI's API types them), or None when absent."""
     v = body.get(key)
     if v is None:
         return None
@@ -90,6 +137,8 @@ def _int(body: dict, key: str, lo: int) -> int | None:
         raise bad(f"{key} must be an integer", key)
     if v < lo:
         raise bad(f"{key} must be at least {lo}, got {v}", key)
+    if v > hi:
+        raise bad(f"{key} must be at most {hi}", key)
     return v
 
 
@@ -128,6 +177,8 @@ def _sampling(body: dict, max_tokens_keys: tuple[str, ...]) -> Sampling:
         raise bad("n must be 1: this server returns one choice per request", "n")
     unsupported = [k for k in ("logprobs", "top_logprobs", "echo", "suffix") if body.get(k) not in (None, False)]
     unsupported += ["best_of"] if body.get("best_of") not in (None, 1) else []
+    unsupported += [k for k, no_op in NOT_IMPLEMENTED.items()
+                    if k in body and (isinstance(body[k], bool) or body[k] not in no_op)]
     if unsupported:
         raise bad(f"{unsupported[0]} is not supported by this server", unsupported[0])
     return Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
