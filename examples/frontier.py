@@ -21,7 +21,7 @@ skips the runs already there, so an interrupted sweep resumes. Conflict: seed 0 
 two middle learning rates of its grid is also trained once per task alone (a quarter of the steps: as many examples of its
 task as the multi-task run sees); a task's conflict is its multi-task accuracy minus its single-task one.
 
-    python examples/frontier.py --quick --jobs 2      # 2 CPU cores, two runs at a time (time: README)
+    python examples/frontier.py --quick --jobs 2      # 2 CPU cores, two runs at a time (time: docs/TRAINING.md)
     python examples/frontier.py                       # the full setting (GPU)
     python examples/frontier.py --quick --plot-only   # figure and tables from the JSON
 """
@@ -93,7 +93,7 @@ METHODS = {
                                  {"router": "task+sample", "router_norm": "none", "sample_router_lr": 1.0},
                                  extra=True),
 }
-DEFAULTS_METHOD, OLD_DEFAULTS_METHOD = "moore_ts_rms", "moore_old_defaults"  # the README's before and after
+DEFAULTS_METHOD, OLD_DEFAULTS_METHOD = "moore_ts_rms", "moore_old_defaults"  # docs/TRAINING.md's before and after
 
 SETTINGS = {
     # multitask_smollm2's quick data and steps, on three target modules per block instead of seven
@@ -419,7 +419,7 @@ def floats(text: str) -> list[float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = ap.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="The reduced CPU setting (2 cores: README).")
+    group.add_argument("--quick", action="store_true", help="The reduced CPU setting (2 cores: docs/TRAINING.md).")
     group.add_argument("--smoke", action="store_true", help="A tiny setting for tests: 4 steps, one lr, one seed.")
     ap.add_argument("--plot-only", action="store_true", help="Only redraw the figure and tables from the JSON.")
     ap.add_argument("--methods", default=None,

@@ -43,7 +43,7 @@ from .graphs import (
 )
 from .metadata import META_FILE, common_metadata
 from .options import DEFAULT_OPSET, MIN_OPSET, ExportOptions
-from .pipeline import ExportJob, run_export
+from .pipeline import ExportJob, quiet_exporter, run_export
 from .validate import Validation, compare, default_atol, merged, references
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class OnnxBackend:
         self.stems, layers = list(parts), 0
         refs = _reference_map(job.factored_dir, self.exported) if opts.weights == "reference" else {}
         for stem, graph in parts.items():
+            log.info("tracing %s (%.1f s)", graph_file(stem), time.perf_counter() - job.t0)
             model = _trace(graph, job.tokenizer, self.holder, opts.dtype, opts.opset, tmp,
                            fold_rotation=opts.weights == "copy", stem=stem)
             log.info("traced %s (%.1f s)", graph_file(stem), time.perf_counter() - job.t0)
@@ -170,12 +171,13 @@ def _trace(graph: ExportGraph, tokenizer, holder, dtype: str, opset: int, tmp: P
 
     args = graph.sample_inputs(tokenizer, past=3, dtype=getattr(torch, dtype))
     names = graph.input_names
-    with ops.export_layers(graph.model, holder, getattr(torch, dtype), fold_rotation), torch.no_grad():
+    with ops.export_layers(graph.model, holder, getattr(torch, dtype), fold_rotation), torch.no_grad(), \
+            quiet_exporter():
         try:
             # torch.export first: given Dim objects, torch.onnx.export loses their equalities (it renames them).
             # No optimiser when the rotation stays in the graph: constant folding would store Vh H again.
             program = export_program(graph, args, graph.dynamic_shapes())
-            log.info("torch.export done")
+            log.info("converting the traced program to ONNX")
             prog = torch.onnx.export(program, dynamo=True, custom_translation_table=ops.onnx_translation(),
                                      input_names=names, output_names=graph.output_names, opset_version=opset,
                                      optimize=fold_rotation, verbose=False)

@@ -8,9 +8,11 @@ wrapper, protecting the inputs, the atomic (locked) output and the timing live h
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -61,6 +63,22 @@ class Backend(Protocol):
         """Fill the report's sizes once everything is written."""
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """Silence what the tracing stack says that a user cannot act on: torch.onnx's notices about optional
+    packages (torchvision's ops) and the deprecation warnings of torch's and transformers' internals."""
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        onnx_log.setLevel(level)
+
+
 def run_export(backend: Backend, factored_dir, dest, adapter, opts: ExportOptions):
     """The pipeline: the same steps, in the same order, whatever the backend."""
     t0 = time.perf_counter()
@@ -79,6 +97,7 @@ def run_export(backend: Backend, factored_dir, dest, adapter, opts: ExportOption
         report = backend.write(job, tmp)
         log.info("written (%.1f s)", time.perf_counter() - t0)
         if opts.validate_export:
+            log.info("validating against PyTorch")
             report.validation = backend.validate(job, tmp, report)
             log.info("validated (%.1f s)", time.perf_counter() - t0)
         backend.finish(job, tmp, report)

@@ -1,7 +1,7 @@
 """Where torch and transformers differ across the supported range, the one place that knows.
 
 The range is pyproject.toml's: torch >= 2.9.1, transformers >= 5.3. CI tests it at the minimums, in
-its pinned environment and on the newest torch (README, "Supported versions"). Each function names the
+its pinned environment and on the newest torch (docs/GUARANTEES.md, "Supported versions"). Each function names the
 versions that need its other path, so a path can be dropped once the minimum passes them.
 """
 

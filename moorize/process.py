@@ -12,7 +12,7 @@ of every block although only one block's are alive: SmolLM2-135M, batch 1 × 512
 of 128 KiB or more in its own mapping, so peak resident memory follows the live tensors.
 
 The price is fresh pages for every large tensor: a CPU training step of SmolLM2 took 1.4-1.6× as long
-for 0.64-0.75× the peak (README, "Freed activations stayed resident"). Conversion, export, loading
+for 0.64-0.75× the peak (benchmarks/README.md, "Freed activations stayed resident"). Conversion, export, loading
 and serving allocate large tensors a few times and barely notice, so every command fixes the
 threshold except ``moorize train``, which does only under ``--gradient-checkpointing`` (the flag
 by which a user chooses memory over compute) or when ``MOORIZE_MMAP_THRESHOLD`` is set.

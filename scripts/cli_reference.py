@@ -75,13 +75,13 @@ def reference() -> str:
 
     out = ["# CLI reference", "",
            "Made by `python scripts/cli_reference.py` from the commands themselves (each option of `convert`, "
-           "`train`, `export`, `run` and `serve` is a field of `ConvertOptions`, `MoOREConfig` + `TrainOptions`, "
-           "`ExportOptions`, `RunOptions` or `ServeOptions`, written once); `tests/test_cli_reference.py` fails "
+           "`train`, `export`, `generate`, `run` and `serve` is a field of `ConvertOptions`, `MoOREConfig` + "
+           "`TrainOptions`, `ExportOptions`, `GenerateOptions`, `RunOptions` or `ServeOptions`, written once); `tests/test_cli_reference.py` fails "
            "when this file is out of date.",
            "", "Every command prints a one-line `error: …` and exits non-zero on bad input (2; 3 for a full disk; "
            "130 when interrupted); `moorize --debug COMMAND` shows the traceback instead, `-v` / `-vv` raise the "
            "log level.", ""]
-    for name in sorted(cli.commands):
+    for name in cli.list_commands(None):  # in the order `moorize --help` gives: by stage
         out += command_section(name, cli.commands[name])
     return "\n".join(out).rstrip() + "\n"
 

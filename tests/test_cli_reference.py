@@ -20,11 +20,12 @@ def test_the_cli_reference_is_current():
 
 @pytest.mark.parametrize("command, classes", [("convert", ["ConvertOptions"]), ("export", ["ExportOptions"]),
                                               ("train", ["MoOREConfig", "TrainOptions"]), ("run", ["RunOptions"]),
-                                              ("serve", ["ServeOptions"])])
+                                              ("generate", ["GenerateOptions"]), ("serve", ["ServeOptions"])])
 def test_every_field_is_a_flag_with_its_default_help_and_choices(command, classes):
     import click
 
     from moorize.cli import cli
+    from moorize.cli.generate import GenerateOptions
     from moorize.cli.run import RunOptions
     from moorize.conversion.options import ConvertOptions
     from moorize.exporters.options import ExportOptions
@@ -34,7 +35,8 @@ def test_every_field_is_a_flag_with_its_default_help_and_choices(command, classe
     from moorize.training.options import TrainOptions
 
     known = {"ConvertOptions": ConvertOptions, "ExportOptions": ExportOptions, "MoOREConfig": MoOREConfig,
-             "TrainOptions": TrainOptions, "RunOptions": RunOptions, "ServeOptions": ServeOptions}
+             "TrainOptions": TrainOptions, "RunOptions": RunOptions, "ServeOptions": ServeOptions,
+             "GenerateOptions": GenerateOptions}
     params = {p.name: p for p in cli.commands[command].params if isinstance(p, click.Option)}
     for cls in (known[c] for c in classes):
         for f, opt in options_of(cls):

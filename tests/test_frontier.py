@@ -92,7 +92,7 @@ def test_plot_only_draws_the_frontier_and_selects_on_seed_means(tmp_path):
 
 
 def test_the_defaults_curve_is_moorize_train_defaults_and_the_table_sets_old_against_new(tmp_path):
-    """The curve the README calls the defaults trains with exactly TrainOptions()' MoORE settings, and the old
+    """The curve docs/TRAINING.md calls the defaults trains with exactly TrainOptions()' MoORE settings, and the old
     defaults' curve differs from it only by what changed (router_norm, sample_router_lr), so their two curves
     are the before and after of that change; the report sets them side by side per learning rate."""
     from moorize.training.options import TrainOptions
@@ -158,7 +158,7 @@ def test_parallel_runs_each_land_in_the_json_once(tmp_path, monkeypatch):
 def small_smollm2(smollm2_dir: Path, dest: Path) -> None:
     """SmolLM2's tokenizer, chat template and config on a 2-layer, 32-wide Llama with random weights: the
     sweep's plumbing (data, both methods, both scopes, KL to the base, resume files, report) at a tenth of
-    the real model's cost. The frontier's figures themselves come from the real model (README)."""
+    the real model's cost. The frontier's figures themselves come from the real model (docs/TRAINING.md)."""
     import transformers
 
     from moorize.io.hf import copy_aux_files

@@ -58,7 +58,7 @@ def test_opt_outs_leave_glibc_alone(env):
     (["train", "f", "--data", "d.jsonl", "--output", "a"], {"MOORIZE_MMAP_THRESHOLD": "131072"}, [True]),
 ])
 def test_which_commands_fix_the_threshold(argv, env, applied, monkeypatch):
-    """CPU training with the fixed threshold took 1.4-1.6× as long per step for 0.64-0.75× the peak (README):
+    """CPU training with the fixed threshold took 1.4-1.6× as long per step for 0.64-0.75× the peak (benchmarks/README.md):
     train pays that only when the user chose memory over compute with --gradient-checkpointing."""
     from types import SimpleNamespace
 

@@ -23,6 +23,7 @@ ALLOWED = {
     "compat": set(),  # what differs between supported torch / transformers releases
     "options": {"errors"},
     "assets": {"errors"},
+    "environment": {"assets", "errors", "version"},  # `moorize env`: versions, devices, shipped checkpoints
     "io": {"errors"},
     "conversion": {"options", "io", "errors", "version", "process"},
     "model": {"options", "io", "errors"},
@@ -34,7 +35,7 @@ ALLOWED = {
     "serving": {"runtime", "io", "errors", "version", "process", "options"},  # runs exports; never the exporters
     "quickstart": {"conversion", "model", "io", "errors", "assets"},
     "cli": {"conversion", "model", "training", "exporters", "lora", "runtime", "serving", "io", "errors", "quickstart",
-            "version", "process", "options"},
+            "version", "process", "options", "environment"},
     "__main__": {"cli"},
     "moorize": {"errors", "version", "io", "conversion", "model", "training", "lora"},  # the lazy public API
 }

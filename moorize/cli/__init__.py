@@ -6,7 +6,9 @@ library inside their bodies, so ``moorize --help`` starts without importing torc
 
 from .app import BROKEN_PIPE_EXIT, MoorizeGroup, cli, main
 from .convert import convert
+from .env import env
 from .export import export
+from .generate import generate
 from .inspect import inspect
 from .merge import merge
 from .quickstart import quickstart
@@ -14,7 +16,7 @@ from .run import run
 from .serve import serve
 from .train import train
 
-for _command in (convert, inspect, merge, train, quickstart, export, run, serve):
+for _command in (convert, env, export, generate, inspect, merge, quickstart, run, serve, train):
     cli.add_command(_command)
 
 __all__ = ["BROKEN_PIPE_EXIT", "MoorizeGroup", "cli", "main"]

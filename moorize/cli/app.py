@@ -38,8 +38,31 @@ OPTIONAL_EXTRAS = {"uvicorn": "serve", "starlette": "serve", "matplotlib": "plot
                    "peft": "examples"}
 
 
+# `moorize --help` lists the commands by the stage of the pipeline they serve, in this order
+COMMAND_STAGES = (
+    ("Getting started", ("quickstart", "env")),
+    ("Converting", ("convert", "inspect")),
+    ("Training and trying", ("train", "generate", "merge")),
+    ("Deploying", ("export", "run", "serve")),
+)
+
+
 class MoorizeGroup(click.Group):
-    """Turns exceptions into one-line messages and exit codes."""
+    """Turns exceptions into one-line messages and exit codes; lists the commands by stage."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        staged = [name for _, names in COMMAND_STAGES for name in names if name in self.commands]
+        return staged + sorted(set(self.commands) - set(staged))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        listed: set[str] = set()
+        for title, names in (*COMMAND_STAGES, ("Other commands", tuple(sorted(self.commands)))):
+            rows = [(n, self.commands[n].get_short_help_str(limit=200)) for n in names
+                    if n in self.commands and n not in listed and not self.commands[n].hidden]
+            listed.update(n for n, _ in rows)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug")) or os.environ.get("MOORIZE_DEBUG") == "1"
@@ -89,11 +112,9 @@ class MoorizeGroup(click.Group):
 def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     """Turn a pretrained Hugging Face checkpoint into a Mixture of Orthogonal Rank-one Experts (MoORE).
 
-    \b
-    moorize convert MODEL_DIR OUT_DIR    factor every target weight (SVD) into OUT_DIR
-    moorize inspect OUT_DIR              ranks, energy and errors of a factored checkpoint
-    moorize merge OUT_DIR DEST --adapter A --task T   dense checkpoint of one task (router mode 'task')
-    moorize quickstart                   convert the real SmolLM2-135M checkpoint and check it
+    The pipeline: convert a checkpoint into its factors, train task routers on them,
+    try the adapter, then merge it into a dense checkpoint or export and serve it.
+    `moorize COMMAND --help` gives each command's options and examples.
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     if ctx.invoked_subcommand != "train":  # train decides for itself (moorize/process.py says why)

@@ -11,6 +11,7 @@ from ..exporters.options import ExportOptions
 from ..lora.options import DEFAULTS as LORA_DEFAULTS
 from ..lora.options import LoraOptions
 from ..options import click_options, options_of
+from .stages import stage_lines
 
 PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
 
@@ -44,6 +45,11 @@ def export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, lora_dest,
       moorize export ./smollm2-moore --adapter ./adapter --pt2 ./smollm2.pt2
       moorize export ./smollm2-moore --adapter ./task-adapter --lora ./smollm2-lora --max-error 1e-3
     """
+    with stage_lines("moorize.exporters", "export"):
+        _export(factored_dir, adapter, onnx_dest, ts_dest, pt2_dest, lora_dest, options)
+
+
+def _export(factored_dir: Path, adapter, onnx_dest, ts_dest, pt2_dest, lora_dest, options: dict) -> None:
     lora_names = {f.name for f, _ in options_of(LoraOptions)}
     lora = LoraOptions(**{k: v for k, v in options.items() if k in lora_names})
     opts = ExportOptions(**{k: v for k, v in options.items() if k not in lora_names})

@@ -11,26 +11,8 @@ from pathlib import Path
 import click
 
 from ..errors import MoorizeError
-from ..options import check_options, cli_values, click_options, option
-
-PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Rows of {"prompt"|"text": str, optional "task"}; errors name file:line."""
-    if not path.is_file():
-        raise MoorizeError(f"input file {path} does not exist")
-    from ..io.jsonfiles import jsonl_records
-
-    rows = []
-    for n, row in jsonl_records(path):
-        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise MoorizeError(f'{path}:{n}: needs a "prompt" (or "text") string')
-        rows.append({"text": text, "task": row.get("task")})
-    if not rows:
-        raise MoorizeError(f"{path} has no rows")
-    return rows
+from ..options import cli_values, click_options, option
+from .inputs import PATH, TextInputOptions, read_inputs
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -39,27 +21,14 @@ def _pct(values: list[float], q: float) -> float:
 
 
 @dataclass
-class RunOptions:
+class RunOptions(TextInputOptions):
     """What ``moorize run`` takes besides the export directory, each written once (its field)."""
 
-    task: str | None = option(None, help="Task name (required when the model has several).")
-    prompts: list[str] | None = option(None, multiple=True, flag="prompt", help="Input text; repeatable (one batch).")
-    input_file: Path | None = option(None, flag="input", cli_type=PATH,
-                                     help='JSONL file, one {"prompt": ..., "task": optional} per line.')
-    max_new_tokens: int = option(32, kind=int, low=1, help="Tokens to generate at most.")
-    do_sample: bool = option(False, help="Sample instead of greedy decoding.")
-    temperature: float = option(1.0, kind=float, low=0.0, low_open=True, help="Sampling temperature.")
-    top_p: float = option(1.0, kind=float, low=0.0, high=1.0, low_open=True,
-                          help="Nucleus sampling: the smallest set of tokens whose probability reaches top_p.")
-    seed: int | None = option(None, kind=int, low=0, help="Sampling seed.")
     providers: list[str] | None = option(None, multiple=True, flag="provider",
                                          help="ONNX Runtime execution provider(s) in order. Default: CUDA when "
                                               "usable, else CPU.")
     bench: bool = option(False, help="Also time generation: tokens/s and latency percentiles.")
     bench_runs: int = option(5, kind=int, low=1, help="Timed runs for --bench.")
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 @click.command()
@@ -75,18 +44,14 @@ def run(export_dir: Path, **options) -> None:
       moorize run ./smollm2-onnx --task math --prompt "Hello" --bench
     """
     o = RunOptions(**cli_values(RunOptions, options))
-    task, prompts, input_file, max_new_tokens = o.task, o.prompts or [], o.input_file, o.max_new_tokens
-    if bool(prompts) == bool(input_file):
-        raise MoorizeError("give the inputs with --prompt TEXT (repeatable) or --input FILE.jsonl, not both")
+    texts, tasks = read_inputs(o)
+    max_new_tokens = o.max_new_tokens
     from ..runtime.session import MoOREOrtModel
 
     model = MoOREOrtModel.from_export(export_dir, providers=o.providers or None)
     if model.kind == "vision":
         raise MoorizeError(f"{export_dir} is an image encoder: moorize run takes text; run it from Python with "
                            "moorize.runtime.MoOREOrtModel.from_export(DIR).image_features(pixel_values, task)")
-    rows = _read_jsonl(input_file) if input_file else [{"text": p, "task": None} for p in prompts]
-    texts = [r["text"] for r in rows]
-    tasks = [r["task"] if r["task"] is not None else task for r in rows]
     for t in set(tasks):  # unknown names fail before any work
         model.task_ids(t, 1)
     tasks_arg = tasks if len(set(tasks)) > 1 else tasks[0]

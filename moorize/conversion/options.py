@@ -39,6 +39,7 @@ class ConvertOptions:
     dtype: str | None = option(None, choices=STORE_DTYPES, help="Storage dtype of the factors. Default: the source "
                                                                 "dtype of each weight.")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
+    revision: str | None = option(None, help="Branch, tag or commit of a Hub id MODEL_DIR (default: main).")
     gguf_file: str | None = option(None, help="GGUF file name inside MODEL_DIR (de-quantised to float32).")
     allow_pickle: bool = option(False, help="Accept pytorch_model.bin (loaded with weights_only=True).")
     overwrite: bool = option(False, help="Replace a non-empty OUT_DIR (only once the new one is complete).")

@@ -30,6 +30,7 @@ import torch
 from ..errors import MoorizeError
 from ..io.factored import FORMAT_NAME, FORMAT_VERSION, MANIFEST, LayerRecord, as_stored, factor_key
 from ..io.hf import copy_aux_files
+from ..io.hub import resolve_source
 from ..io.outdir import check_out_dir, is_main_process, output_lock, partial_dir, publish, raise_for_os_error
 from ..io.safetensors import ST_TO_TORCH, TensorInfo, dtype_name
 from ..io.shards import ShardFile, ShardPart, finalize_shards, parse_size
@@ -334,15 +335,17 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: C
 
     Options are the fields of ``ConvertOptions``, given as ``options=`` or as keywords
     (``rank="energy:0.9", residual="drop"``); ``rank`` takes ``full`` (default), ``N``,
-    ``energy:x``, ``ratio:x`` and ``pattern=policy`` overrides. Raises ``MoorizeError`` for
+    ``energy:x``, ``ratio:x`` and ``pattern=policy`` overrides. ``model_dir`` may be a Hub id
+    (``owner/name``), resolved through the Hugging Face cache (``revision=`` picks a branch, tag or commit). Raises ``MoorizeError`` for
     bad input; the source is never modified and ``out_dir`` appears only when complete.
     """
     started = time.perf_counter()
     opts = ConvertOptions.build(options, overrides)
-    src, out = Path(model_dir), Path(out_dir)
+    out = Path(out_dir)
     dev = resolve_device(opts.device)
     solver_name = resolve_solver(opts.solver, dev)
     batch = DEFAULT_BATCH[dev.type] if opts.batch_size == "auto" else opts.batch_size
+    src = resolve_source(model_dir, opts.revision, gguf_file=opts.gguf_file, allow_pickle=opts.allow_pickle)
     job = _Job(
         src, out, RankRules.parse(opts.rank), opts.targets,
         SVDOptions(solver_name, SVD_TORCH_DTYPES[opts.svd_dtype], dev, opts.residual, opts.oversample,
@@ -351,8 +354,6 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: C
         parse_size(opts.max_shard_size), parse_size(batch), progress, started,
         {"residual": opts.residual, "solver": solver_name, "svd_dtype": opts.svd_dtype, "dtype": opts.dtype or "source",
          "targets": opts.targets or "default"})
-    if not src.exists():
-        raise MoorizeError(f"{src} does not exist")
     check_out_dir(out, opts.overwrite, protect=[src])
     job.overwrite = opts.overwrite
     # rank 0 holds the lock on OUT_DIR for the whole run: a second convert to it is refused at once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -66,3 +67,33 @@ def module_paths(model, names) -> tuple[dict[str, str], list[str]]:
         if name is not None and name not in found:
             found[name] = path
     return found, [n for n in names if n not in found]
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """transformers' own progress bars off for the block (and back as they were after it).
+
+    Most of them obey transformers' switch; the GGUF reader calls tqdm directly, so its module's tqdm is
+    swapped for a disabled one while the block runs.
+    """
+    import functools
+    import importlib
+
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was:
+            hf_logging.enable_progress_bar()

@@ -178,17 +178,20 @@ def dequantize_gguf(gguf_path: Path, dest: Path) -> None:
         raise MoorizeError("reading .gguf files needs the 'gguf' package: pip install gguf") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .hf import quiet_progress
+
     src_dir, fname = gguf_path.parent, gguf_path.name
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
-    except Exception as e:
-        raise MoorizeError(f"cannot de-quantise {gguf_path}: {str(e).splitlines()[0]}") from None
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(dest, safe_serialization=True)
-    with contextlib.suppress(Exception):  # a GGUF without tokenizer metadata is still convertible
-        AutoTokenizer.from_pretrained(src_dir, gguf_file=fname).save_pretrained(dest)
+    with quiet_progress():  # moorize's own bar and summary say what happens; three of transformers' would not
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
+        except Exception as e:
+            raise MoorizeError(f"cannot de-quantise {gguf_path}: {str(e).splitlines()[0]}") from None
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(dest, safe_serialization=True)
+        with contextlib.suppress(Exception):  # a GGUF without tokenizer metadata is still convertible
+            AutoTokenizer.from_pretrained(src_dir, gguf_file=fname).save_pretrained(dest)
 
 
 @contextlib.contextmanager
@@ -198,7 +201,9 @@ def open_checkpoint(
     """Open a HF model directory, or a .gguf file (de-quantised into a temporary directory)."""
     p = Path(path)
     if not p.exists():
-        raise MoorizeError(f"{p} does not exist")
+        from .hub import missing_source
+
+        raise missing_source(p)
     if not os.access(p, os.R_OK):
         raise MoorizeError(f"{p} is not readable")
     gguf_path: Path | None = None

@@ -31,10 +31,10 @@ class MoOREConfig:
     task_dim: int = option(64, kind=int, low=1, help="Task embedding size.")  # e_t
     router_experts: int = option(128, kind=int, low=1, help="Sample router width k_r.")  # rows of C
     # x / rms(x) ("rms", the default): one step moves the gate by the same amount for every token whatever the
-    # size of its activations (less forgetting: README, frontier); x as it comes ("none", as published)
+    # size of its activations (less forgetting: docs/TRAINING.md, frontier); x as it comes ("none", as published)
     router_norm: str = option("rms", choices=ROUTER_NORMS, label="router norm",
                               help="The sample router's input: x as published (none), or x / rms(x) (rms: steadier "
-                                   "gates, less forgetting; README, frontier).")
+                                   "gates, less forgetting; docs/TRAINING.md, frontier).")
     householder: int = option(8, kind=int, low=0, help="Householder reflections (even: they start as identical "
                                                        "pairs, H = I).")
     train_sigma: bool = option(False, help="Train the singular values too.")

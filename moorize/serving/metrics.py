@@ -96,7 +96,7 @@ def _num(v) -> str:
 
 
 def server_metrics() -> Metrics:
-    """The series ``moorize serve`` exposes (README, "Serving")."""
+    """The series ``moorize serve`` exposes (docs/SERVING.md)."""
     m = Metrics()
     m.declare("moorize_requests_total", "counter", "HTTP requests by endpoint and status code.")
     m.declare("moorize_prompt_tokens_total", "counter", "Prompt tokens admitted, by model (task).")

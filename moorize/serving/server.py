@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 from ..errors import MoorizeError
@@ -87,7 +88,8 @@ def serve(export_dir, options: ServeOptions | None = None, **overrides) -> None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5)
-    log.warning("serving %s on http://%s:%d", export_dir, host, sock.getsockname()[1])
+    # the banner is news, not a warning: it goes to stderr as itself, whatever the log level
+    print(f"serving {export_dir} on http://{host}:{sock.getsockname()[1]} (Ctrl-C stops)", file=sys.stderr, flush=True)
     uvicorn.Server(config).run(sockets=[sock])
 
 

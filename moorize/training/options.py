@@ -40,7 +40,7 @@ class TrainOptions:
     # optimisation
     lr: float = option(1e-3, kind=float, low=0.0, low_open=True, help="Peak learning rate.")
     # B C x acts on every token, so one step of it moves more than the task router's; a tenth forgets less at
-    # the same accuracy (README, frontier); 1.0 as published
+    # the same accuracy (docs/TRAINING.md, frontier); 1.0 as published
     sample_router_lr: float = option(0.1, kind=float, low=0.0, help="Multiplier of --lr for the sample router "
                                                                       "(B, C); below 1 protects what the model knew.")
     weight_decay: float = option(0.0, kind=float, low=0.0, help="AdamW weight decay.")

@@ -1,0 +1,58 @@
+"""The text inputs that ``moorize run`` (ONNX Runtime) and ``moorize generate`` (PyTorch) share, written once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from ..errors import MoorizeError
+from ..options import check_options, option
+
+PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
+
+
+def read_jsonl_inputs(path: Path) -> list[dict]:
+    """Rows of {"prompt"|"text": str, optional "task"}; errors name file:line."""
+    if not path.is_file():
+        raise MoorizeError(f"input file {path} does not exist")
+    from ..io.jsonfiles import jsonl_records
+
+    rows = []
+    for n, row in jsonl_records(path):
+        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise MoorizeError(f'{path}:{n}: needs a "prompt" (or "text") string')
+        rows.append({"text": text, "task": row.get("task")})
+    if not rows:
+        raise MoorizeError(f"{path} has no rows")
+    return rows
+
+
+@dataclass
+class TextInputOptions:
+    """Prompts, their tasks and the decoding choices."""
+
+    task: str | None = option(None, help="Task name (required when the model has several).")
+    prompts: list[str] | None = option(None, multiple=True, flag="prompt", help="Input text; repeatable (one batch).")
+    input_file: Path | None = option(None, flag="input", cli_type=PATH,
+                                     help='JSONL file, one {"prompt": ..., "task": optional} per line.')
+    max_new_tokens: int = option(32, kind=int, low=1, help="Tokens to generate at most.")
+    do_sample: bool = option(False, help="Sample instead of greedy decoding.")
+    temperature: float = option(1.0, kind=float, low=0.0, low_open=True, help="Sampling temperature.")
+    top_p: float = option(1.0, kind=float, low=0.0, high=1.0, low_open=True,
+                          help="Nucleus sampling: the smallest set of tokens whose probability reaches top_p.")
+    seed: int | None = option(None, kind=int, low=0, help="Sampling seed.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def read_inputs(o: TextInputOptions) -> tuple[list[str], list[str | None]]:
+    """The texts and each one's task (a row's own, else --task), from --prompt or --input."""
+    prompts = o.prompts or []
+    if bool(prompts) == bool(o.input_file):
+        raise MoorizeError("give the inputs with --prompt TEXT (repeatable) or --input FILE.jsonl, not both")
+    rows = read_jsonl_inputs(o.input_file) if o.input_file else [{"text": p, "task": None} for p in prompts]
+    return [r["text"] for r in rows], [r["task"] if r["task"] is not None else o.task for r in rows]
