@@ -82,7 +82,12 @@ def reference() -> str:
            "130 when interrupted); `moorize --debug COMMAND` shows the traceback instead, `-v` / `-vv` raise the "
            "log level.", ""]
     for name in cli.list_commands(None):  # in the order `moorize --help` gives: by stage
-        out += command_section(name, cli.commands[name])
+        command = cli.commands[name]
+        if isinstance(command, click.Group):  # `moorize data check`: each subcommand its own section
+            for sub in command.list_commands(None):
+                out += command_section(f"{name} {sub}", command.commands[sub])
+        else:
+            out += command_section(name, command)
     return "\n".join(out).rstrip() + "\n"
 
 

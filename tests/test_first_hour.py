@@ -188,3 +188,49 @@ def test_export_prints_its_stages_and_no_third_party_notices(serving_exports, tm
         "export: validating against PyTorch", "export: validated"], stages
     others = [ln for ln in res.stderr.splitlines() if not ln.startswith("export: ")]
     assert not others, others  # torchvision notices, FutureWarnings: none reach the user
+
+
+# ---- moorize data check ------------------------------------------------------------------------------------------
+
+def test_data_check_summarises_the_shipped_dataset_without_problems():
+    res = cli("data", "check", ROOT / "examples" / "data" / "tasks.jsonl", "--strict")
+    assert res.returncode == 0, res.stderr
+    assert "320 examples, prompt/response (language modelling), 2 task(s)" in res.stdout
+    rows = {ln.split()[0]: ln.split()[1] for ln in res.stdout.splitlines()[2:4]}
+    assert rows == {"addition": "160", "sentiment": "160"}
+    assert res.stdout.rstrip().endswith("problems: none")
+    info = json.loads(cli("data", "check", ROOT / "examples" / "data" / "tasks-eval.jsonl", "--json").stdout)
+    assert info["examples"] == 32 and [t["examples"] for t in info["tasks"]] == [16, 16] and info["problems"] == []
+
+
+def test_data_check_names_what_would_spoil_training(tmp_path, serving_exports):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"task": "a", "prompt": "Q: 1\n", "response": "x"}, {"task": "a", "prompt": "Q: 1\n", "response": "y"},
+        {"task": "a", "prompt": "Q: 1\n", "response": "y"}] + [{"task": "b", "prompt": f"p{i}", "response": "r"}
+                                                            for i in range(8)]))
+    res = cli("data", "check", bad)
+    assert res.returncode == 0  # problems are reported, not fatal, unless --strict
+    for phrase in ("task 'a' has only 3 example(s)", "task 'a': 1 duplicate example(s) (" + f"{bad}:3)",
+                   "task 'a': 1 input(s) with different answers", "task 'a': 3 prompt(s) end in whitespace"):
+        assert phrase in res.stdout, (phrase, res.stdout)
+    assert "task 'b'" not in res.stdout
+    assert cli("data", "check", bad, "--strict").returncode == 1
+    # lengths in a checkpoint's tokens (the character tokenizer: one token a character, BOS first, EOS last)
+    tok = cli("data", "check", bad, "--tokenizer", serving_exports["llama"].parent / "llama-f", "--max-length", "6")
+    assert tok.returncode == 0, tok.stderr
+    assert "prompt tokens min/median/max" in tok.stdout
+    assert "task 'a': 3 example(s) over --max-length 6 tokens" in tok.stdout, tok.stdout
+    assert "task 'b'" not in tok.stdout.split("problems", 1)[1]
+    # classification: a task with one label cannot be learned
+    cls = tmp_path / "cls.csv"
+    cls.write_text("task,text,label\n" + "".join(f"s,t{i},pos\n" for i in range(9)))
+    assert "task 's' has a single label (pos)" in cli("data", "check", cls).stdout
+
+
+def test_data_check_fails_on_what_train_fails_on_in_one_line(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"task": "a", "prompt": "x", "response": "y"}\n{"task": "a", "prompt": "x"\n')
+    one_line_error(cli("data", "check", broken), f"{broken}:2")
+    one_line_error(cli("data", "check", tmp_path / "absent.jsonl"), "absent.jsonl does not exist")
+    one_line_error(cli("data", "check", broken, "--tokenizer", tmp_path / "nowhere"), "not a directory")

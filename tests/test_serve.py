@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -400,3 +401,17 @@ def test_sse_wire_format(server):
     events = [ln for ln in r.text.splitlines() if ln]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_server_cleanly(serving_exports, sig):
+    """Ctrl-C or SIGTERM is how a server is stopped: exit 0, 'stopped', no traceback, no talk of partial outputs."""
+    srv = ServerProcess(serving_exports["llama"])
+    try:
+        assert http("GET", srv.url + "/health").status_code == 200
+        srv.proc.send_signal(sig)
+        assert srv.proc.wait(timeout=60) == 0, srv.output()
+        out = srv.output()
+        assert out.rstrip().endswith("stopped") and "Traceback" not in out and "partial output" not in out, out
+    finally:
+        srv.stop()

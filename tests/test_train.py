@@ -122,6 +122,18 @@ def test_loss_falls_and_base_is_untouched(tiny_llama, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(1, 41))
     assert lines[-1]["kind"] == "eval" and lines[-1]["eval"] == report.eval
+    # the loss plot beside it (matplotlib is in the test extra): a PNG of the run's curves
+    assert (tmp_path / "adapter" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_loss_plot_draws_train_and_eval_and_needs_a_logged_step(tmp_path):
+    from moorize.training.metrics import plot_losses
+
+    history = [{"kind": "train", "step": s, "loss": 2.0 / s} for s in range(1, 5)]
+    history.append({"kind": "eval", "step": 4, "eval": {"a": {"loss": 0.6}, "b": {"loss": 0.9}}})
+    assert plot_losses(history, tmp_path / "l.png") == tmp_path / "l.png"
+    assert (tmp_path / "l.png").stat().st_size > 1000
+    assert plot_losses([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def test_tasks_learn_different_answers(tiny_llama, tmp_path):

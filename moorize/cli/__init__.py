@@ -6,6 +6,7 @@ library inside their bodies, so ``moorize --help`` starts without importing torc
 
 from .app import BROKEN_PIPE_EXIT, MoorizeGroup, cli, main
 from .convert import convert
+from .data import data
 from .env import env
 from .export import export
 from .generate import generate
@@ -16,7 +17,7 @@ from .run import run
 from .serve import serve
 from .train import train
 
-for _command in (convert, env, export, generate, inspect, merge, quickstart, run, serve, train):
+for _command in (convert, data, env, export, generate, inspect, merge, quickstart, run, serve, train):
     cli.add_command(_command)
 
 __all__ = ["BROKEN_PIPE_EXIT", "MoorizeGroup", "cli", "main"]

@@ -42,7 +42,7 @@ OPTIONAL_EXTRAS = {"uvicorn": "serve", "starlette": "serve", "matplotlib": "plot
 COMMAND_STAGES = (
     ("Getting started", ("quickstart", "env")),
     ("Converting", ("convert", "inspect")),
-    ("Training and trying", ("train", "generate", "merge")),
+    ("Training and trying", ("data", "train", "generate", "merge")),
     ("Deploying", ("export", "run", "serve")),
 )
 

@@ -7,10 +7,13 @@ process). It binds to 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from ..errors import MoorizeError
@@ -90,7 +93,34 @@ def serve(export_dir, options: ServeOptions | None = None, **overrides) -> None:
                             timeout_graceful_shutdown=5)
     # the banner is news, not a warning: it goes to stderr as itself, whatever the log level
     print(f"serving {export_dir} on http://{host}:{sock.getsockname()[1]} (Ctrl-C stops)", file=sys.stderr, flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    with stopped_by_signals():
+        uvicorn.Server(config).run(sockets=[sock])
+    print("stopped", file=sys.stderr, flush=True)
+
+
+class _Stop(Exception):
+    """SIGTERM, as an exception: the way a server is told to stop, so the process ends normally."""
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGINT and SIGTERM end the server as a normal exit (status 0), not as an interrupted command.
+
+    uvicorn catches both while it runs, shuts down, then raises the signal again for the
+    handler it found: SIGINT's is Python's (a KeyboardInterrupt), SIGTERM's this one.
+    """
+    def stop(signum, frame):
+        raise _Stop(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    try:
+        yield
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -44,7 +44,7 @@ from .checkpoints import _load_checkpoint, _read_json, _save_checkpoint
 from .data import TaskTable, collate
 from .divergence import TrainingDiverged, check_finite, check_finite_parameters  # noqa: F401  (TrainingDiverged: API)
 from .losses import _forward, evaluate
-from .metrics import _MetricsLog
+from .metrics import LOSS_PLOT, _MetricsLog, plot_losses
 from .options import BOOKKEEPING, CONFIG_NAME, LEGACY_OPTIONS, TrainOptions
 from .parallel import accelerator_for, full_tensor, local_part, shard
 from .plan import StepPlan, load_data
@@ -181,6 +181,7 @@ class _Run:
                                 if not p.requires_grad)
         log.info("frozen parameters held by this process: %d bytes", self.frozen_bytes)
         self.tokens, self.window, self.last_eval = 0, [], None
+        self.smoothed, self.smoothed_steps = 0.0, 0  # the bar's exponential mean of the loss
 
     def begin(self, resume_from: Path | None, callbacks, progress) -> int:
         """Write the run's config, or check it and load the checkpoint to resume; the first step to run."""
@@ -247,6 +248,12 @@ class _Run:
         """Log every ``log_every`` steps, evaluate every ``eval_every``, checkpoint every ``save_every``."""
         opts, total = self.opts, self.plan.total
         self.window.append(float(loss))
+        # the bar shows a smoothed loss (an exponential mean, bias-corrected) on every step: one step's loss
+        # swings with its batch; metrics.jsonl keeps the per-window means
+        self.smoothed, self.smoothed_steps = 0.9 * self.smoothed + 0.1 * float(loss), self.smoothed_steps + 1
+        self.bar.set_postfix(loss=f"{self.smoothed / (1 - 0.9 ** self.smoothed_steps):.4f}",
+                             tok_s=f"{self.tokens * self.world / max(time.perf_counter() - self.t0, 1e-9):.0f}",
+                             refresh=False)
         self.bar.update(1)
         if done % opts.log_every == 0 or done == total:
             elapsed = time.perf_counter() - self.t0
@@ -256,7 +263,6 @@ class _Run:
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             self.metrics.write(record)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             self.window = []
         if opts.eval_every and done % opts.eval_every == 0 and done != total:
             self.evaluate(done)
@@ -288,6 +294,7 @@ class _Run:
                                                     "final_eval": self.last_eval}})
             if not opts.keep_checkpoints_at_end:
                 shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+            plot_losses(self.metrics.history, self.run_dir / LOSS_PLOT)  # with the plot extra
             publish(self.run_dir, self.output, overwrite)
         self.accelerator.wait_for_everyone()
         history = self.metrics.history

@@ -58,3 +58,40 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return out
 
 
+
+
+LOSS_PLOT = "loss.png"
+
+
+def plot_losses(history: list[dict], path: Path) -> Path | None:
+    """Training loss per logged step and each task's evaluation loss, drawn next to metrics.jsonl.
+
+    Returns None (and draws nothing) without matplotlib (the `plot` extra) or without a logged step:
+    the numbers are in metrics.jsonl either way.
+    """
+    train = [(r["step"], r["loss"]) for r in history if r.get("kind") == "train"]
+    if not train:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train", color="black", linewidth=1)
+    evals = [r for r in history if r.get("kind") == "eval"]
+    for task in sorted({t for r in evals for t in r["eval"]}):
+        points = [(r["step"], r["eval"][task]["loss"]) for r in evals if task in r["eval"]]
+        ax.plot(*zip(*points), marker="o", label=f"eval: {task}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if min(v for _, v in train) > 0:
+        ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
