@@ -136,3 +136,25 @@ def test_readme_walkthrough_runs_verbatim(tmp_path):
             answers[name] = [c["text"] for r in rows for c in r["choices"]]
     # the same greedy answer from PyTorch, ONNX Runtime and the server
     assert answers["generate"] == answers["run"] == answers["curl"], answers
+
+
+def test_readme_quickstart_runs_verbatim(tmp_path):
+    """README's `moorize quickstart`: the four stages, the spectra plot, exactness, and an honest total time."""
+    import re as _re
+
+    readme = (ROOT / "README.md").read_text()
+    assert "```bash\nmoorize quickstart\n```" in readme
+    started = time.monotonic()
+    done = subprocess.run(["bash", "-c", "moorize quickstart"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=1200)
+    waited = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:]
+    out = done.stdout
+    for stage in ("[1/4] converting", "[2/4] singular-value spectra", "[3/4] greedy generation", "[4/4] routed MoORE"):
+        assert stage in out, (stage, out[-2000:])
+    assert "DIFFERENT" not in out and "greedy generation identical for every prompt and task" in out
+    assert (tmp_path / "moorize-quickstart" / "smollm2-spectra.png").stat().st_size > 10_000
+    said = float(_re.search(r"done in (\d+) s", out).group(1))
+    assert 0.8 * waited - 15 <= said <= waited + 1, (said, waited)  # the whole run, not its last stage
+    noise = [x for x in out.splitlines() if NOISE.search(x)]
+    assert not noise, noise[:5]
