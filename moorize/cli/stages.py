@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import time
 
 
 class _StageLines(logging.Handler):
     def __init__(self, label: str, bar):
         super().__init__(logging.INFO)
-        self.label, self.bar, self.t0 = label, bar, time.perf_counter()
+        self.label, self.bar = label, bar
 
     def emit(self, record: logging.LogRecord) -> None:
         text = f"{self.label}: {record.getMessage()}"
