@@ -329,6 +329,19 @@ def benchmark_parser(doc: str, quick_help: str, threads: int | None = 2) -> argp
     return ap
 
 
+def require_choices(ap: argparse.ArgumentParser, flag: str, names: list[str], known, noun: str) -> list[str]:
+    """``names`` when each is one of ``known`` (moorize's selector rule: every name given picks something),
+    else the parser's usage error naming the first unknown one, the choices and a close match."""
+    from moorize.errors import MoorizeError
+    from moorize.selectors import require_matches
+
+    try:
+        require_matches(flag, names, known, noun=noun)
+    except MoorizeError as e:
+        ap.error(str(e))
+    return names
+
+
 def run_benchmark(title: str, prefix: str, args, parts: Sequence[Callable[[Path], Any]], footer: str = "") -> int:
     """The frame every benchmark shares: a fresh work dir under --out-dir, a header naming the
     commit and the machine, the parts in order (a part returning False marks a failure), and

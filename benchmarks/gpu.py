@@ -413,9 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=None, help="where to put generated data (default: temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     args = ap.parse_args(argv)
-    unknown = [p for p in args.parts if p not in PARTS]
-    if unknown:
-        ap.error(f"unknown part(s) {', '.join(unknown)}: choose from {', '.join(PARTS)}")
+    U.require_choices(ap, "--parts", args.parts, PARTS, "part")
     args.layers = args.layers or (2 if args.quick else 4)
     args.batch = args.batch or 1
     args.seq = args.seq or (32 if args.quick else 2048)

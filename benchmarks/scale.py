@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=None, help="where to put generated data (default: temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     args = ap.parse_args(argv)
+    U.require_choices(ap, "--models", args.models, ("smollm2", "1.1b"), "model")
     U.quiet_torch(2)
     parts = []
     if args.only in (None, "checkpointing"):

@@ -438,9 +438,13 @@ def main(argv=None) -> int:
     name = "quick" if args.quick else "smoke" if args.smoke else "full"
     setting = {"name": name, **SETTINGS[name]}
     methods = args.methods.split(",") if args.methods else [m for m, v in METHODS.items() if not v.extra]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        ap.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    from moorize.errors import MoorizeError
+    from moorize.selectors import require_matches
+
+    try:  # every method named is one (moorize's selector rule), a typo's close match suggested
+        require_matches("--methods", methods, METHODS, noun="method")
+    except MoorizeError as e:
+        ap.error(str(e))
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     todo = plan(setting, methods, args.lrs, seeds)
     stem = args.results_dir / f"frontier-{name}"

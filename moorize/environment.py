@@ -12,6 +12,7 @@ import sys
 
 from .assets import minilm_dir, smollm2_gguf
 from .errors import MoorizeError
+from .selectors import require_name
 from .version import __version__
 
 # the distributions moorize runs on, or can use, in the order a report lists them
@@ -68,9 +69,7 @@ def _providers() -> list[str] | str:
 
 def shipped_path(name: str):
     """The path of a shipped checkpoint by its short name, or a MoorizeError naming the package to install."""
-    if name not in SHIPPED:
-        raise MoorizeError(f"no shipped checkpoint is called {name!r}; choose from {', '.join(SHIPPED)}")
-    return SHIPPED[name]()
+    return SHIPPED[require_name("--path", name, SHIPPED, noun="shipped checkpoint")]()
 
 
 def report() -> dict:

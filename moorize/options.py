@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Callable, TypeVar
 
 from .errors import MoorizeError
+from .selectors import require_matches
 
 T = TypeVar("T")
 
@@ -68,10 +69,8 @@ def check_options(obj) -> None:
         flag = opt.flag_name(f.name)
         if opt.choices is not None:
             values = value if opt.multiple and isinstance(value, (list, tuple)) else [value]
-            for v in values:
-                if v not in opt.choices:
-                    raise MoorizeError(f"unknown {opt.label or '--' + flag} {v!r}: use one of "
-                                       f"{', '.join(map(str, opt.choices))} ({where}.{f.name})")
+            require_matches(f"--{flag}, {where}.{f.name}" if opt.label else f"{where}.{f.name}", map(str, values),
+                            map(str, opt.choices), noun=opt.label or f"--{flag} value")
         if opt.kind in (int, float):
             check_number(flag, value, opt, f"{where}.{f.name}")
 

@@ -214,7 +214,7 @@ def test_pickle_only_source_needs_allow_pickle(tmp_path):
     (["--rank", "energy:0"], ("energy:0", "must be in (0, 1]")),
     (["--rank", "bogus"], ("cannot read rank 'bogus'", "energy:0.99")),
     (["--device", "tpu"], ("unknown device 'tpu'", "cuda")),
-    (["--targets", "nomatch"], ("'nomatch' matches no linear layer", "q_proj", "mlp.down_proj")),
+    (["--targets", "nomatch"], ("--targets 'nomatch' matches no linear layer", "q_proj, k_proj", "down_proj")),
     (["--solver", "randomized", "--rank", "energy:0.9"], ("--solver randomized needs a fixed rank",)),
 ], ids=["rank-too-large", "energy-above-1", "energy-zero", "rank-bogus", "device-tpu", "targets-nomatch",
         "randomized-energy"])

@@ -88,11 +88,11 @@ def test_unknown_task_and_label_outside_head(tmp_path, tokenizer):
     items = encode(train, tokenizer, table, max_length=16)
     assert [i["label"] for i in items] == [1, 0, 0, 1]
     bad_task = read_examples(write_jsonl(tmp_path / "eval.jsonl", [{"task": "spam", "text": "x", "label": "1"}]))
-    with pytest.raises(MoorizeError, match=r"eval.jsonl:1: unknown task 'spam'; the model knows: sentiment, topic"):
+    with pytest.raises(MoorizeError, match=r"eval.jsonl:1: unknown task 'spam'; the training data's tasks are: sentiment, topic"):
         encode(bad_task, tokenizer, table, max_length=16)
     bad_label = read_examples(write_jsonl(tmp_path / "eval2.jsonl", [{"task": "sentiment", "text": "x",
                                                                       "label": "neutral"}]))
-    with pytest.raises(MoorizeError, match=r"eval2.jsonl:1: label 'neutral' is outside the 'sentiment' head"):
+    with pytest.raises(MoorizeError, match=r"eval2.jsonl:1: unknown label 'neutral'; the 'sentiment' head's labels are: neg, pos"):
         encode(bad_label, tokenizer, table, max_length=16)
 
 

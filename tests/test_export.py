@@ -380,7 +380,7 @@ def test_bad_inputs_are_one_line_errors(tiny, llama_past):
     f, ad = tiny["llama"]
     root = tiny["root"]
     cases = [
-        (("run", root / "llama-onnx", "--task", "nope", "--prompt", "x"), "unknown task 'nope'; tasks are: a, b, c"),
+        (("run", root / "llama-onnx", "--task", "nope", "--prompt", "x"), "unknown task 'nope' (--task); tasks are: a, b, c"),
         (("export", f, "--onnx", root / "o1", "--opset", "17"), "opset 17 is too old"),
         (("export", f, "--adapter", root / "missing-ad", "--onnx", root / "o2"), "adapter directory"),
         (("export", f, "--onnx", root / "o3", "--weights", "reference", "--dtype", "float16"), "needs --dtype float32"),

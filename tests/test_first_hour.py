@@ -65,7 +65,7 @@ def test_env_reports_versions_providers_extras_and_shipped_checkpoints():
     path = Path(cli("env", "--path", "smollm2").stdout.strip())
     assert path.suffix == ".gguf" and path.is_file()
     assert Path(cli("env", "--path", "minilm").stdout.strip(), "model.safetensors").is_file()
-    one_line_error(cli("env", "--path", "gpt5"), "no shipped checkpoint is called 'gpt5'", "smollm2, minilm")
+    one_line_error(cli("env", "--path", "gpt5"), "unknown shipped checkpoint 'gpt5' (--path)", "smollm2, minilm")
 
 
 # ---- moorize generate ----------------------------------------------------------------------------------------------

@@ -250,11 +250,10 @@ def test_full_disk_for_real_on_a_small_tmpfs(tiny_llama, data, tmp_path):
 # ---- 8. huge lines: bounded memory ---------------------------------------------------------------------
 
 def test_a_line_over_the_record_limit_is_refused_without_being_held(tmp_path, monkeypatch):
-    from moorize.io import jsonfiles
+    from moorize.io import textfiles
     from moorize.training import data as data_mod
 
-    monkeypatch.setattr(jsonfiles, "MAX_RECORD_CHARS", 1 << 20)  # the JSONL reader's bound
-    monkeypatch.setattr(data_mod, "MAX_RECORD_CHARS", 1 << 20)  # the CSV field bound
+    monkeypatch.setattr(textfiles, "MAX_RECORD_CHARS", 1 << 20)  # the bound of every line, record and CSV field
     path = tmp_path / "big.jsonl"
     with open(path, "w") as fh:
         fh.write(json.dumps({"task": "t", "prompt": "a", "response": "b"}) + "\n")
@@ -263,8 +262,12 @@ def test_a_line_over_the_record_limit_is_refused_without_being_held(tmp_path, mo
         data_mod.read_examples(path)
     csv_path = tmp_path / "big.csv"
     csv_path.write_text("task,text,label\nt,ok,1\nt," + "y" * (2 << 20) + ",0\n")
-    with pytest.raises(moorize.MoorizeError, match=r"big.csv:\d+: invalid CSV"):
+    with pytest.raises(moorize.MoorizeError, match=r"big.csv:3: line longer than 1 MiB"):
         data_mod.read_examples(csv_path)
+    quoted = tmp_path / "quoted.csv"  # one field over the bound, spread over short lines
+    quoted.write_text('task,text,label\nt,"' + "y\n" * (1 << 19) + 'y",0\n')
+    with pytest.raises(moorize.MoorizeError, match=r"quoted.csv:\d+: invalid CSV \(field larger than field limit"):
+        data_mod.read_examples(quoted)
 
 
 PEAK_SCRIPT = textwrap.dedent("""

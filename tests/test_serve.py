@@ -368,8 +368,8 @@ def test_cli_errors_are_one_line(tmp_path, server, serving_exports):
     cases = {"does not exist": [str(tmp_path / "missing")],
              "in use": [serving_exports["llama"], "--port", str(server.port)],
              "is a file": [str(tmp_path / "file.onnx")],
-             "NoSuchExecutionProvider is not available": [serving_exports["llama"], "--provider",
-                                                          "NoSuchExecutionProvider"]}
+             "unknown execution provider 'NoSuchExecutionProvider' (--provider)":
+                 [serving_exports["llama"], "--provider", "NoSuchExecutionProvider"]}
     for phrase, args in cases.items():
         res = subprocess.run([sys.executable, "-m", "moorize", "serve", *map(str, args)], capture_output=True,
                              text=True, timeout=120)

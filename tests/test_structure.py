@@ -21,21 +21,22 @@ ALLOWED = {
     "version": set(),
     "process": set(),
     "compat": set(),  # what differs between supported torch / transformers releases
-    "options": {"errors"},
+    "options": {"errors", "selectors"},
+    "selectors": {"errors"},  # a name or pattern the user gives must match something: one helper, one message
     "assets": {"errors"},
-    "environment": {"assets", "errors", "version"},  # `moorize env`: versions, devices, shipped checkpoints
-    "io": {"errors"},
-    "conversion": {"options", "io", "errors", "version", "process"},
-    "model": {"options", "io", "errors"},
-    "training": {"options", "model", "io", "errors"},
-    "runtime": {"io", "errors"},  # executes an export: ONNX Runtime and numpy, never torch
+    "environment": {"assets", "errors", "version", "selectors"},  # `moorize env`: versions, devices, shipped checkpoints
+    "io": {"errors", "selectors"},
+    "conversion": {"options", "io", "errors", "version", "process", "selectors"},
+    "model": {"options", "io", "errors", "selectors"},
+    "training": {"options", "model", "io", "errors", "selectors"},
+    "runtime": {"io", "errors", "selectors"},  # executes an export: ONNX Runtime and numpy, never torch
     "exporters": {"options", "model", "io", "errors", "version", "compat", "runtime"},
     # MoORE -> LoRA: the model's task matrices, the source read as conversion reads it, conversion's devices
     "lora": {"options", "model", "conversion", "io", "errors", "version", "compat"},
     "serving": {"runtime", "io", "errors", "version", "process", "options"},  # runs exports; never the exporters
     "quickstart": {"conversion", "model", "io", "errors", "assets"},
     "cli": {"conversion", "model", "training", "exporters", "lora", "runtime", "serving", "io", "errors", "quickstart",
-            "version", "process", "options", "environment"},
+            "version", "process", "options", "environment", "selectors"},
     "__main__": {"cli"},
     "moorize": {"errors", "version", "io", "conversion", "model", "training", "lora"},  # the lazy public API
 }

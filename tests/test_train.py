@@ -278,7 +278,7 @@ def test_unknown_task_at_eval(tiny_llama, tmp_path):
 def test_label_outside_the_head(tiny_bert, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", toy_classification(8))
     ev = write_jsonl(tmp_path / "eval.jsonl", [{"task": "has_a", "text": "abc", "label": "maybe"}])
-    with pytest.raises(moorize.MoorizeError, match=r"eval.jsonl:1: label 'maybe' is outside the 'has_a' head"):
+    with pytest.raises(moorize.MoorizeError, match=r"eval.jsonl:1: unknown label 'maybe'; the 'has_a' head's labels are"):
         moorize.train(tiny_bert, data, tmp_path / "out", eval_data=ev, max_steps=1, **FAST)
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import MoorizeError
 from ..options import cli_values, click_options, option
-from .inputs import PATH, TextInputOptions, read_inputs
+from .inputs import PATH, TextInputOptions, check_tasks, read_inputs
 
 
 @dataclass
@@ -20,20 +19,6 @@ class GenerateOptions(TextInputOptions):
     adapter: Path | None = option(None, cli_type=PATH, help="Adapter directory (moorize train's output). "
                                                             "Default: fresh routers, the original model.")
     device: str = option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-
-
-def _check_tasks(tasks: list[str | None], known: list[str]) -> list[str]:
-    """Every row's task, named and known, before any work (as moorize run checks its export's)."""
-    out = []
-    for t in tasks:
-        if t is None:
-            if len(known) != 1:
-                raise MoorizeError(f"this model has several tasks: choose one with --task ({', '.join(known)})")
-            t = known[0]
-        if t not in known:
-            raise MoorizeError(f"unknown task {t!r}; tasks are: {', '.join(known)}")
-        out.append(t)
-    return out
 
 
 @click.command()
@@ -54,10 +39,13 @@ def generate(factored_dir: Path, **options) -> None:
     o = GenerateOptions(**cli_values(GenerateOptions, options))
     texts, tasks = read_inputs(o)
     from ..conversion.svd import resolve_device
+    from ..model.adapter import adapter_moore_config
+    from ..model.config import DEFAULTS
     from ..model.pytorch_generation import PyTorchGenerator
 
-    gen = PyTorchGenerator(factored_dir, o.adapter, resolve_device(o.device))
-    tasks = _check_tasks(tasks, gen.tasks)
+    device = resolve_device(o.device)
+    tasks = check_tasks(o, tasks, (adapter_moore_config(o.adapter) if o.adapter else DEFAULTS).tasks)  # before loading
+    gen = PyTorchGenerator(factored_dir, o.adapter, device)
     click.echo(f"# {factored_dir}: {gen.kind}, PyTorch on {gen.device}", err=True)
     if gen.kind == "classifier":
         outs = gen.classify(texts, tasks)

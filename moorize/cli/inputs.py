@@ -9,21 +9,22 @@ import click
 
 from ..errors import MoorizeError
 from ..options import check_options, option
+from ..selectors import require_name
 
 PATH = click.Path(path_type=Path, readable=False)  # moorize says what is wrong in one line
 
 
 def read_jsonl_inputs(path: Path) -> list[dict]:
-    """Rows of {"prompt"|"text": str, optional "task"}; errors name file:line."""
+    """Rows of {"prompt"|"text": str, optional "task"} from JSONL (or a .json array); errors name file:line."""
     if not path.is_file():
         raise MoorizeError(f"input file {path} does not exist")
-    from ..io.jsonfiles import jsonl_records
+    from ..io.jsonfiles import json_records
 
     rows = []
-    for n, row in jsonl_records(path):
+    for where, row in json_records(path):
         text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
         if not isinstance(text, str):
-            raise MoorizeError(f'{path}:{n}: needs a "prompt" (or "text") string')
+            raise MoorizeError(f'{where}: needs a "prompt" (or "text") string')
         rows.append({"text": text, "task": row.get("task")})
     if not rows:
         raise MoorizeError(f"{path} has no rows")
@@ -56,3 +57,15 @@ def read_inputs(o: TextInputOptions) -> tuple[list[str], list[str | None]]:
         raise MoorizeError("give the inputs with --prompt TEXT (repeatable) or --input FILE.jsonl, not both")
     rows = read_jsonl_inputs(o.input_file) if o.input_file else [{"text": p, "task": None} for p in prompts]
     return [r["text"] for r in rows], [r["task"] if r["task"] is not None else o.task for r in rows]
+
+
+def check_tasks(o: TextInputOptions, tasks: list[str | None], known: list[str]) -> list[str]:
+    """Every row's task (--task's, or its own in --input), named and one of ``known``, before any work."""
+    out = []
+    for t in tasks:
+        if t is None:
+            if len(known) != 1:
+                raise MoorizeError(f"this model has several tasks: choose one with --task ({', '.join(known)})")
+            t = known[0]
+        out.append(require_name("--task" if t == o.task else f"in {o.input_file}", t, known, noun="task"))
+    return out

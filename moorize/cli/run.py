@@ -12,7 +12,7 @@ import click
 
 from ..errors import MoorizeError
 from ..options import cli_values, click_options, option
-from .inputs import PATH, TextInputOptions, read_inputs
+from .inputs import PATH, TextInputOptions, check_tasks, read_inputs
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -46,14 +46,14 @@ def run(export_dir: Path, **options) -> None:
     o = RunOptions(**cli_values(RunOptions, options))
     texts, tasks = read_inputs(o)
     max_new_tokens = o.max_new_tokens
+    from ..runtime.format import read_export_meta
     from ..runtime.session import MoOREOrtModel
 
+    tasks = check_tasks(o, tasks, list(read_export_meta(export_dir).get("tasks") or ()))  # before any session loads
     model = MoOREOrtModel.from_export(export_dir, providers=o.providers or None)
     if model.kind == "vision":
         raise MoorizeError(f"{export_dir} is an image encoder: moorize run takes text; run it from Python with "
                            "moorize.runtime.MoOREOrtModel.from_export(DIR).image_features(pixel_values, task)")
-    for t in set(tasks):  # unknown names fail before any work
-        model.task_ids(t, 1)
     tasks_arg = tasks if len(set(tasks)) > 1 else tasks[0]
     if model.generates:
         outs = model.generate(texts, task=tasks_arg, max_new_tokens=max_new_tokens, do_sample=o.do_sample,

@@ -22,11 +22,12 @@ class ConvertOptions:
     """How to factor a checkpoint: the keywords of ``moorize.convert`` and the options of ``moorize convert``."""
 
     targets: list[str] | None = option(None, multiple=True, metavar="PATTERN",
-                                       help="Layers to factor (glob, or regex with 're:'); repeatable. Default: every "
-                                            "linear layer inside the transformer blocks.")
+                                       help="Layers to factor (glob, or regex with 're:'); repeatable, each must match "
+                                            "a layer. Default: every linear layer inside the transformer blocks.")
     rank: list[str] | str | None = option(None, multiple=True, metavar="POLICY",
                                           help="full (default), N, energy:0.99 or ratio:0.25; 'PATTERN=POLICY' "
-                                               "overrides per layer (e.g. 'mlp.*=energy:0.95'). Repeatable.")
+                                               "overrides per layer (e.g. 'mlp.*=energy:0.95'; the last matching one "
+                                               "wins, and each must set some target's rank). Repeatable.")
     residual: str = option("keep", choices=RESIDUALS, help="When truncated: keep W - U_r S_r Vh_r (model stays "
                                                           "exact) or drop it (compression).")
     solver: str = option("auto", choices=SOLVERS, help="auto: gram on CPU (float64 Gram + eigh), svd on GPU; "

@@ -390,6 +390,7 @@ def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
         arch = build_meta_model(opened.model_dir)
         ckpt = to_module_space(opened, arch)
         tlist = find_targets(arch, ckpt.tensors, job.targets)
+        rules.check([t.name for t in tlist])  # every rank pattern sets some target's rank, before any SVD
         for t in tlist:
             pol = rules.for_layer(t.name)
             if pol.kind == "fixed" and pol.value > min(t.shape):

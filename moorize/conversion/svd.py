@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MoorizeError
+from ..selectors import listing, require_name
 from .options import SOLVERS
-from .targets import pattern_matches, validate_pattern
+from .targets import collapse_names, pattern_matches, require_layer_matches, validate_pattern
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +118,33 @@ class RankRules:
             return cls()
         if isinstance(specs, str):
             specs = [specs]
-        rules = cls()
+        rules, default = cls(), None
         for spec in specs:
             # 'energy:0.9' and 'ratio:0.5' contain no '='; 'mlp.*=energy:0.95' does
             if "=" in spec:
                 pat, _, pol = spec.rpartition("=")
                 validate_pattern(pat)
                 rules.overrides.append((pat, RankPolicy.parse(pol)))
+            elif default is not None:  # the second would silently replace the first
+                raise MoorizeError(f"--rank {default!r} and --rank {spec!r} both set the default policy: give one, "
+                                   "and PATTERN=POLICY for the layers that differ")
             else:
-                rules.default = RankPolicy.parse(spec)
+                rules.default, default = RankPolicy.parse(spec), spec
         return rules
+
+    def check(self, targets: list[str]) -> None:
+        """Every ``PATTERN=POLICY`` sets the rank of some target: its pattern matches one (``require_layer_matches``)
+        and a later pattern, which would win there, does not match every one it matches."""
+        picked = require_layer_matches("--rank pattern", [p for p, _ in self.overrides], targets, "target layer")
+        for i, (pat, pol) in enumerate(self.overrides):
+            later = [q for q, _ in self.overrides[i + 1:]]
+            if all(any(pattern_matches(q, n) for q in later) for n in picked[pat]):
+                winners = [q for q in dict.fromkeys(later) if any(pattern_matches(q, n) for n in picked[pat])]
+                later_ones = f"pattern{'s' if len(winners) > 1 else ''} {listing(map(repr, winners), 3)}"
+                matched = listing(collapse_names(picked[pat]), 3)
+                raise MoorizeError(f"--rank pattern {pat!r} sets no rank: every layer it matches ({matched}) is matched "
+                                   f"by the later {later_ones}, and the last matching pattern wins; give "
+                                   f"'{pat}={pol}' after it")
 
     def for_layer(self, name: str) -> RankPolicy:
         pol = self.default
@@ -186,8 +204,7 @@ def resolve_solver(solver: str, device: torch.device) -> str:
     """'auto': ``gram`` on the CPU and on GPUs with full-rate float64 (on an H200 the float64 Gram
     eigensolver was 7.9x faster than batched cuSOLVER SVD and more accurate: 1.4e-6 worst relative error
     against 1.1e-3, benchmarks/gpu.py), ``svd`` on other GPUs."""
-    if solver not in SOLVERS:
-        raise MoorizeError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    require_name("--solver", solver, SOLVERS, noun="solver")
     if solver == "auto":
         if device.type != "cuda":
             return "gram"

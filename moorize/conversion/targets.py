@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import MoorizeError
 from ..io.factored import weight_slot
 from ..io.hf import EXPERT_TENSORS, _model_class, checkpoint_name, is_experts_module
+from ..selectors import require_matches
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,30 @@ def validate_pattern(pattern: str) -> None:
             raise MoorizeError(f"invalid regex in pattern {pattern!r}: {e}") from None
     elif not pattern:
         raise MoorizeError("empty target pattern")
+
+
+def layer_kinds(names: list[str]) -> list[str]:
+    """The distinct module-name suffixes of layer names, as a pattern spells them: ``q_proj``, ``down_proj``
+    (an expert's, ``gate_up_proj.*``), in order of first appearance."""
+    kinds: dict[str, None] = {}
+    for collapsed in collapse_names(names):
+        parts = collapsed.split(".")
+        stars = 0
+        while stars < len(parts) - 1 and parts[-1 - stars] == "*":
+            stars += 1
+        kinds[".".join(parts[-1 - stars:])] = None
+    return list(kinds)
+
+
+def require_layer_matches(flag: str, patterns: list[str], names: list[str], noun: str) -> dict[str, list[str]]:
+    """Each pattern's layers among ``names`` (``pattern_matches``); one that matches none is refused in one line
+    naming the layer kinds and, for a likely typo, the closest dotted suffix ("did you mean 'q_proj'?")."""
+    for p in patterns:
+        validate_pattern(p)
+    suffixes = {".".join(parts[i:]) for n in collapse_names(names) for parts in [n.split(".")]
+                for i in range(len(parts))}
+    return require_matches(flag, patterns, names, match=pattern_matches, noun=noun, shown=layer_kinds(names),
+                           pool=sorted(suffixes, key=len))
 
 
 def _expert_targets(model: nn.Module, prefix: str, tensors: dict) -> list[Target]:
@@ -236,6 +261,7 @@ def find_targets(model: nn.Module, tensors: dict, patterns: list[str] | None = N
                     type(model).__name__, ", ".join(collapse_names(kept_dense)[:4]))
     if patterns:
         for p in patterns:
+            validate_pattern(p)  # before any match: a bad regex is one line
             hit = next((n for n in kept_dense if pattern_matches(p, n)), None)
             if hit is not None and not any(pattern_matches(p, t.name) for t in candidates):
                 raise MoorizeError(f"--targets {p!r} names {hit}, whose weight {type(model).__name__}'s code reads "
@@ -249,16 +275,9 @@ def find_targets(model: nn.Module, tensors: dict, patterns: list[str] | None = N
             )
         _refuse_non_float(chosen, not_float, explicit=False)
         return chosen
-    for p in patterns:
-        validate_pattern(p)
-    chosen = []
-    for p in patterns:
-        if not any(pattern_matches(p, t.name) for t in candidates):
-            raise MoorizeError(
-                f"--targets {p!r} matches no linear layer; layers are: "
-                + ", ".join(collapse_names([t.name for t in candidates])[:30])
-            )
-    chosen = [t for t in candidates if any(pattern_matches(p, t.name) for p in patterns)]
+    picked = require_layer_matches("--targets", patterns, [t.name for t in candidates], "linear layer")
+    names = {n for hits in picked.values() for n in hits}
+    chosen = [t for t in candidates if t.name in names]
     _refuse_non_float(chosen, not_float, explicit=True)
     return chosen
 

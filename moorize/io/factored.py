@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 from ..errors import MoorizeError
+from ..selectors import require_name
 from .jsonfiles import read_versioned_json
 from .safetensors import SafetensorsFile
 
@@ -186,9 +187,8 @@ class FactoredCheckpoint:
         return self._file(self.weight_map[key]).load(key)
 
     def _layer(self, name: str) -> LayerRecord:
-        if name not in self.layers:
-            raise MoorizeError(f"{name!r} is not a factored layer of {self.directory}")
-        return self.layers[name]
+        return self.layers[require_name("name", name, self.layers, noun="factored layer",
+                                        plural=f"the factored layers of {self.directory}")]
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(U [m, r], S [r], Vh [r, n], residual [m, n] or None) as stored."""

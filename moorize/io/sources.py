@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from ..errors import MoorizeError
+from ..selectors import require_name
 from .safetensors import TORCH_TO_ST, SafetensorsFile, TensorInfo, TensorSource, _show
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,9 @@ def open_checkpoint(
         gguf_path = p
     elif gguf_file:
         gguf_path = p / gguf_file
-        if not gguf_path.is_file():
-            raise MoorizeError(f"--gguf-file {gguf_file} not found in {p}")
+        if not gguf_path.is_file():  # refused, naming the .gguf files that are there
+            require_name("--gguf-file", gguf_file, sorted(f.name for f in p.glob("*.gguf") if f.is_file()),
+                         noun="GGUF file", plural=f"GGUF files in {p}")
     if gguf_path is None:
         if not p.is_dir():
             raise MoorizeError(f"{p} is not a directory")

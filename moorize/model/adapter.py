@@ -187,5 +187,11 @@ def read_adapter(directory: str | os.PathLike, base_fingerprint: str | None = No
                  ) -> tuple[MoOREConfig, dict[str, torch.Tensor]]:
     """(config, tensors) of an adapter; refuses one trained on a different base (``read_adapter_config``)."""
     meta = read_adapter_config(directory, base_fingerprint, base=base)
-    config = MoOREConfig.from_saved(meta.get("moore"), f"adapter {directory}: {CONFIG_NAME}")
-    return config, read_tensors(Path(directory) / WEIGHTS_NAME)
+    return adapter_moore_config(directory, meta), read_tensors(Path(directory) / WEIGHTS_NAME)
+
+
+def adapter_moore_config(directory: str | os.PathLike, meta: dict | None = None) -> MoOREConfig:
+    """The MoORE settings an adapter recorded (router mode, tasks, ...), from adapter_config.json alone (``meta``
+    when already read): what a command checks its ``--task`` against before loading any weights."""
+    meta = read_adapter_config(directory) if meta is None else meta
+    return MoOREConfig.from_saved(meta.get("moore"), f"adapter {directory}: {CONFIG_NAME}")

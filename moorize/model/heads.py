@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import MoorizeError
+from ..selectors import require_matches, require_name
 from .adapter import HEADS_PREFIX, read_adapter, read_adapter_config
 from .routed import load, use_task
 
@@ -33,8 +34,8 @@ class TaskHeads(nn.Module):
     def __init__(self, hidden_size: int, tasks: list[str], labels: dict[str, list[str]], pooling: str = "mean",
                  seed: int = 0):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise MoorizeError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+        require_name("--pooling", pooling, POOLINGS, noun="pooling")
+        require_matches("labels", labels, tasks, noun="task")  # a label set for no task would be dropped silently
         missing = [t for t in tasks if not labels.get(t)]
         if missing:
             raise MoorizeError(f"classification tasks without labels: {', '.join(missing)}")

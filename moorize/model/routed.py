@@ -28,8 +28,9 @@ from ..io.factored import EXPERT_LAYOUTS, MANIFEST, FactoredCheckpoint, dense_we
 from ..io.hf import checkpoint_name, copy_aux_files, is_experts_module, model_class, module_paths
 from ..io.outdir import atomic_output_dir, output_lock, raise_for_os_error
 from ..io.shards import ShardFile, ShardPart, finalize_shards, parse_size
+from ..selectors import require_name
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
-from .adapter import HEADS_PREFIX, read_adapter, write_adapter_files
+from .adapter import HEADS_PREFIX, adapter_moore_config, read_adapter, write_adapter_files
 from .adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from .experts import install as install_experts
 from .layer import (
@@ -270,7 +271,7 @@ def _install_routing(model, state: RoutingState, config: MoOREConfig, ckpt: Fact
         model.gradient_checkpointing_enable = types.MethodType(gradient_checkpointing_enable, model)
 
     def set_default_task(self, task) -> None:
-        state.default = None if task is None else state.task_id(task)
+        state.default = None if task is None else state.task_id(task, "task")
 
     model.set_default_task = types.MethodType(set_default_task, model)
     # transformers' own save_pretrained would write the U/S/Vh buffers under names it does not know and
@@ -323,16 +324,20 @@ def prepare_for_training(model: nn.Module) -> list[nn.Parameter]:
 def merge(directory, adapter, task: str, dest, *, overwrite: bool = False,
           max_shard_size: int = 2 * 10**9) -> Path:
     """Write a dense HF checkpoint of one task of a ``task``-mode routed model (exact)."""
+    # the router mode and the task checked before any weight loads
+    config = adapter_moore_config(adapter) if adapter is not None else MoOREConfig()
+    router_for(config).check_mergeable()
+    require_name("--task", task, config.tasks, noun="task")
     model = load(directory, adapter)
     return _write_dense(model, directory, task, dest, overwrite=overwrite, max_shard_size=max_shard_size,
                         protect=[Path(adapter)])
 
 
 def _write_dense(model, directory, task: str, dest, *, overwrite: bool, max_shard_size: int,
-                 protect: list[Path] = ()) -> Path:
+                 protect: list[Path] = (), flag: str = "--task") -> Path:
     """The dense checkpoint of one task of a routed model whose base is the factored ``directory``."""
     router_for(model.moore.config).check_mergeable()
-    task_id = model.moore.routing.task_id(task)
+    task_id = model.moore.routing.task_id(task, flag)
     dest = Path(dest)
     layers = moore_layers(model)
     with FactoredCheckpoint(directory) as ckpt, \
@@ -434,7 +439,7 @@ def save_pretrained(self, save_directory, *, merge_task: str | None = None, over
     base = Path(self.moore.base_path)
     if merge_task is not None:
         return _write_dense(self, base, merge_task, d, overwrite=overwrite,
-                            max_shard_size=parse_size(kwargs.get("max_shard_size") or 2 * 10**9))
+                            max_shard_size=parse_size(kwargs.get("max_shard_size") or 2 * 10**9), flag="merge_task")
     d_r, base_r = d.resolve(), base.resolve()
     if d_r == base_r or base_r in d_r.parents:
         raise MoorizeError(f"{d} is {'the factored checkpoint' if d_r == base_r else 'inside the factored checkpoint'} "

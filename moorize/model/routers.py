@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import MoorizeError
+from ..selectors import require_name
 from .config import ROUTER_MODES, ROUTER_NORM_EPS, MoOREConfig
 
 
@@ -178,7 +179,4 @@ for _cls in (TaskRouter, SampleRouter, TaskSampleRouter):
 
 def router_for(config: MoOREConfig) -> Router:
     """The router object of ``config``'s mode."""
-    cls = ROUTERS.get(config.router)
-    if cls is None:
-        raise MoorizeError(f"unknown router mode {config.router!r}: use one of {', '.join(ROUTERS)}")
-    return cls(config)
+    return ROUTERS[require_name("--router", config.router, ROUTERS, noun="router mode")](config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoorizeError
+from ..selectors import require_name
 
 
 class Routing:
@@ -70,14 +71,13 @@ class RoutingState:
             else None
         self.uniform = host[0] if host and all(t == host[0] for t in host) else None
 
-    def task_id(self, task: str | int) -> int:
+    def task_id(self, task: str | int, flag: str = "task_ids") -> int:
+        """The id of a task name (exactly as the model names it) or a checked id; ``flag`` names the argument."""
         if isinstance(task, int):
             if not 0 <= task < len(self.tasks):
                 raise MoorizeError(f"task id {task} out of range: the model has {len(self.tasks)} task(s)")
             return task
-        if task not in self.tasks:
-            raise MoorizeError(f"unknown task {task!r}; tasks are: {', '.join(self.tasks)}")
-        return self.tasks[task]
+        return self.tasks[require_name(flag, task, self.tasks, noun="task")]
 
     def resolve(self, task_ids) -> torch.Tensor | None:
         """Validate what the caller passed as ``task_ids`` (ids, names, or None for the default).

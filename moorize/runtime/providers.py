@@ -18,13 +18,10 @@ def checked_providers(providers: list[str]) -> list[str]:
     one and runs on the CPU, which a user who asked for the GPU would not notice."""
     import onnxruntime as ort
 
-    from ..errors import MoorizeError
+    from ..selectors import require_matches
 
-    available = ort.get_available_providers()
-    missing = [p for p in providers if p not in available]
-    if missing:
-        raise MoorizeError(f"execution provider {missing[0]} is not available in this onnxruntime "
-                           f"({ort.__version__}); it has {', '.join(available)}")
+    require_matches("--provider", providers, ort.get_available_providers(), noun="execution provider",
+                    plural=f"execution providers in this onnxruntime ({ort.__version__})")
     return list(providers)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MoorizeError
+from ..selectors import require_name
 from .format import META_FILE, read_export_meta
 from .generation import GenerationTimes, generate_ids
 from .limits import model_limits
@@ -90,9 +91,7 @@ class MoOREOrtModel:
                 raise MoorizeError(f"task id {int(task)} out of range: the model has {len(self.tasks)} task(s) "
                                    f"({', '.join(self.tasks)})")
             return int(task)
-        if task not in self.tasks:
-            raise MoorizeError(f"unknown task {task!r}; tasks are: {', '.join(self.tasks)}")
-        return self.tasks[task]
+        return self.tasks[require_name("task", task, self.tasks, noun="task")]
 
     def task_ids(self, task, batch: int) -> np.ndarray:
         """[batch] int64 ids from one task (name or id) or one per row."""

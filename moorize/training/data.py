@@ -1,13 +1,15 @@
-"""Multi-task training data: JSONL/CSV readers, tokenisation, collation, length-grouped batches.
+"""Multi-task training data: JSONL/JSON/CSV/TSV readers, tokenisation, collation, length-grouped batches.
 
 Every example names its ``task`` and is either causal-LM (``prompt`` + ``response``:
 the loss is on the response tokens only) or classification (``text`` + ``label``: a
-head per task). Bad data fails with the file and line it came from.
+head per task). Bad data fails with the file and line it came from. Files are decoded by
+``io.textfiles``, so what spreadsheets and editors save (byte-order marks, UTF-16, CRLF) reads.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import random
 from dataclasses import dataclass
@@ -17,7 +19,9 @@ from typing import Iterator
 import torch
 
 from ..errors import MoorizeError
-from ..io.jsonfiles import MAX_RECORD_CHARS, jsonl_records
+from ..io import textfiles
+from ..io.jsonfiles import json_records
+from ..selectors import require_name
 
 log = logging.getLogger(__name__)
 
@@ -63,38 +67,62 @@ CHARS_PER_TOKEN_BOUND = 32
 _TOKEN_MARGIN = 16  # tokens past the budget kept from a prefix: the cut word only changes the last few
 
 
+SAVE_AS = "CSV UTF-8 or JSONL"  # what an unreadable data file should be saved as
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab")
+_DELIMITERS = (",", "\t", ";")  # in this order, the first in a .csv header separates (Excel writes ";" in some locales)
+
+
 def _read_jsonl(path: Path) -> Iterator[Example]:
-    for lineno, record in jsonl_records(path):
-        yield _example(record, f"{path}:{lineno}")
+    for where, record in json_records(path, SAVE_AS):
+        yield _example(record, where)
 
 
-def _read_csv(path: Path) -> Iterator[Example]:
-    csv.field_size_limit(MAX_RECORD_CHARS)
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        try:
-            if not reader.fieldnames:
-                return
-            for record in reader:
-                clean = {k: v for k, v in record.items() if k is not None and v not in (None, "")}
-                yield _example(clean, f"{path}:{reader.line_num}")
-        except csv.Error as e:
-            raise MoorizeError(f"{path}:{reader.line_num}: invalid CSV ({e})") from None
+def _read_table(path: Path) -> Iterator[Example]:
+    """CSV, or TSV (``.tsv``/``.tab``, or a header separated by tabs or ";" but no commas): a header line, then
+    one example per row; rows with nothing but separators and blanks (spreadsheets write them) are skipped."""
+    csv.field_size_limit(textfiles.MAX_RECORD_CHARS)
+    lines = textfiles.text_lines(path, SAVE_AS)
+    header, skipped = next(lines, None), 0  # skipped: blank lines above the header
+    while header is not None and not header.strip():
+        header, skipped = next(lines, None), skipped + 1
+    if header is None:
+        return
+    tab = path.suffix.lower() in (".tsv", ".tab")
+    delimiter = "\t" if tab else next((d for d in _DELIMITERS if d in header), ",")
+    reader = csv.DictReader(itertools.chain([header], lines), delimiter=delimiter)
+    rows = 0
+    try:
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+        for record in reader:
+            clean = {k: v for k, v in record.items() if k is not None and v not in (None, "")}
+            if all(not v.strip() for v in clean.values() if isinstance(v, str)):
+                continue
+            rows += 1
+            yield _example(clean, f"{path}:{reader.line_num + skipped}")
+    except csv.Error as e:
+        raise MoorizeError(f"{path}:{reader.line_num + skipped}: invalid CSV ({e})") from None
+    if not rows:
+        raise MoorizeError(f"{path} has a header line ({', '.join(reader.fieldnames)}) but no examples under it")
+
+
+def _is_table(path: Path) -> bool:
+    """By suffix; a ``.txt`` is a table unless it starts as JSON (Excel's "Unicode Text" is tab-separated .txt)."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return textfiles.first_char(textfiles.text_chunks(path, SAVE_AS))[0] not in ("{", "[", "")
+    return suffix in TABLE_SUFFIXES
 
 
 def read_examples(paths: list[str | Path] | str | Path) -> list[Example]:
-    """Read one or more JSONL (``.jsonl``/``.json``) or CSV (``.csv``) files; all of one kind."""
+    """Read one or more files, all of one kind: JSONL (``.jsonl``, ``.json``: or one JSON array), CSV (``.csv``),
+    TSV (``.tsv``, ``.tab``; or ``.txt`` that is not JSON)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     examples: list[Example] = []
     for p in map(Path, paths):
         if not p.is_file():
             raise MoorizeError(f"data file {p} does not exist")
-        reader = _read_csv if p.suffix.lower() == ".csv" else _read_jsonl
-        try:
-            got = list(reader(p))
-        except UnicodeDecodeError:
-            raise MoorizeError(f"{p} is not UTF-8 text") from None
+        got = list((_read_table if _is_table(p) else _read_jsonl)(p))
         if not got:
             raise MoorizeError(f"{p} has no examples")
         examples.extend(got)
@@ -124,16 +152,14 @@ class TaskTable:
         return cls(list(tasks), {t: sorted(ls, key=_label_order) for t, ls in labels.items()})
 
     def task_id(self, e: Example) -> int:
-        if e.task not in self.tasks:
-            raise MoorizeError(f"{e.where}: unknown task {e.task!r}; the model knows: {', '.join(self.tasks)}")
-        return self.tasks.index(e.task)
+        """The id of an example's task, one the training data names (eval data may name no other)."""
+        return self.tasks.index(require_name(None, e.task, self.tasks, noun="task", where=e.where,
+                                             plural="the training data's tasks"))
 
     def label_id(self, e: Example) -> int:
         known = self.labels.get(e.task, [])
-        if e.label not in known:
-            raise MoorizeError(f"{e.where}: label {e.label!r} is outside the {e.task!r} head "
-                               f"({len(known)} labels: {', '.join(known[:10])})")
-        return known.index(e.label)
+        return known.index(require_name(None, e.label, known, noun="label", where=e.where,
+                                        plural=f"the {e.task!r} head's labels"))
 
 
 def _label_order(label: str) -> tuple:

@@ -18,9 +18,9 @@ class _MetricsLog:
     def __init__(self, run: Path, main: bool, tensorboard: bool, callbacks, keep_until: int | None):
         self.path, self.main, self.history, self.callbacks = run / METRICS_NAME, main, [], list(callbacks)
         if main and keep_until is not None and self.path.exists():  # resume: drop records past the checkpoint
-            from ..io.jsonfiles import jsonl_records
+            from ..io.jsonfiles import json_records
 
-            kept = [json.dumps(r) for _, r in jsonl_records(self.path)
+            kept = [json.dumps(r) for _, r in json_records(self.path)
                     if isinstance(r, dict) and isinstance(r.get("step", 0), int) and r.get("step", 0) <= keep_until]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tb = None
