@@ -19,7 +19,7 @@ import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -31,8 +31,10 @@ MAX_BODY = 4 * 1024 * 1024  # bytes: a request body beyond this is refused (413)
 
 
 def error_response(err: ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if err.status == 429 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    headers = {"Retry-After": "1"} if err.status in (429, 503) else {}
+    if err.close:  # the rest of the request may still be on its way: the connection cannot be reused
+        headers["Connection"] = "close"
+    return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
 
 
 class EventStream(StreamingResponse):
@@ -70,19 +72,26 @@ class BearerAuth:
 class Server:
     """What the routes share: the runtime model, the engine or classifier, metrics."""
 
-    def __init__(self, model, metrics, engine=None, classifier=None):
+    def __init__(self, model, metrics, options, engine=None, classifier=None):
         self.model, self.metrics, self.engine, self.classifier = model, metrics, engine, classifier
-        self.generator = TextGenerator(model, engine, metrics) if engine is not None else None
+        self.body_timeout = options.body_timeout
+        self.generator = TextGenerator(model, engine, metrics, options) if engine is not None else None
         self.created = now()
 
     # ---- plumbing --------------------------------------------------------------------------------
     async def body(self, request: Request) -> dict:
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY:
-                raise ApiError(413, f"the request body exceeds {MAX_BODY} bytes")
-        return parse_json(raw)
+        """The parsed body, read within ``body_timeout`` seconds and at most ``MAX_BODY`` bytes."""
+        raw = bytearray()
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > MAX_BODY:
+                        raise ApiError(413, f"the request body exceeds {MAX_BODY} bytes")
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s", code="request_timeout",
+                           close=True) from None
+        return parse_json(bytes(raw))
 
     def route(self, endpoint: str, fn):
         """Wraps a handler: errors become OpenAI JSON, every answer is counted and timed."""
@@ -93,6 +102,9 @@ class Server:
                 response = await fn(request)
             except ApiError as e:
                 response = error_response(e)
+            except ClientDisconnect:  # the client left while sending its request: nobody to answer
+                log.info("%s: the client disconnected during its request", endpoint)
+                response = Response(status_code=499)
             except Exception:
                 log.exception("%s failed", endpoint)
                 response = error_response(ApiError(500, "internal server error", "server_error"))
@@ -111,7 +123,9 @@ class Server:
 
     # ---- routes ----------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "kind": self.model.kind, "models": list(self.model.tasks)})
+        draining = self.engine is not None and self.engine.draining  # a load balancer takes it out of rotation
+        return JSONResponse({"status": "draining" if draining else "ok", "kind": self.model.kind,
+                             "models": list(self.model.tasks)}, status_code=503 if draining else 200)
 
     async def metrics_text(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.text(), media_type="text/plain; version=0.0.4")
@@ -203,8 +217,9 @@ class Server:
                         "usage": usage(g.prompt_tokens, g.completion_tokens)}
                 yield f"data: {json.dumps(tail)}\n\n"
             yield "data: [DONE]\n\n"
-        except ApiError as e:  # the status line is sent already: report in the stream, as OpenAI does
+        except ApiError as e:  # the status line is sent already: report in the stream, as OpenAI does, and end it
             yield f"data: {json.dumps(e.body())}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
             self.metrics.observe("moorize_request_latency_seconds", time.perf_counter() - t0,
                                  endpoint="chat" if chat else "completions")

@@ -14,12 +14,17 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .engine import Engine, GenRequest, QueueFull
+from .engine import Engine, GenRequest, QueueFull, ShuttingDown
 from .protocol import ApiError, Sampling, bad
 from .textstream import TextStream
 
 CHAT_DEFAULT_MAX_TOKENS = 512  # OpenAI's chat default is "what is left of the context"; bounded here
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def shutting_down(message: str | None) -> ApiError:
+    """503: the server stopped before this generation finished; another replica (or a retry) will answer."""
+    return ApiError(503, f"{message}: retry the request", "server_error", None, "server_shutting_down")
 
 
 @dataclass
@@ -31,8 +36,9 @@ class Piece:
 class TextGenerator:
     """Turns checked requests into engine rows and their tokens into text pieces."""
 
-    def __init__(self, model, engine: Engine, metrics):
+    def __init__(self, model, engine: Engine, metrics, options):
         self.model, self.engine, self.metrics = model, engine, metrics
+        self.max_prompt_tokens, self.max_batch_tokens = options.max_prompt_tokens, options.max_batch_tokens
         self.tokenizer = model.tokenizer
         # a token covers at most as many characters as its longest vocabulary entry has (byte-level entries
         # spell one character per byte or more): the bound that refuses a huge prompt before tokenizing it
@@ -45,13 +51,19 @@ class TextGenerator:
         """``fn(*args)`` (encode_text, encode_chat) in the tokenizing thread, so other streams keep flowing."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
-    def check_chars(self, chars: int, param: str) -> None:
-        """A prompt whose characters cannot fit the positions, whatever its tokens: a 400 before tokenizing."""
+    def prompt_limit(self) -> tuple[int | None, str]:
+        """The most tokens a prompt may have and what sets it (the model's positions or --max-prompt-tokens)."""
         limit = self.model.max_positions
+        if self.max_prompt_tokens and (not limit or self.max_prompt_tokens < limit):
+            return self.max_prompt_tokens, f"This server takes prompts of at most {self.max_prompt_tokens} tokens"
+        return limit, f"This model's maximum context length is {limit} tokens"
+
+    def check_chars(self, chars: int, param: str) -> None:
+        """A prompt whose characters cannot fit the limit, whatever its tokens: a 400 before tokenizing."""
+        limit, why = self.prompt_limit()
         if limit and self.max_token_chars and chars > limit * self.max_token_chars:
-            raise bad(f"This model's maximum context length is {limit} tokens, and a prompt of {chars} characters "
-                      f"has more (a token spans at most {self.max_token_chars} characters)", param,
-                      "context_length_exceeded")
+            raise bad(f"{why}, and a prompt of {chars} characters has more (a token spans at most "
+                      f"{self.max_token_chars} characters)", param, "context_length_exceeded")
 
     def task_id(self, name: str) -> int:
         if name not in self.model.tasks:
@@ -82,15 +94,27 @@ class TextGenerator:
     def budget(self, prompt_len: int, sampling: Sampling, default: int, param: str = "prompt") -> int:
         """max_tokens for this prompt; a prompt (plus an explicit max_tokens) beyond the positions is a 400
         naming ``param``, the field the prompt came in (``prompt`` or ``messages``)."""
+        cap, why = self.prompt_limit()
+        if self.max_prompt_tokens and cap == self.max_prompt_tokens and prompt_len > cap:
+            raise bad(f"{why}, but this one has {prompt_len}", param, "context_length_exceeded")
         limit = self.model.max_positions
         if limit and prompt_len >= limit:
             raise bad(f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} "
                       "tokens (no room to generate)", param, "context_length_exceeded")
-        room = limit - prompt_len if limit else None
+        rooms = []  # (tokens left to generate, what bounds them)
+        if limit:
+            rooms.append((limit - prompt_len, f"This model's maximum context length is {limit} tokens"))
+        if self.max_batch_tokens:  # a row must fit the batch's cache alone, or it could never join
+            rooms.append((self.max_batch_tokens - prompt_len,
+                          f"This server's batch holds at most {self.max_batch_tokens} cache positions"))
+        room, bound = min(rooms) if rooms else (None, "")
+        if room is not None and room < 1:
+            raise bad(f"{bound}, but the prompt has {prompt_len} tokens (no room to generate)", param,
+                      "context_length_exceeded")
         if sampling.max_tokens is not None:
             if room is not None and sampling.max_tokens > room:
-                raise bad(f"This model's maximum context length is {limit} tokens; the prompt has {prompt_len} and "
-                          f"max_tokens asks for {sampling.max_tokens}", "max_tokens", "context_length_exceeded")
+                raise bad(f"{bound}; the prompt has {prompt_len} and max_tokens asks for {sampling.max_tokens}",
+                          "max_tokens", "context_length_exceeded")
             return sampling.max_tokens
         return default if room is None else min(default, room)
 
@@ -115,6 +139,8 @@ class Generation:
             gen.engine.submit(self.req)
         except QueueFull as e:
             raise ApiError(429, f"{e}: retry later", "rate_limit_error", None, "queue_full") from None
+        except ShuttingDown as e:
+            raise shutting_down(str(e)) from None
         if gen.metrics is not None:
             gen.metrics.inc("moorize_prompt_tokens_total", len(prompt), model=task)
 
@@ -138,6 +164,8 @@ class Generation:
                 reason, message = value
                 if reason == "error":
                     raise ApiError(500, f"generation failed: {message}", "server_error")
+                if reason == "shutdown":
+                    raise shutting_down(message)
                 yield Piece(self.text.finish(), "length" if reason == "length" else "stop")
                 return
         finally:

@@ -12,6 +12,7 @@ import threading
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -103,11 +104,17 @@ def server_metrics() -> Metrics:
     m.declare("moorize_generated_tokens_total", "counter", "Tokens generated, by model (task).")
     m.declare("moorize_finished_total", "counter", "Generations ended, by reason (stop, length, cancelled, error).")
     m.declare("moorize_queue_length", "gauge", "Requests waiting for a batch row.")
+    m.declare("moorize_prefilling_rows", "gauge", "Admitted requests whose prompts are being read (in chunks).")
     m.declare("moorize_running_rows", "gauge", "Rows in the running batch.")
-    for gauge in ("moorize_queue_length", "moorize_running_rows"):  # scrapable from the start, not the first request
+    m.declare("moorize_batch_cache_tokens", "gauge", "Positions the running batch's KV cache holds (rows x columns).")
+    for gauge in ("moorize_queue_length", "moorize_prefilling_rows", "moorize_running_rows",
+                  "moorize_batch_cache_tokens"):  # scrapable from the start, not the first request
         m.set(gauge, 0)
     m.declare("moorize_batch_size", "histogram", "Rows per ONNX Runtime decoding run.", BATCH_BUCKETS)
     m.declare("moorize_prefill_batch_size", "histogram", "Rows per ONNX Runtime prefill run.", BATCH_BUCKETS)
+    m.declare("moorize_prefill_chunks_total", "counter", "Prompt chunks run for prompts longer than a step's budget.")
+    m.declare("moorize_step_tokens", "histogram", "Tokens per engine step: decoding rows plus prompt tokens.",
+              TOKEN_BUCKETS)
     m.declare("moorize_step_seconds", "histogram", "Seconds per engine step (prefill and decode).",
               LATENCY_BUCKETS)
     m.declare("moorize_request_latency_seconds", "histogram", "Seconds from arrival to the last token, by endpoint.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import MoorizeError
 from ..options import check_options, option, with_overrides
 
 API_KEY_ENV = "MOORIZE_API_KEY"
@@ -24,6 +25,22 @@ class ServeOptions:
                                                            "(requests of any task).")
     max_queue: int = option(64, kind=int, low=1, help="Requests waiting for a row; beyond this the server "
                                                       "answers 429.")
+    max_step_tokens: int = option(512, kind=int, low=2, help="Tokens one engine step processes: a token per "
+                                  "decoding row, the rest for prompts; a longer prompt is read in chunks between "
+                                  "decoding steps (the bound on a step's time and memory). At least twice "
+                                  "--max-batch-size.")
+    max_prompt_tokens: int = option(0, kind=int, low=0, help="Longest prompt one request may send, in tokens "
+                                    "(0: the model's positions); longer ones get 400.")
+    max_batch_tokens: int = option(0, kind=int, low=0, help="KV-cache positions the running batch may hold: "
+                                   "requests join while rows x the longest row (prompt + max_tokens) fits, else "
+                                   "they wait (0: no bound beyond --max-batch-size).")
+    header_timeout: float = option(10.0, kind=float, low=0.0, low_open=True, help="Seconds a connection may take "
+                                   "to send a request's headers; slower ones are closed with 408.")
+    body_timeout: float = option(30.0, kind=float, low=0.0, low_open=True, help="Seconds a request may take to "
+                                 "send its body; slower ones get 408.")
+    shutdown_grace: float = option(10.0, kind=float, low=0.0, help="Seconds running generations may take to "
+                                   "finish after SIGTERM or Ctrl-C; then each ends with an error event (streams) "
+                                   "or 503.")
     threads: int = option(0, kind=int, low=0, help="ONNX Runtime intra-op threads (0: its default, one per core).")
     providers: list[str] | None = option(None, multiple=True, flag="provider",
                                          help="ONNX Runtime execution provider(s) in order; repeatable. Default: "
@@ -32,6 +49,9 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.max_step_tokens < 2 * self.max_batch_size:
+            raise MoorizeError(f"max-step-tokens must be at least twice max-batch-size ({2 * self.max_batch_size}), "
+                               f"got {self.max_step_tokens}: prompts need room in every step")
 
     @classmethod
     def build(cls, options: ServeOptions | None, overrides: dict) -> ServeOptions:

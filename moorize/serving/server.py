@@ -23,17 +23,22 @@ from .options import API_KEY_ENV, ServeOptions
 log = logging.getLogger(__name__)
 
 
-def build_app(export_dir, api_key: str | None = None, max_batch_size: int = 16, max_queue: int = 64,
-              providers: list[str] | None = None, threads: int | None = None):
-    """The ASGI app for ``export_dir`` (engine started and stopped with the app's lifespan)."""
+def build_app(export_dir, options: ServeOptions | None = None, **keywords):
+    """The ASGI app for ``export_dir`` (engine started and stopped with the app's lifespan), for any ASGI
+    server. Options are the fields of ``ServeOptions``, as ``options=`` or keywords (``max_batch_size=8``)."""
+    return _build(export_dir, ServeOptions.build(options, keywords))[0]
+
+
+def _build(export_dir, opts: ServeOptions):
+    """(the ASGI app, its engine or None for an encoder export)."""
     from ..runtime.session import MoOREOrtModel
     from .app import Server
     from .classifier import Classifier
     from .engine import Engine
     from .metrics import server_metrics
 
-    ServeOptions(max_batch_size=max_batch_size, max_queue=max_queue, threads=threads or 0)  # checked first
-    model = MoOREOrtModel.from_export(Path(export_dir), providers=providers, session_options=session_options(threads))
+    model = MoOREOrtModel.from_export(Path(export_dir), providers=opts.providers or None,
+                                      session_options=session_options(opts.threads or None))
     if model.kind == "vision":
         raise MoorizeError(f"{export_dir} is an image encoder: the server takes text (run it from Python with "
                            "MoOREOrtModel.image_features)")
@@ -48,10 +53,11 @@ def build_app(export_dir, api_key: str | None = None, max_batch_size: int = 16, 
         if not model.with_past:
             raise MoorizeError(f"{export_dir} was exported without --with-past: the server batches decoding steps "
                                "over the KV cache (re-export with --with-past)")
-        engine = Engine(model, max_batch_size, max_queue, metrics)
-        server = Server(model, metrics, engine=engine)
-        return server.app(api_key, on_startup=engine.start, on_shutdown=engine.stop)
-    return Server(model, metrics, classifier=Classifier(model)).app(api_key)
+        engine = Engine(model, opts.max_batch_size, opts.max_queue, metrics, max_step_tokens=opts.max_step_tokens,
+                        max_batch_tokens=opts.max_batch_tokens)
+        server = Server(model, metrics, opts, engine=engine)
+        return server.app(opts.api_key, on_startup=engine.start, on_shutdown=engine.stop), engine
+    return Server(model, metrics, opts, classifier=Classifier(model)).app(opts.api_key), None
 
 
 def session_options(threads: int | None):
@@ -78,23 +84,27 @@ def serve(export_dir, options: ServeOptions | None = None, **overrides) -> None:
     ``api_key`` defaults to the environment variable MOORIZE_API_KEY; when set, every
     request needs ``Authorization: Bearer <key>``.
     """
-    import uvicorn
+    import uvicorn  # the serve extra: a missing one is named by the CLI
+
+    from .connection import DrainingServer, TimedH11Protocol
 
     opts = ServeOptions.build(options, overrides)
-    host, port, log_level = opts.host, opts.port, opts.log_level
-    api_key = opts.api_key if opts.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+    if opts.api_key is None and os.environ.get(API_KEY_ENV):
+        opts = ServeOptions.build(opts, {"api_key": os.environ[API_KEY_ENV]})
+    host, port = opts.host, opts.port
     sock = bind(host, port)
     return_freed_memory()  # KV-cache buffers freed at every step must not accumulate in glibc's heap
-    app = build_app(export_dir, api_key, opts.max_batch_size, opts.max_queue, opts.providers or None,
-                    opts.threads or None)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    app, engine = _build(export_dir, opts)
+    if host not in ("127.0.0.1", "localhost", "::1") and not opts.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=5)
+    TimedH11Protocol.header_timeout = opts.header_timeout
+    # uvicorn's own limit comes after ours: by then the engine has ended every row, so streams close themselves
+    config = uvicorn.Config(app, host=host, port=port, log_level=opts.log_level, access_log=False,
+                            http=TimedH11Protocol, timeout_graceful_shutdown=opts.shutdown_grace + 5)
     # the banner is news, not a warning: it goes to stderr as itself, whatever the log level
     print(f"serving {export_dir} on http://{host}:{sock.getsockname()[1]} (Ctrl-C stops)", file=sys.stderr, flush=True)
     with stopped_by_signals():
-        uvicorn.Server(config).run(sockets=[sock])
+        DrainingServer(config, engine, opts.shutdown_grace).run(sockets=[sock])
     print("stopped", file=sys.stderr, flush=True)
 
 
