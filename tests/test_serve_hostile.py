@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import signal
 import socket
 import threading
@@ -167,6 +168,11 @@ def test_prompt_and_cache_limits_are_400_naming_the_field(request, server, body,
     assert err["param"] == param and err["code"] == "context_length_exceeded" and words in err["message"], err
 
 
+def test_an_unknown_model_names_the_tasks_and_the_closest_one(chunked):
+    err = http("POST", chunked.url + "/v1/completions", {"model": "peom", "prompt": "hi"}).json()["error"]
+    assert err["code"] == "model_not_found" and err["message"].endswith("are: math, poem; did you mean 'poem'?"), err
+
+
 def test_serve_refuses_a_step_budget_smaller_than_its_batch(serving_exports):
     import subprocess
     import sys
@@ -294,5 +300,70 @@ def test_streams_that_finish_within_the_grace_end_normally_and_the_server_does_n
         stopped_cleanly(srv)
         assert time.perf_counter() - t0 < 30  # it stopped when the stream ended, not at the end of the grace
         assert text_of(runs[0]) == solo(ortm, prompt, task, 250) and runs[0][-1][1] == "[DONE]"
+    finally:
+        srv.stop()
+
+
+# ---- a bounded load test ---------------------------------------------------------------------------
+MALFORMED = [  # (body, status): broken JSON, wrong shapes and types, lone surrogates, deep nesting, unknown tasks
+    (b"{not json", 400), (b"[1, 2, 3]", 400), (b'{"model": "math", "prompt": "\\ud800"}', 400),
+    (b'{"model": "math", "prompt": ' + b"[" * 64 + b"]" * 64 + b"}", 400),
+    (json.dumps({"model": "math", "prompt": "hi", "temperature": 9}).encode(), 400),
+    (json.dumps({"model": "math", "prompt": "hi", "max_tokens": -3}).encode(), 400),
+    (json.dumps({"model": "math", "prompt": "hi", "logit_bias": {"1": 5}}).encode(), 400),
+    (json.dumps({"model": "maths", "prompt": "hi"}).encode(), 404),
+]
+
+
+def test_a_bounded_load_of_16_clients_gets_no_5xx_and_every_answer_equals_its_sequential_one(serving_exports, ortm):
+    """16 clients x 8 requests: mixed tasks, streamed and whole, 10 % malformed, 15 % long prompts (read in chunks),
+    10 % clients that leave mid-stream. No 5xx; every answer (and every cut stream, as a prefix) is the request's
+    sequential answer; the server ends with no row left."""
+    srv = ServerProcess(serving_exports["llama"], "--max-step-tokens", "64", "--max-batch-size", "8",
+                        "--max-queue", "128")
+    try:
+        short = ["Hello world", "The cat sat on", "1+2=", "abc", "Once upon a time", "Q: why? A:"]
+        jobs = [(p, t) for p in short for t in TASKS] + [(long_prompt(300 + 40 * k, k), TASKS[k % 2]) for k in range(4)]
+        expected = {job: solo(ortm, job[0], job[1], 24) for job in jobs}
+        outcomes: list[tuple[str, object]] = []
+        lock = threading.Lock()
+
+        def client(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(8):
+                roll = rng.random()
+                if roll < 0.10:
+                    body, want = rng.choice(MALFORMED)
+                    r = http("POST", srv.url + "/v1/completions", content=body)
+                    result = ("malformed", r.status_code == want and "error" in r.json())
+                else:
+                    job = rng.choice(jobs[-4:]) if roll < 0.25 else rng.choice(jobs[:-4])
+                    body = {"model": job[1], "prompt": job[0], "max_tokens": 24, "temperature": 0}
+                    if roll < 0.35:  # leaves after its first chunks
+                        events: list = []
+                        stream(srv.url, body, events, stop_after=3)
+                        result = ("left", expected[job].startswith(text_of(events)))
+                    elif rng.random() < 0.5:
+                        events = []
+                        stream(srv.url, body, events)
+                        result = ("stream", events[0][1]["status"] == 200 and events[-1][1] == "[DONE]"
+                                  and text_of(events) == expected[job])
+                    else:
+                        r = http("POST", srv.url + "/v1/completions", body)
+                        result = ("whole", r.status_code == 200 and r.json()["choices"][0]["text"] == expected[job])
+                with lock:
+                    outcomes.append(result)
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(client, range(16)))
+        wrong = [kind for kind, ok in outcomes if not ok]
+        assert len(outcomes) == 128 and not wrong, wrong
+        assert {kind for kind, _ in outcomes} == {"malformed", "left", "stream", "whole"}
+        statuses = re.findall(r'^moorize_requests_total\{endpoint="completions",status="(\d+)"\} (\S+)$',
+                              http("GET", srv.url + "/metrics").text, re.M)
+        assert statuses and not [s for s, _ in statuses if s.startswith("5")], statuses
+        assert metric(srv.url, "moorize_prefill_chunks_total") > 0  # the long prompts were read in chunks
+        wait_until(lambda: metric(srv.url, "moorize_running_rows") == 0, 30)
+        assert srv.proc.poll() is None and "Traceback" not in srv.output()
     finally:
         srv.stop()

@@ -27,7 +27,7 @@ def data() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check(files: tuple[Path, ...], tokenizer_dir: Path | None, max_length: int | None, strict: bool,
           as_json: bool) -> None:
-    """Summarise FILES (JSONL or CSV) per task and name what would spoil training.
+    """Summarise FILES (JSONL, a JSON array, CSV or TSV) per task and name what would spoil training.
 
     Reads the files exactly as moorize train does, so a malformed line fails here with
     the same file:line message. Reports examples, lengths and labels per task, and the

@@ -38,7 +38,7 @@ class TextInputOptions:
     task: str | None = option(None, help="Task name (required when the model has several).")
     prompts: list[str] | None = option(None, multiple=True, flag="prompt", help="Input text; repeatable (one batch).")
     input_file: Path | None = option(None, flag="input", cli_type=PATH,
-                                     help='JSONL file, one {"prompt": ..., "task": optional} per line.')
+                                     help='JSONL file, one {"prompt": ..., "task": optional} per line (or a .json array of them).')
     max_new_tokens: int = option(32, kind=int, low=1, help="Tokens to generate at most.")
     do_sample: bool = option(False, help="Sample instead of greedy decoding.")
     temperature: float = option(1.0, kind=float, low=0.0, low_open=True, help="Sampling temperature.")

@@ -16,7 +16,8 @@ from ..training.options import TrainOptions
 @click.command()
 @click.argument("factored_dir", type=click.Path(path_type=Path, readable=False))
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path, readable=False),
-              help="Training data, JSONL or CSV (repeatable): task + prompt/response, or task + text/label.")
+              help="Training data, JSONL, a JSON array, CSV or TSV (repeatable; UTF-8, UTF-16 with a BOM): task + "
+                   "prompt/response, or task + text/label.")
 @click.option("--output", "output", required=True, type=click.Path(path_type=Path, readable=False),
               help="Adapter directory to write (the run lives in .<name>.moorize-partial until it finishes).")
 @click.option("--eval-data", "eval_data", multiple=True, type=click.Path(path_type=Path, readable=False),

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ..selectors import closest, listing
 from .engine import Engine, GenRequest, QueueFull, ShuttingDown
 from .protocol import ApiError, Sampling, bad
 from .textstream import TextStream
@@ -67,8 +68,10 @@ class TextGenerator:
 
     def task_id(self, name: str) -> int:
         if name not in self.model.tasks:
-            raise ApiError(404, f"The model '{name}' does not exist; models (tasks) are: "
-                                f"{', '.join(self.model.tasks)}", "invalid_request_error", "model", "model_not_found")
+            near = closest(name, self.model.tasks)
+            raise ApiError(404, f"The model '{name}' does not exist; models (tasks) are: {listing(self.model.tasks)}"
+                                + (f"; did you mean '{near}'?" if near else ""), "invalid_request_error", "model",
+                           "model_not_found")
         return self.model.tasks[name]
 
     def encode_text(self, text: str) -> list[int]:
