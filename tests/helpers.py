@@ -182,12 +182,13 @@ class Reply:
         return json.loads(self.text)
 
 
-def http(method: str, url: str, json_body=None, content: bytes | None = None, headers: dict | None = None) -> Reply:
+def http(method: str, url: str, json_body=None, content: bytes | None = None, headers: dict | None = None,
+         timeout: float = 60) -> Reply:
     data = json.dumps(json_body).encode() if json_body is not None else content
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return Reply(r.status, r.headers, r.read())
     except urllib.error.HTTPError as e:
         return Reply(e.code, e.headers, e.read())

@@ -33,7 +33,7 @@ ALLOWED = {
     "exporters": {"options", "model", "io", "errors", "version", "compat", "runtime"},
     # MoORE -> LoRA: the model's task matrices, the source read as conversion reads it, conversion's devices
     "lora": {"options", "model", "conversion", "io", "errors", "version", "compat"},
-    "serving": {"runtime", "io", "errors", "version", "process", "options"},  # runs exports; never the exporters
+    "serving": {"runtime", "io", "errors", "version", "process", "options", "selectors"},  # runs exports; never the exporters
     "quickstart": {"conversion", "model", "io", "errors", "assets"},
     "cli": {"conversion", "model", "training", "exporters", "lora", "runtime", "serving", "io", "errors", "quickstart",
             "version", "process", "options", "environment", "selectors"},

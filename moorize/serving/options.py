@@ -31,9 +31,10 @@ class ServeOptions:
                                   "--max-batch-size.")
     max_prompt_tokens: int = option(0, kind=int, low=0, help="Longest prompt one request may send, in tokens "
                                     "(0: the model's positions); longer ones get 400.")
-    max_batch_tokens: int = option(0, kind=int, low=0, help="KV-cache positions the running batch may hold: "
-                                   "requests join while rows x the longest row (prompt + max_tokens) fits, else "
-                                   "they wait (0: no bound beyond --max-batch-size).")
+    max_batch_tokens: int = option(32768, kind=int, low=0, help="KV-cache positions the running batch may hold "
+                                   "(the bound on the server's cache memory): requests join while rows x the "
+                                   "longest row (prompt + max_tokens) fits, else they wait; a request that alone "
+                                   "exceeds it gets 400 (0: no bound beyond --max-batch-size).")
     header_timeout: float = option(10.0, kind=float, low=0.0, low_open=True, help="Seconds a connection may take "
                                    "to send a request's headers; slower ones are closed with 408.")
     body_timeout: float = option(30.0, kind=float, low=0.0, low_open=True, help="Seconds a request may take to "
