@@ -369,3 +369,18 @@ def test_a_bounded_load_of_16_clients_gets_no_5xx_and_every_answer_equals_its_se
         assert srv.proc.poll() is None and "Traceback" not in srv.output()
     finally:
         srv.stop()
+
+
+def test_build_app_takes_the_serve_options_as_keywords_for_another_asgi_server(serving_exports, ortm):
+    from starlette.testclient import TestClient
+
+    from moorize.errors import MoorizeError
+    from moorize.serving.server import build_app
+
+    with pytest.raises(MoorizeError, match="unknown serve option"):
+        build_app(serving_exports["llama"], max_batch=2)
+    app = build_app(serving_exports["llama"], max_batch_size=2, max_step_tokens=8)
+    with TestClient(app) as client:  # the lifespan starts and stops the engine
+        r = client.post("/v1/completions", json={"model": "math", "prompt": "Hello world", "max_tokens": 5,
+                                                 "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == solo(ortm, "Hello world", "math", 5)
