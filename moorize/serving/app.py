@@ -81,17 +81,20 @@ class Server:
     # ---- plumbing --------------------------------------------------------------------------------
     async def body(self, request: Request) -> dict:
         """The parsed body, read within ``body_timeout`` seconds and at most ``MAX_BODY`` bytes."""
-        raw = bytearray()
+        async def read() -> bytes:
+            raw = bytearray()
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_BODY:
+                    raise ApiError(413, f"the request body exceeds {MAX_BODY} bytes")
+            return bytes(raw)
+
         try:
-            async with asyncio.timeout(self.body_timeout):
-                async for chunk in request.stream():
-                    raw += chunk
-                    if len(raw) > MAX_BODY:
-                        raise ApiError(413, f"the request body exceeds {MAX_BODY} bytes")
-        except TimeoutError:
+            raw = await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
             raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s", code="request_timeout",
                            close=True) from None
-        return parse_json(bytes(raw))
+        return parse_json(raw)
 
     def route(self, endpoint: str, fn):
         """Wraps a handler: errors become OpenAI JSON, every answer is counted and timed."""
