@@ -35,10 +35,15 @@ class TimedH11Protocol(H11Protocol):
     the previous response)."""
 
     header_timeout: float = 10.0
+    _headers_due = None  # the armed deadline's timer handle
+
+    @classmethod
+    def with_timeout(cls, seconds: float) -> type[TimedH11Protocol]:
+        """The protocol class for one server's ``--header-timeout`` (uvicorn takes a class, not an instance)."""
+        return type(cls.__name__, (cls,), {"header_timeout": seconds})
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._headers_due = None
         self._watch_headers()
 
     def data_received(self, data: bytes) -> None:
@@ -60,7 +65,7 @@ class TimedH11Protocol(H11Protocol):
             self._headers_due = self.loop.call_later(self.header_timeout, self._headers_late)
 
     def _unwatch_headers(self) -> None:
-        if getattr(self, "_headers_due", None) is not None:
+        if self._headers_due is not None:
             self._headers_due.cancel()
             self._headers_due = None
 

@@ -97,23 +97,21 @@ class TextGenerator:
     def budget(self, prompt_len: int, sampling: Sampling, default: int, param: str = "prompt") -> int:
         """max_tokens for this prompt; a prompt (plus an explicit max_tokens) beyond the positions is a 400
         naming ``param``, the field the prompt came in (``prompt`` or ``messages``)."""
-        cap, why = self.prompt_limit()
-        if self.max_prompt_tokens and cap == self.max_prompt_tokens and prompt_len > cap:
-            raise bad(f"{why}, but this one has {prompt_len}", param, "context_length_exceeded")
         limit = self.model.max_positions
-        if limit and prompt_len >= limit:
-            raise bad(f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} "
-                      "tokens (no room to generate)", param, "context_length_exceeded")
-        rooms = []  # (tokens left to generate, what bounds them)
+        cap, why = self.prompt_limit()
+        if cap != limit and prompt_len > cap:  # --max-prompt-tokens is the tighter bound
+            raise bad(f"{why}, but this one has {prompt_len}", param, "context_length_exceeded")
+        rooms = []  # (tokens left to generate, what bounds them), the model's positions first
         if limit:
             rooms.append((limit - prompt_len, f"This model's maximum context length is {limit} tokens"))
         if self.max_batch_tokens:  # a row must fit the batch's cache alone, or it could never join
             rooms.append((self.max_batch_tokens - prompt_len,
                           f"This server's batch holds at most {self.max_batch_tokens} cache positions"))
+        for left, what in rooms:
+            if left < 1:
+                raise bad(f"{what}, but the prompt has {prompt_len} tokens (no room to generate)", param,
+                          "context_length_exceeded")
         room, bound = min(rooms) if rooms else (None, "")
-        if room is not None and room < 1:
-            raise bad(f"{bound}, but the prompt has {prompt_len} tokens (no room to generate)", param,
-                      "context_length_exceeded")
         if sampling.max_tokens is not None:
             if room is not None and sampling.max_tokens > room:
                 raise bad(f"{bound}; the prompt has {prompt_len} and max_tokens asks for {sampling.max_tokens}",

@@ -97,10 +97,10 @@ def serve(export_dir, options: ServeOptions | None = None, **overrides) -> None:
     app, engine = _build(export_dir, opts)
     if host not in ("127.0.0.1", "localhost", "::1") and not opts.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    TimedH11Protocol.header_timeout = opts.header_timeout
     # uvicorn's own limit comes after ours: by then the engine has ended every row, so streams close themselves
     config = uvicorn.Config(app, host=host, port=port, log_level=opts.log_level, access_log=False,
-                            http=TimedH11Protocol, timeout_graceful_shutdown=opts.shutdown_grace + 5)
+                            http=TimedH11Protocol.with_timeout(opts.header_timeout),
+                            timeout_graceful_shutdown=opts.shutdown_grace + 5)
     # the banner is news, not a warning: it goes to stderr as itself, whatever the log level
     print(f"serving {export_dir} on http://{host}:{sock.getsockname()[1]} (Ctrl-C stops)", file=sys.stderr, flush=True)
     with stopped_by_signals():
