@@ -39,6 +39,31 @@ def test_two_ranks_match_single_process(tiny_model_dir, tmp_path):
             assert torch.equal(a.tensor(key), b.tensor(key)), key
 
 
+LEFT_THREADS = """
+import os, sys
+import moorize
+moorize.convert(sys.argv[1], sys.argv[2], max_shard_size="40KB")
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+left = [n for n in names if "gloo" in n]
+sys.exit(f"rank {os.environ['RANK']}: threads of the process group still running: {left}" if left else 0)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from /proc")
+def test_no_process_group_thread_outlives_the_conversion(tiny_model_dir, tmp_path):
+    """A process group left alive after convert (transformers held references to it when the meta model was built
+    under it) kept gloo's threads running into interpreter exit, where they sometimes aborted a rank (SIGABRT)
+    after the output was complete."""
+    _, src = tiny_model_dir("llama")
+    script = tmp_path / "left_threads.py"
+    script.write_text(LEFT_THREADS)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(src), str(tmp_path / "out")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "moorize.json").is_file()
+
+
 def test_rank_assignment_balances_and_covers_everything():
     items = [WorkItem(i, cost=float(c)) for i, c in enumerate([9, 7, 5, 3, 3, 1, 1, 1])]
     parts = _assign_ranks(items, 3)

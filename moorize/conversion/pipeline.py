@@ -357,10 +357,8 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: C
     check_out_dir(out, opts.overwrite, protect=[src])
     job.overwrite = opts.overwrite
     # rank 0 holds the lock on OUT_DIR for the whole run: a second convert to it is refused at once
-    with (output_lock(out) if is_main_process() else contextlib.nullcontext()), _dist_context() as (rank_id, world, dist):
-        if world > 1 and dev.type == "cuda" and dev.index is None:
-            job.opts.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return _convert(job, rank_id, world, dist)
+    with output_lock(out) if is_main_process() else contextlib.nullcontext():
+        return _convert(job)
 
 
 @dataclass
@@ -383,9 +381,8 @@ class _Job:
     overwrite: bool = False  # an OUT_DIR filled by something else meanwhile is refused, not replaced
 
 
-def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
-    src, out, rules, opts = job.src, job.out, job.rules, job.opts
-    tmp = partial_dir(out)
+def _convert(job: _Job) -> ConvertReport:
+    src, rules, opts = job.src, job.rules, job.opts
     with open_checkpoint(src, gguf_file=job.gguf_file, allow_pickle=job.allow_pickle) as opened:
         arch = build_meta_model(opened.model_dir)
         ckpt = to_module_space(opened, arch)
@@ -398,46 +395,60 @@ def _convert(job: _Job, rank_id: int, world: int, dist) -> ConvertReport:
                                    f"{list(t.shape)}")
             check_solver_supports(opts.solver, [pol])
         items = _plan(ckpt, tlist, rules, opts.residual, job.store_dtype, job.batch_bytes)
-        mine = _assign_ranks(items, world)[rank_id]
-        shards = _shard_plan(mine, job.max_shard)
-        bytes_total = sum(i.nbytes for i in ckpt.tensors.values())
-        try:
-            if rank_id == 0:
-                shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted run
-                tmp.mkdir()
-            if dist is not None:
-                dist.barrier()
-            parts, records, svd_seconds = _run_items(mine, shards, tmp, f"rank{rank_id}", job, len(tlist),
-                                                     bytes_total)
-            if dist is not None:
-                gathered: list = [None] * world
-                dist.all_gather_object(gathered, (parts, records, svd_seconds))
-                parts = [p for g in gathered for p in g[0]]
-                records = [r for g in gathered for r in g[1]]
-                svd_seconds = max(g[2] for g in gathered)
-            order = {t.name: i for i, t in enumerate(tlist)}
-            records.sort(key=lambda r: order[r.name])
-            report = ConvertReport(
-                out, str(ckpt.original), ckpt.kind, ckpt.fingerprint, records, bytes_total, 0, 0.0,
-                svd_seconds, str(opts.device), opts.solver, {"rank": rules.describe(), **job.policy}, world)
-            if rank_id == 0:
-                parts.sort(key=lambda p: p.path.name)
-                finalize_shards(tmp, parts)
-                copy_aux_files(ckpt.model_dir, tmp)
-                report.bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
-                report.seconds = time.perf_counter() - job.started
-                _write_manifest(tmp, ckpt, report)
-                publish(tmp, out, job.overwrite)
-            if dist is not None:
-                dist.barrier()
-        except OSError as e:
-            if rank_id == 0 or dist is None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise_for_os_error(e, out)
-        except BaseException:
-            if rank_id == 0 or dist is None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        del arch
+        # the process group starts only now: a model built while one is up keeps references to it inside
+        # transformers, so its gloo threads outlived destroy_process_group and could abort the process at exit
+        with _dist_context() as (rank_id, world, dist):
+            return _run_ranks(job, ckpt, tlist, items, rank_id, world, dist)
+
+
+def _run_ranks(job: _Job, ckpt: SourceCheckpoint, tlist: list[Target], items: list[WorkItem], rank_id: int,
+               world: int, dist) -> ConvertReport:
+    """This rank's share of the plan: its shards written, the records gathered, rank 0 publishing OUT_DIR."""
+    out, rules, opts = job.out, job.rules, job.opts
+    tmp = partial_dir(out)
+    if world > 1 and opts.device.type == "cuda" and opts.device.index is None:
+        opts.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    mine = _assign_ranks(items, world)[rank_id]
+    shards = _shard_plan(mine, job.max_shard)
+    bytes_total = sum(i.nbytes for i in ckpt.tensors.values())
+    try:
+        if rank_id == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted run
+            tmp.mkdir()
+        if dist is not None:
+            dist.barrier()
+        parts, records, svd_seconds = _run_items(mine, shards, tmp, f"rank{rank_id}", job, len(tlist),
+                                                 bytes_total)
+        if dist is not None:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, (parts, records, svd_seconds))
+            parts = [p for g in gathered for p in g[0]]
+            records = [r for g in gathered for r in g[1]]
+            svd_seconds = max(g[2] for g in gathered)
+        order = {t.name: i for i, t in enumerate(tlist)}
+        records.sort(key=lambda r: order[r.name])
+        report = ConvertReport(
+            out, str(ckpt.original), ckpt.kind, ckpt.fingerprint, records, bytes_total, 0, 0.0,
+            svd_seconds, str(opts.device), opts.solver, {"rank": rules.describe(), **job.policy}, world)
+        if rank_id == 0:
+            parts.sort(key=lambda p: p.path.name)
+            finalize_shards(tmp, parts)
+            copy_aux_files(ckpt.model_dir, tmp)
+            report.bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+            report.seconds = time.perf_counter() - job.started
+            _write_manifest(tmp, ckpt, report)
+            publish(tmp, out, job.overwrite)
+        if dist is not None:
+            dist.barrier()
+    except OSError as e:
+        if rank_id == 0 or dist is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_for_os_error(e, out)
+    except BaseException:
+        if rank_id == 0 or dist is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     report.seconds = time.perf_counter() - job.started
     return report
 
