@@ -24,7 +24,9 @@ memory), so nothing has to be downloaded or carried to the GPU machine.
   away from their initialisation. Greedy decoding of exactly --new-tokens tokens at batch 1 and at
   batch 16 (tasks alternating per row): PyTorch on the device (float16 on a GPU), and ONNX Runtime
   on the ``--with-past`` export (float16 with the CUDA provider where onnxruntime-gpu is
-  installed, else float32 on the CPU provider), naming the provider that really ran.
+  installed, else float32 on the CPU provider), naming the provider that really ran. With
+  ``--compile``, PyTorch also as ``moorize generate --compile`` runs it (a static KV cache, the
+  decode step compiled whole: CUDA graphs on a GPU), the first call's compile time apart.
 
 Timings on a GPU synchronise the device; medians of --repeat runs after a warm-up. ``--json``
 writes every figure for the README's GPU table.
@@ -313,6 +315,7 @@ def part_decode(work: Path, args) -> bool:
 
     import moorize
     from moorize.exporters.onnx import export_onnx
+    from moorize.model.pytorch_generation import compiled_decoding
     from moorize.runtime import MoOREOrtModel
 
     device = args.device
@@ -341,18 +344,23 @@ def part_decode(work: Path, args) -> bool:
             ("dense", "dense original", lambda: AutoModelForCausalLM.from_pretrained(src, dtype=dtype)),
             ("torch", "MoORE", lambda: moorize.load(factored, adapter, dtype=dtype))):
         pt = load().to(device).eval()
-        for batch in (1, 16):
+        for batch, compiled in [(b, c) for b in (1, 16) for c in ((False, True) if args.compile else (False,))]:
             b_ids, b_tasks = ids[:batch].to(device), tasks[:batch]  # task ids stay on the host: no sync
+            extra = compiled_decoding(device) if compiled else {}
 
-            def run(pt=pt, b_ids=b_ids, b_tasks=b_tasks, routed=name != "dense"):
+            def run(pt=pt, b_ids=b_ids, b_tasks=b_tasks, routed=name != "dense", extra=extra):
                 with torch.no_grad():
                     return pt.generate(b_ids, attention_mask=torch.ones_like(b_ids), max_new_tokens=new,
                                        min_new_tokens=new, do_sample=False, pad_token_id=0,
-                                       **({"task_ids": b_tasks} if routed else {}))
+                                       **({"task_ids": b_tasks} if routed else {}), **extra)
+            key = f"{name}{'_compiled' if compiled else ''}_b{batch}"
+            first = _timed(run, device)[0] if compiled else None  # the compile, before the warm-up
             seconds, _ = _timed(run, device, args.repeat, 1)
-            res[f"{name}_b{batch}"] = {"tokens_per_s": batch * new / seconds, "seconds": seconds}
-            vs = "" if name == "dense" else U.fmt_x(seconds / res[f"dense_b{batch}"]["seconds"])
-            rows.append((f"PyTorch {label}, {device}, {str(dtype).removeprefix('torch.')}", batch,
+            res[key] = {"tokens_per_s": batch * new / seconds, "seconds": seconds,
+                        **({"first_call_seconds": first} if compiled else {})}
+            vs = "" if key == f"dense_b{batch}" else U.fmt_x(seconds / res[f"dense_b{batch}"]["seconds"])
+            how = ", compiled (static cache" + (", CUDA graphs)" if on_gpu else ")") if compiled else ""
+            rows.append((f"PyTorch {label}{how}, {device}, {str(dtype).removeprefix('torch.')}", batch,
                          f"{batch * new / seconds:.0f}", f"{seconds * 1e3:.0f} ms", vs))
         del pt
         _release(device)
@@ -381,8 +389,11 @@ def part_decode(work: Path, args) -> bool:
     why = "" if not on_gpu or cuda_ep else (
         f"\nONNX Runtime has no CUDA provider here (providers: {', '.join(ort.get_available_providers())}; "
         f"onnxruntime {ort.__version__}): onnxruntime-gpu is not installed, so it ran float32 on the CPU.")
+    compile_note = "" if not args.compile else " Compiled rows: the first call (the compile) is apart, " + ", ".join(
+        f"{ {'dense': 'dense', 'torch': 'MoORE'}[k.removesuffix('_compiled_b1')]} {v['first_call_seconds']:.0f} s"
+        for k, v in res.items() if k.endswith("_compiled_b1")) + " at batch 1."
     U.note(f"\nA {prompt}-token prompt, exactly {new} new tokens, greedy; batch 16 alternates the two tasks row by "
-           f"row. Median of {args.repeat} runs after a warm-up.{why}")
+           f"row. Median of {args.repeat} runs after a warm-up.{compile_note}{why}")
     RESULTS["decode"] = {"new_tokens": new, "prompt": prompt, "providers": ort.get_available_providers(), **res}
     return True
 
@@ -404,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                     help="train without gradient checkpointing")
     ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per run (default 64, --quick 4)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode also with moorize generate --compile's static cache and compiled step")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs (default 5, --quick 1)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")

@@ -92,6 +92,19 @@ def test_generate_equals_the_export_in_onnx_runtime(serving_exports):
     assert a != b
 
 
+def test_generate_compile_writes_the_eager_text(serving_exports):
+    """--compile (the static-cache decode step through torch.compile; aot_eager here: capture without codegen)."""
+    export = serving_exports["llama"]
+    factored, adapter = export.parent / "llama-f", export.parent / "llama-ad"
+    args = ["--adapter", adapter, "--max-new-tokens", "6", "--input", export.parent / "mixed.jsonl"]
+    (export.parent / "mixed.jsonl").write_text('{"prompt": "abc", "task": "math"}\n{"prompt": "hello", "task": "poem"}\n')
+    res = cli("generate", factored, *args, "--compile", env={"MOORIZE_COMPILE_BACKEND": "aot_eager"})
+    assert "PyTorch on cpu, compiled" in res.stderr
+    assert _rows(res) == _rows(cli("generate", factored, *args))
+    one_line_error(cli("generate", export.parent / "bert-f", "--adapter", export.parent / "bert-ad", "--task", "poem",
+                       "--prompt", "x", "--compile"), "--compile compiles text generation")
+
+
 def test_generate_scores_the_classes_of_a_classifier_adapter(serving_exports):
     export = serving_exports["bert"]
     factored, adapter = export.parent / "bert-f", export.parent / "bert-ad"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
 @pytest.mark.slow  # the whole script, every part
 def test_every_part_runs_on_the_cpu_and_reports_every_figure(tmp_path):
     out = tmp_path / "gpu.json"
-    run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--threads", "2",
+    env = {**os.environ, "MOORIZE_COMPILE_BACKEND": "aot_eager"}  # --compile's rows captured, no codegen
+    run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--threads", "2", "--compile",
                           "--json", str(out), "--out-dir", str(tmp_path)], capture_output=True, text=True,
-                         timeout=900)
+                         timeout=900, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     figures = json.loads(out.read_text())
 
@@ -41,8 +43,11 @@ def test_every_part_runs_on_the_cpu_and_reports_every_figure(tmp_path):
     assert train["full"]["trainable"] > train["full-task"]["trainable"]  # the sample router's B, C
 
     decode = figures["decode"]
-    for key in ("dense_b1", "dense_b16", "torch_b1", "torch_b16", "ort_b1", "ort_b16"):
+    for key in ("dense_b1", "dense_b16", "torch_b1", "torch_b16", "ort_b1", "ort_b16", "dense_compiled_b1",
+                "torch_compiled_b16"):
         assert decode[key]["tokens_per_s"] > 0, key
+    assert decode["torch_compiled_b1"]["first_call_seconds"] > 0
+    assert "PyTorch MoORE, compiled (static cache), cpu, float32" in run.stdout
     assert decode["ort_b16"]["provider"] == "CPUExecutionProvider" and decode["ort_b16"]["dtype"] == "float32"
     assert "PyTorch MoORE, cpu, float32" in run.stdout and "PyTorch dense original, cpu, float32" in run.stdout and "ONNX Runtime, CPUExecutionProvider, float32" in run.stdout
 

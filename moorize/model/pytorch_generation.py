@@ -3,6 +3,11 @@
 What ``moorize generate`` runs: judging an adapter takes seconds this way, where an
 ONNX export takes minutes. Decoding is transformers' own ``generate`` on the routed
 model, so greedy output equals what the export and ``moorize run`` produce.
+
+With ``compile=True`` the decode step runs as one ``torch.compile(fullgraph=True)`` graph over a
+static KV cache (transformers' own compiled-generation path): CUDA graphs on a GPU
+(``reduce-overhead``), inductor's code on the CPU. The first call pays the compile; later calls
+of the same batch and length reuse it (inductor also caches its code on disk across processes).
 """
 
 from __future__ import annotations
@@ -15,18 +20,37 @@ from ..errors import MoorizeError
 from .adapter import read_adapter_config
 
 
+def compiled_decoding(device: torch.device) -> dict:
+    """``generate`` keywords for a static KV cache whose decode step transformers compiles whole, on any device
+    (CUDA graphs, ``reduce-overhead``, on a GPU). MOORIZE_COMPILE_BACKEND picks another torch.compile backend,
+    as for ``moorize train --compile`` (``aot_eager``: capture without code generation)."""
+    import os
+
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False,
+                           mode="reduce-overhead" if torch.device(device).type == "cuda" else "default",
+                           backend=os.environ.get("MOORIZE_COMPILE_BACKEND", "inductor"))
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    return {"cache_implementation": "static", "compile_config": config, "disable_compile": False}
+
+
 class PyTorchGenerator:
     """The routed model of ``factored_dir`` (with ``adapter`` when given) on one device, with its tokenizer."""
 
-    def __init__(self, factored_dir, adapter=None, device: torch.device | str = "cpu"):
+    def __init__(self, factored_dir, adapter=None, device: torch.device | str = "cpu", compile: bool = False):
         from transformers import AutoTokenizer
 
         from .heads import load_classifier
         from .routed import load
 
         self.device = torch.device(device)
+        self.compile = compile
         self.directory = Path(factored_dir)
         heads = adapter is not None and "heads" in read_adapter_config(adapter)
+        if compile and heads:
+            raise MoorizeError("--compile compiles text generation; a classifier adapter scores classes in one "
+                               "forward, so leave --compile out")
         if heads:
             self.model = load_classifier(factored_dir, adapter)
             self.kind = "classifier"
@@ -69,8 +93,9 @@ class PyTorchGenerator:
             torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        compiled = compiled_decoding(self.device) if self.compile else {}
         out = self.model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                                  pad_token_id=self.tokenizer.pad_token_id, **sampling, **compiled)
         new = out[:, ids.shape[1]:] if self.kind == "decoder" else out
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
