@@ -71,3 +71,23 @@ def test_rank_assignment_balances_and_covers_everything():
     loads = [sum(it.cost for it in p) for p in parts]
     assert max(loads) - min(loads) <= 3
     assert all(p == sorted(p, key=lambda it: it.index) for p in parts)
+
+
+def test_a_command_ending_with_its_process_group_up_destroys_it_and_skips_finalization(tmp_path, monkeypatch):
+    """moorize train under torchrun ends with accelerate's group up: the CLI destroys it and leaves with os._exit
+    (the exit code kept), so gloo's threads are not torn down in interpreter finalization."""
+    import torch.distributed as dist
+
+    from moorize.cli import app
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    exits = []
+    monkeypatch.setattr(app.os, "_exit", lambda code: exits.append((code, dist.is_initialized())))
+    try:
+        app._leave_process_group(3)
+    finally:
+        if dist.is_initialized():  # not left behind for the worker's next tests
+            dist.destroy_process_group()
+    assert exits == [(3, False)]  # destroyed first, then left with its code
+    app._leave_process_group(0)  # no group: the normal exit, nothing skipped
+    assert exits == [(3, False)]

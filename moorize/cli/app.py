@@ -123,6 +123,30 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 
 
 def main() -> None:
-    cli(prog_name="moorize")
+    try:
+        cli(prog_name="moorize")
+    except SystemExit as e:
+        _leave_process_group(e.code)
+        raise
+
+
+def _leave_process_group(code) -> None:
+    """Under torchrun, a command that ends with its process group still up (``train``: accelerate's) destroys it
+    and leaves without interpreter finalization. transformers and accelerate keep references to the group, so
+    its gloo threads outlive destroy_process_group; torn down during finalization they now and then aborted a
+    rank (SIGABRT) after its work was done. Every output is written and flushed by then."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
