@@ -399,12 +399,16 @@ def _base_metadata(routed: Routed, graph: ExportGraph | EncoderDecoderGraphs, in
 
 
 def _stop_tokens(model) -> dict:
-    """End-of-sequence ids (a list) and the padding id, from the generation config first."""
+    """End-of-sequence ids (a list) and the padding id, from the generation config first; the beam search's
+    length penalty and early stopping (the runtime's ``num_beams`` > 1 uses them as transformers does)."""
     cfg = model.config
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) or cfg.eos_token_id
+    length_penalty, early_stopping = getattr(gen, "length_penalty", None), getattr(gen, "early_stopping", None)
     return {"eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
-            "pad_token_id": getattr(gen, "pad_token_id", None) or cfg.pad_token_id}
+            "pad_token_id": getattr(gen, "pad_token_id", None) or cfg.pad_token_id,
+            "length_penalty": 1.0 if length_penalty is None else float(length_penalty),
+            "early_stopping": False if early_stopping is None else early_stopping}
 
 
 def decoder_meta(model) -> dict:

@@ -185,6 +185,39 @@ def test_generate_with_past_equals_pytorch_per_task_rows(tiny, llama_past):
     assert not np.array_equal(other, got)
 
 
+@pytest.mark.parametrize("with_past", [True, False])
+def test_beam_search_chooses_what_transformers_chooses(tiny, llama_past, tmp_path_factory, with_past):
+    """num_beams 3 over a padded batch with a task per row, with and without the cache (which beams reorder):
+    the best hypothesis of each row is transformers' generate(num_beams=3)'s, its EOS and length included."""
+    f, ad = tiny["llama"]
+    directory = tiny["root"] / "llama-onnx"
+    if not with_past:
+        directory = tmp_path_factory.mktemp("nopast") / "onnx"
+        export_onnx(f, directory, ad, validate_export=False)
+    ortm = MoOREOrtModel.from_export(directory)
+    pt = moorize.load(f, ad)
+    ended = 0
+    for seed, at in ((3, 1), (4, 4), (5, None)):  # EOS: a token the first beam makes early, late, or none
+        ids = torch.randint(3, 90, (3, 6), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+
+        def beams(eos, ids=ids, mask=mask):
+            with torch.no_grad():
+                return pt.generate(ids, attention_mask=mask, task_ids=["c", "a", "b"], max_new_tokens=10,
+                                   num_beams=3, do_sample=False, eos_token_id=eos, pad_token_id=0)[:, 6:].numpy()
+        eos = 95 if at is None else int(beams(95)[0, at])
+        want = beams(eos)
+        ortm.meta["eos_token_id"] = [eos]
+        got = ortm.generate_ids(ids.numpy(), mask.numpy(), ["c", "a", "b"], max_new_tokens=10, num_beams=3)
+        assert got.shape == want.shape, (eos, got, want)
+        for g, w in zip(got, want):  # after a row's EOS each side pads with its own filler
+            n = int(np.argmax(w == eos)) + 1 if (w == eos).any() else len(w)
+            ended += n < 10
+            assert g[:n].tolist() == w[:n].tolist(), (eos, got, want)
+    assert ended >= 2  # hypotheses that finished early were chosen, not only ones cut at the limit
+
+
 def test_dense_export_generates_like_the_original(tiny, tmp_path):
     """The baseline export (original model, same wrapper and runtime): greedy tokens equal transformers'."""
     from transformers import AutoModelForCausalLM

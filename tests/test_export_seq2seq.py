@@ -95,6 +95,31 @@ def test_moorize_run_writes_what_pytorch_generates(t5, tmp_path):
     assert "encoder-decoder" in res.stderr
 
 
+def test_beam_search_writes_what_pytorch_writes(t5, tmp_path):
+    """moorize run and moorize generate --num-beams 3: transformers' beam search, on the export and in PyTorch,
+    with a task per row; sampling and beams together are refused in one line."""
+    routed, onnx_dir = t5["routed"], t5["root"] / "onnx"
+    tok = char_tokenizer()
+    rows = [{"text": p, "task": t} for t in TASKS for p in PROMPTS]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--input", data, "--max-new-tokens", 8, "--num-beams", 3]
+    got = [json.loads(line)["output"] for line in cli("run", onnx_dir, *args).stdout.splitlines()]
+    torch_rows = cli("generate", t5["root"] / "f", "--adapter", t5["root"] / "ad", *args).stdout.splitlines()
+    want = []
+    for t in TASKS:
+        enc = tok(PROMPTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = routed.generate(**enc, task_ids=[t] * len(PROMPTS), max_new_tokens=8, num_beams=3,
+                                  do_sample=False)
+        want += [tok.decode(row[1:], skip_special_tokens=True) for row in out]
+    assert got == want == [json.loads(line)["output"] for line in torch_rows]
+    assert want != [text for t in TASKS for text in pytorch_greedy(routed, tok, PROMPTS, t, 8)]  # not greedy's
+    res = cli("run", onnx_dir, "--prompt", "hi", "--task", "summary", "--num-beams", 2, "--do-sample", check=False)
+    assert res.returncode == 2 and res.stderr.strip() == \
+        "error: beam search is deterministic: give num_beams > 1 or do_sample, not both"
+
+
 def test_encode_and_decode_equal_the_routed_model(t5):
     """The two sessions by hand: a padded batch, a task per row, logits against the routed model's."""
     ort = MoOREOrtModel.from_export(t5["root"] / "onnx")

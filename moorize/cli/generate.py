@@ -53,7 +53,7 @@ def generate(factored_dir: Path, **options) -> None:
         outs = gen.classify(texts, tasks)
     else:
         outs = gen.generate(texts, tasks, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
-                            temperature=o.temperature, top_p=o.top_p, seed=o.seed)
+                            temperature=o.temperature, top_p=o.top_p, seed=o.seed, num_beams=o.num_beams)
     for text, out in zip(texts, outs):
         row = {"input": text, "output": out} if isinstance(out, str) else {"input": text, **out}
         click.echo(json.dumps(row, ensure_ascii=False))

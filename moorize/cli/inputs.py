@@ -45,9 +45,14 @@ class TextInputOptions:
     top_p: float = option(1.0, kind=float, low=0.0, high=1.0, low_open=True,
                           help="Nucleus sampling: the smallest set of tokens whose probability reaches top_p.")
     seed: int | None = option(None, kind=int, low=0, help="Sampling seed.")
+    num_beams: int = option(1, kind=int, low=1, help="Beam search over this many beams (1: greedy or sampling), "
+                                                     "choosing what transformers' generate chooses.")
 
     def __post_init__(self) -> None:
         check_options(self)
+        from ..runtime.beam import check_beams
+
+        check_beams(self.num_beams, self.do_sample)  # for moorize generate too, before any model loads
 
 
 def read_inputs(o: TextInputOptions) -> tuple[list[str], list[str | None]]:

@@ -57,7 +57,7 @@ def run(export_dir: Path, **options) -> None:
     tasks_arg = tasks if len(set(tasks)) > 1 else tasks[0]
     if model.generates:
         outs = model.generate(texts, task=tasks_arg, max_new_tokens=max_new_tokens, do_sample=o.do_sample,
-                              temperature=o.temperature, top_p=o.top_p, seed=o.seed)
+                              temperature=o.temperature, top_p=o.top_p, seed=o.seed, num_beams=o.num_beams)
     else:
         outs = model.classify(texts, task=tasks_arg)
     click.echo(f"# {export_dir}: {model.kind}, provider {model.provider}", err=True)  # after the inputs passed

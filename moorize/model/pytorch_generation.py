@@ -86,8 +86,11 @@ class PyTorchGenerator:
 
     @torch.no_grad()
     def generate(self, texts: list[str], tasks: list[str], *, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
-        """The new text of each prompt (greedy unless ``do_sample``), cut at the end-of-sequence token."""
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 num_beams: int = 1) -> list[str]:
+        """The new text of each prompt (greedy unless ``do_sample``; beam search with ``num_beams`` > 1), cut at
+        the end-of-sequence token. The generation config's own ``num_beams`` is not applied: greedy unless asked,
+        as the export's runtime does."""
         ids, mask = self._encode(texts, left_pad=self.kind == "decoder")
         if seed is not None:
             torch.manual_seed(seed)
@@ -95,7 +98,8 @@ class PyTorchGenerator:
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         compiled = compiled_decoding(self.device) if self.compile else {}
         out = self.model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.tokenizer.pad_token_id, **sampling, **compiled)
+                                  pad_token_id=self.tokenizer.pad_token_id, num_beams=num_beams, **sampling,
+                                  **compiled)
         new = out[:, ids.shape[1]:] if self.kind == "decoder" else out
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
 

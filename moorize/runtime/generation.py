@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MoorizeError
+from .beam import beam_search, check_beams
 from .sampling import check_sampling, sample_nucleus
 
 log = logging.getLogger(__name__)
@@ -50,25 +51,35 @@ def capped_new_tokens(max_new_tokens, prompt_length: int, max_positions: int | N
 
 def generate_ids(model, input_ids, attention_mask=None, task=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None) -> np.ndarray:
+                 seed: int | None = None, num_beams: int = 1) -> np.ndarray:
     """[batch, max_new_tokens] new token ids of ``model`` (a ``MoOREOrtModel``); rows that met EOS continue
-    with the pad token. The timings land in ``model.last_times``."""
+    with the pad token. ``num_beams`` > 1 is beam search (``moorize.runtime.beam``), with the length penalty and
+    early stopping of the generation config the export recorded. The timings land in ``model.last_times``."""
     if not model.generates:
         raise MoorizeError(f"generate() needs a decoder or encoder-decoder export; this one is an {model.kind} (use "
                            "classify())")
     check_sampling(do_sample, temperature, top_p, seed)
+    num_beams = check_beams(num_beams, do_sample)
     ids, mask = model.check_ids(input_ids, attention_mask)
     batch = ids.shape[0]
     tids = model.task_ids(task, batch)
+    if num_beams > 1:  # each prompt's rows side by side, as transformers expands them
+        ids, mask, tids = (np.repeat(a, num_beams, axis=0) for a in (ids, mask, tids))
     if model.kind == "decoder":
         max_new_tokens = capped_new_tokens(max_new_tokens, ids.shape[1], model.max_positions)
-        step = _decoder_steps(model, ids, mask, tids)
+        step = _DecoderSteps(model, ids, mask, tids)
     else:  # the decoder's own positions: its start token and the new tokens
         max_new_tokens = capped_new_tokens(max_new_tokens, 1, model.max_positions)
-        step = _seq2seq_steps(model, ids, mask, tids, max_new_tokens)
+        step = _Seq2SeqSteps(model, ids, mask, tids, max_new_tokens)
     eos = np.array(model.meta.get("eos_token_id") or [], dtype=np.int64)
     pad = model.meta.get("pad_token_id")
     pad = int(pad) if pad is not None else (int(eos[0]) if eos.size else 0)
+    if num_beams > 1:
+        times = GenerationTimes()
+        out = beam_search(step, batch, num_beams, max_new_tokens, eos, pad, model.meta.get("length_penalty", 1.0),
+                          model.meta.get("early_stopping", False), times)
+        model.last_times = times
+        return out
     rng = np.random.default_rng(seed)
     done = np.zeros(batch, dtype=bool)
     out = np.full((batch, max_new_tokens), pad, dtype=np.int64)
@@ -77,6 +88,7 @@ def generate_ids(model, input_ids, attention_mask=None, task=None, max_new_token
     for i in range(max_new_tokens):
         t0 = time.perf_counter()
         logits = step(nxt)
+        step.constrain(logits, i)
         nxt = sample_nucleus(logits, rng, temperature, top_p) if do_sample else logits.argmax(-1)
         nxt = np.where(done, pad, nxt)
         dt = time.perf_counter() - t0
@@ -94,50 +106,68 @@ def generate_ids(model, input_ids, attention_mask=None, task=None, max_new_token
     return out
 
 
-def _decoder_steps(model, ids: np.ndarray, mask: np.ndarray, tids: np.ndarray):
-    """A decoder's steps: ``step(previous token or None)`` → [batch, vocab] float32 logits of the next one. With a
-    cache each step feeds the previous ``present`` tensors back; without one it recomputes the whole sequence."""
-    state = {"past": None, "mask": mask, "seq": ids}
+class _DecoderSteps:
+    """A decoder's steps: ``step(previous tokens or None)`` gives [rows, vocab] float32 logits of the next one. With
+    a cache each step feeds the previous ``present`` tensors back; without one it recomputes the whole sequence."""
 
-    def step(prev):
-        feed = state["seq"]
+    def __init__(self, model, ids: np.ndarray, mask: np.ndarray, tids: np.ndarray):
+        self.model, self.tids, self.past, self.mask, self.seq = model, tids, None, mask, ids
+
+    def __call__(self, prev):
+        model, feed = self.model, self.seq
         if prev is not None:
-            state["mask"] = np.concatenate([state["mask"], np.ones((len(ids), 1), dtype=np.int64)], 1)
+            self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], 1)
             if model.with_past:
                 feed = prev[:, None]
             else:
-                feed = state["seq"] = np.concatenate([state["seq"], prev[:, None]], 1)
-        outputs = model.run(feed, state["mask"], tids, state["past"])
+                feed = self.seq = np.concatenate([self.seq, prev[:, None]], 1)
+        outputs = model.run(feed, self.mask, self.tids, self.past)
         if model.with_past:
-            state["past"] = list(outputs[1:])
+            self.past = list(outputs[1:])
         return outputs[0][:, -1].astype(np.float32)
 
-    return step
+    def constrain(self, scores: np.ndarray, position: int) -> None:
+        """A decoder export records no generation constraints."""
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Row r continues from row ``rows[r]`` (beam search): its cache, mask and sequence."""
+        self.mask, self.seq = self.mask[rows], self.seq[rows]
+        if self.past is not None:
+            self.past = [p[rows] for p in self.past]
 
 
-def _seq2seq_steps(model, ids: np.ndarray, mask: np.ndarray, tids: np.ndarray, max_new_tokens: int):
+class _Seq2SeqSteps:
     """An encoder-decoder's steps: the encoder runs once (in the first step, so the prefill time holds it); each
     step the decoder reads the target so far, from the start token, against the encoder's states. The generation
-    config's constraints that the export records apply as transformers applies them: the forced first token
-    (mBART's target language), the forced last one (EOS at the length limit) and the tokens never generated."""
-    meta = model.meta
-    state = {"target": np.full((len(ids), 1), int(meta["decoder_start_token_id"]), dtype=np.int64)}
-    forced = {0: meta.get("forced_bos_token_id"), max_new_tokens - 1: meta.get("forced_eos_token_id")}
-    suppress = [t for t in meta.get("suppress_token_ids") or [] if 0 <= t]
+    config's constraints that the export records apply as transformers applies them (``constrain``): the forced
+    first token (mBART's target language), the forced last one (EOS at the length limit) and the tokens never
+    generated."""
 
-    def step(prev):
+    def __init__(self, model, ids: np.ndarray, mask: np.ndarray, tids: np.ndarray, max_new_tokens: int):
+        meta = model.meta
+        self.model, self.ids, self.mask, self.tids, self.states = model, ids, mask, tids, None
+        self.target = np.full((len(ids), 1), int(meta["decoder_start_token_id"]), dtype=np.int64)
+        forced_eos = meta.get("forced_eos_token_id")
+        if isinstance(forced_eos, list):  # a forced EOS given as several ids: the first, as transformers does
+            forced_eos = forced_eos[0] if forced_eos else None
+        self.forced = {0: meta.get("forced_bos_token_id"), max_new_tokens - 1: forced_eos}
+        self.suppress = [t for t in meta.get("suppress_token_ids") or [] if 0 <= t]
+
+    def __call__(self, prev):
         if prev is None:
-            state["states"] = model.encode(ids, mask, tids)
+            self.states = self.model.encode(self.ids, self.mask, self.tids)
         else:
-            state["target"] = np.concatenate([state["target"], prev[:, None]], 1)
-        logits = model.decode(state["target"], state["states"], mask, tids)[:, -1].astype(np.float32)
-        logits[:, [t for t in suppress if t < logits.shape[1]]] = -np.inf
-        token = forced.get(state["target"].shape[1] - 1)
-        if isinstance(token, list):  # a forced EOS given as several ids: the first, as transformers does
-            token = token[0] if token else None
-        if token is not None and 0 <= token < logits.shape[1]:
-            logits[:, :] = -np.inf
-            logits[:, token] = 0.0
-        return logits
+            self.target = np.concatenate([self.target, prev[:, None]], 1)
+        return self.model.decode(self.target, self.states, self.mask, self.tids)[:, -1].astype(np.float32)
 
-    return step
+    def constrain(self, scores: np.ndarray, position: int) -> None:
+        """The generation config's constraints on the scores of new token ``position`` (0: the first), in place."""
+        scores[:, [t for t in self.suppress if t < scores.shape[1]]] = -np.inf
+        token = self.forced.get(position)
+        if token is not None and 0 <= token < scores.shape[1]:
+            scores[:, :] = -np.inf
+            scores[:, token] = 0.0
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Row r continues from row ``rows[r]`` (beam search); the encoder's states are the same within a prompt."""
+        self.target = self.target[rows]

@@ -239,13 +239,14 @@ class MoOREOrtModel:
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
     def generate(self, prompts, task=None, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 num_beams: int = 1) -> list[str]:
         """Continue each prompt (a decoder: batched, left-padded), or answer it (an encoder-decoder: its output
         text); returns the new text of each."""
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
         ids, mask = self._encode(prompts, left_pad=self.kind == "decoder")
-        new = self.generate_ids(ids, mask, task, max_new_tokens, do_sample, temperature, top_p, seed)
+        new = self.generate_ids(ids, mask, task, max_new_tokens, do_sample, temperature, top_p, seed, num_beams)
         eos = set(self.meta.get("eos_token_id") or [])
         texts = []
         for row in new:
@@ -259,11 +260,11 @@ class MoOREOrtModel:
 
     def generate_ids(self, input_ids, attention_mask=None, task=None, max_new_tokens: int = 32,
                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                     seed: int | None = None) -> np.ndarray:
-        """[batch, max_new_tokens] new token ids; rows that met EOS continue with the pad token
-        (``generation.generate_ids``)."""
+                     seed: int | None = None, num_beams: int = 1) -> np.ndarray:
+        """[batch, max_new_tokens] new token ids; rows that met EOS continue with the pad token; ``num_beams`` > 1:
+        beam search, as transformers' generate (``generation.generate_ids``)."""
         return generate_ids(self, input_ids, attention_mask, task, max_new_tokens, do_sample, temperature, top_p,
-                            seed)
+                            seed, num_beams)
 
     def classify(self, texts, task=None) -> list[str]:
         """The arg-max label of each text under ``task`` (an encoder exported with its task heads)."""
