@@ -227,6 +227,15 @@ def test_adapter_roundtrip_and_base_check(tmp_path):
     assert again.moore_config.householder == 4 and again.moore_config.router_experts == 16
     ids = _inputs(model)
     assert torch.equal(_out(model, ids, task_ids=torch.tensor([1, 2])), _out(again, ids, task_ids=torch.tensor([1, 2])))
+    # settings beside an adapter must be its own (they used to be checked, then ignored)
+    same = moorize.load(factored, tmp_path / "adapter", tasks=TASKS, householder=4, router=again.moore_config.router)
+    assert same.moore_tasks == again.moore_tasks
+    with pytest.raises(MoorizeError, match=r"router='task' differs from the adapter's router='task\+sample'"):
+        moorize.load(factored, tmp_path / "adapter", router="task")
+    with pytest.raises(MoorizeError, match="tasks=\\['x'\\] differs"):
+        moorize.load(factored, tmp_path / "adapter", tasks=["x"])
+    with pytest.raises(MoorizeError, match="a config was given with the adapter"):
+        moorize.load(factored, tmp_path / "adapter", moorize.MoOREConfig(tasks=TASKS))
     other = build_tiny("llama", seed=3)
     other.save_pretrained(tmp_path / "b" / "src")
     moorize.convert(tmp_path / "b" / "src", tmp_path / "b" / "factored")

@@ -71,6 +71,7 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
     ``tasks``, ``task_dim``, ``router_experts``, ``router_norm``, ``householder``, ``train_sigma``, ``seed``); with it, the router mode, tasks, hyper-parameters and trained
     weights come from the adapter directory, which must belong to this base checkpoint: the same
     source, converted with the same ranks, residuals and factor dtypes (adapters record both).
+    Settings given beside an adapter must equal its own; a different one is refused, not ignored.
 
     The model's ``save_pretrained(d)`` (and so ``push_to_hub``) writes the adapter, not a dense
     checkpoint: see ``save_pretrained`` in this module.
@@ -80,9 +81,11 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
     _refuse_adapter_as_base(Path(directory))
     ckpt = FactoredCheckpoint(directory)
     adapter_state = None
-    if adapter is not None:  # the adapter says how its layers were built; only typos are refused here
-        MoOREConfig.build(None, {k: v for k, v in overrides.items() if k != "tasks"})
+    if adapter is not None:  # the adapter says how its layers were built
+        MoOREConfig.build(None, {k: v for k, v in overrides.items() if k != "tasks"})  # typos and bad values
+        given = config
         config, adapter_state = read_adapter(adapter, base=ckpt)
+        _refuse_other_settings(config, given, overrides, adapter)
     else:
         config = MoOREConfig.build(config, overrides)
     model = _meta_model(ckpt.directory)
@@ -114,6 +117,21 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
         _cast_frozen(model, dtype)
     _install_routing(model, state, config, ckpt, placed)
     return model.eval()
+
+
+def _refuse_other_settings(adapter_config: MoOREConfig, given: MoOREConfig | None, overrides: dict,
+                           adapter) -> None:
+    """Settings asked beside an adapter must be its own: its layers are built as it was trained, and an ignored
+    ``router="task"`` or ``tasks=[...]`` would leave the caller believing they applied."""
+    if given is not None and given != adapter_config:
+        raise MoorizeError(f"a config was given with the adapter {adapter}, which has its own: give one of them")
+    for key, value in overrides.items():
+        if key == "tasks" and value is None:
+            continue
+        have = getattr(adapter_config, key)
+        if (list(value) if key == "tasks" else value) != have:
+            raise MoorizeError(f"{key}={value!r} differs from the adapter's {key}={have!r} ({adapter}): an adapter's "
+                               f"layers are built as it was trained; leave {key} out, or load without the adapter")
 
 
 def _place_layers(model: nn.Module, ckpt: FactoredCheckpoint, config: MoOREConfig,
