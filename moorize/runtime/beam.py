@@ -12,6 +12,8 @@ the sequence so far) follows the surviving beams through ``steps.reorder``.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..errors import MoorizeError
@@ -49,9 +51,8 @@ def beam_search(steps, batch: int, num_beams: int, max_new_tokens: int, eos: np.
 
     ``steps(prev)`` gives [batch * num_beams, vocab] logits (``prev`` None first: the prefill of each prompt
     repeated num_beams times, rows grouped by prompt), ``steps.constrain(log_probs, position)`` applies the
-    generation config's constraints in place, ``steps.reorder(rows)`` makes row r continue from row rows[r]."""
-    import time
-
+    generation config's constraints in place, ``steps.reorder(rows)`` makes row r continue from row rows[r];
+    ``times`` (a ``GenerationTimes``) records each step."""
     k = num_beams
     keep = max(2, 1 + len(eos)) * k
     first_k = np.arange(keep) < k
@@ -61,8 +62,7 @@ def beam_search(steps, batch: int, num_beams: int, max_new_tokens: int, eos: np.
     finished = running.copy()
     finished_scores = np.full((batch, k), _NEG, dtype=np.float32)
     is_finished = np.zeros((batch, k), dtype=bool)
-    lengths = np.zeros((batch, k), dtype=np.int64)
-    finished_lengths = lengths.copy()
+    finished_lengths = np.zeros((batch, k), dtype=np.int64)
     improvable = np.ones(batch, dtype=bool)
     prev = None
     for i in range(max_new_tokens):
@@ -80,9 +80,10 @@ def beam_search(steps, batch: int, num_beams: int, max_new_tokens: int, eos: np.
         cand_lengths = np.full((batch, keep), i + 1, dtype=np.int64)
         hits = np.isin(token, eos) | (i + 1 >= max_new_tokens)
 
-        alive = _top(top_scores + hits * _NEG, k)
+        open_scores = top_scores + hits * _NEG  # an ending candidate does not run on
+        alive = _top(open_scores, k)
         running = np.take_along_axis(cand, alive[:, :, None], 1)
-        running_scores = np.take_along_axis(top_scores + hits * _NEG, alive, -1).astype(np.float32)
+        running_scores = np.take_along_axis(open_scores, alive, -1).astype(np.float32)
         rows = (np.take_along_axis(source, alive, -1) + np.arange(batch)[:, None] * k).reshape(-1)
 
         ended = hits & first_k[None, :]
@@ -99,12 +100,7 @@ def beam_search(steps, batch: int, num_beams: int, max_new_tokens: int, eos: np.
         steps.reorder(rows)
         prev = running[:, :, i].reshape(-1)
         if times is not None:
-            dt = time.perf_counter() - t0
-            if i == 0:
-                times.prefill = dt
-            else:
-                times.steps.append(dt)
-            times.new_tokens += batch
+            times.record(i, time.perf_counter() - t0, batch)
         length = max_new_tokens if (early_stopping == "never" and length_penalty > 0) else i + 1
         best_possible = running_scores[:, 0] / float(length ** length_penalty)
         worst = np.where(is_finished, finished_scores.min(-1, keepdims=True), _NEG)

@@ -33,6 +33,14 @@ class GenerationTimes:
     def total(self) -> float:
         return self.prefill + sum(self.steps)
 
+    def record(self, step: int, seconds: float, new_tokens: int) -> None:
+        """Step ``step`` (0: the prefill) took ``seconds`` and made ``new_tokens`` tokens."""
+        if step == 0:
+            self.prefill = seconds
+        else:
+            self.steps.append(seconds)
+        self.new_tokens += new_tokens
+
 
 def capped_new_tokens(max_new_tokens, prompt_length: int, max_positions: int | None) -> int:
     """``max_new_tokens`` checked, and cut to the positions the prompt leaves (with a warning)."""
@@ -91,12 +99,7 @@ def generate_ids(model, input_ids, attention_mask=None, task=None, max_new_token
         step.constrain(logits, i)
         nxt = sample_nucleus(logits, rng, temperature, top_p) if do_sample else logits.argmax(-1)
         nxt = np.where(done, pad, nxt)
-        dt = time.perf_counter() - t0
-        if i == 0:
-            times.prefill = dt
-        else:
-            times.steps.append(dt)
-        times.new_tokens += int((~done).sum())
+        times.record(i, time.perf_counter() - t0, int((~done).sum()))
         out[:, i] = nxt
         done |= np.isin(nxt, eos)
         if done.all():
