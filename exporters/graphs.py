@@ -7,7 +7,10 @@ compute their position ids from the attention mask (left padding works as in
 ``generate``); encoders return their task heads' logits, or the last hidden state
 when the adapter has no heads. The task is an input, so one graph serves every task.
 An encoder-decoder is two graphs (``EncoderDecoderGraphs``): its encoder, run once per
-input, and its decoder, run at every step on the encoder's states.
+input, and its decoder, run at every step on the encoder's states. With ``--with-past`` the
+encoder also returns every decoder layer's cross-attention keys and values (computed once
+per input), and the decoder takes them and its own self-attention cache, so a step feeds
+one new token.
 """
 
 from __future__ import annotations
@@ -82,8 +85,33 @@ def kv_layout(config) -> dict:
             "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
 
 
-def past_names(num_layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+def past_names(num_layers: int, prefix: str, part: str | None = None) -> list[str]:
+    """``prefix.i.key``, ``prefix.i.value`` per layer; an encoder-decoder's name their ``part`` too (``decoder``:
+    self-attention, ``encoder``: cross-attention), as Optimum's exports do."""
+    middle = f".{part}" if part else ""
+    return [f"{prefix}.{i}{middle}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def seq2seq_kv_layout(model) -> dict:
+    """Cache geometry of an encoder-decoder's decoder, read off one decoding step of the model itself (configs
+    name it differently: T5's ``num_decoder_layers`` and ``d_kv``, BART's ``decoder_layers`` and ``d_model`` /
+    ``decoder_attention_heads``): its layers, the self-attention cache's heads and head size (as ``kv_layout``),
+    and the cross-attention cache's under ``cross``."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from ..model.routed import use_task
+
+    dtype = next(model.parameters()).dtype
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with torch.no_grad(), use_task(model, torch.zeros(1, dtype=torch.long)):
+        states = model.get_encoder()(input_ids=ids).last_hidden_state.to(dtype)
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                    decoder_input_ids=torch.full((1, 1), decoder_start_token(model)), use_cache=True)
+    cache = out[cache_keyword(model)]
+    own, cross = cache.self_attention_cache.layers[0], cache.cross_attention_cache.layers[0]
+    return {"num_layers": len(cache.self_attention_cache.layers),
+            "num_kv_heads": own.keys.shape[1], "head_dim": own.keys.shape[3],
+            "cross": {"num_kv_heads": cross.keys.shape[1], "head_dim": cross.keys.shape[3]}}
 
 
 def export_graph(routed: Routed, with_past: bool, holder: TaskIds) -> "ExportGraph | EncoderDecoderGraphs":
@@ -91,6 +119,9 @@ def export_graph(routed: Routed, with_past: bool, holder: TaskIds) -> "ExportGra
     encoder-decoder's two (``EncoderDecoderGraphs``); ``parts()`` names the graph files either way."""
     if routed.kind == "encoder-decoder":
         return EncoderDecoderGraphs(routed, with_past, holder)
+    if with_past and routed.kind != "decoder":
+        what = "an image encoder" if routed.kind == "vision" else "an encoder"
+        raise MoorizeError(f"--with-past is for models that generate text; this model is {what}")
     return (ImageEncoderGraph if routed.kind == "vision" else ExportGraph)(routed, with_past, holder)
 
 
@@ -99,9 +130,6 @@ class ExportGraph(nn.Module):
 
     def __init__(self, routed: Routed, with_past: bool, holder: TaskIds):
         super().__init__()
-        if with_past and routed.kind != "decoder":
-            what = "an image encoder" if routed.kind == "vision" else "an encoder"
-            raise MoorizeError(f"--with-past is for decoder language models; this model is {what}")
         self.model, self.heads, self.kind, self.with_past = routed.model, routed.heads, routed.kind, with_past
         self.holder, self.routed = holder, routed
         self.num_layers = text_config(routed.model.config).num_hidden_layers
@@ -115,6 +143,15 @@ class ExportGraph(nn.Module):
                       dtype: torch.dtype = torch.float32) -> tuple:
         """Inputs in ``input_names`` order, for tracing and validation (see ``sample_inputs``)."""
         return sample_inputs(self.routed, tokenizer, self.with_past, past, batch, seq, dtype)
+
+    def next_step(self, inputs: tuple, outputs: list) -> tuple | None:
+        """A decoding step's inputs after ``inputs`` gave ``outputs`` (validation runs the prefill and one
+        step), or None where the graph has no step (no cache)."""
+        if not self.with_past:
+            return None
+        nxt = outputs[0][:, -1].argmax(-1, keepdim=True)
+        mask = torch.ones(nxt.shape[0], inputs[1].shape[1] + 1, dtype=torch.long)
+        return (nxt, mask, inputs[2], *outputs[1:])
 
     @property
     def input_names(self) -> list[str]:
@@ -190,18 +227,18 @@ class ImageEncoderGraph(ExportGraph):
 class EncoderDecoderGraphs:
     """An encoder-decoder (T5, BART, Marian, Pegasus, ...) as two graphs: ``encoder`` (token ids in, its states
     out), run once per input, and ``decoder`` (the decoder's tokens and the encoder's states in, logits out), run
-    at every generation step. Without a cache the decoder recomputes its own tokens each step."""
+    at every generation step. Without a cache the decoder recomputes its own tokens each step; with one
+    (``with_past``) the encoder also gives the cross-attention keys and values, and the decoder takes them and
+    its self-attention cache and returns the new cache."""
 
-    kind, with_past = "encoder-decoder", False
+    kind = "encoder-decoder"
 
     def __init__(self, routed: Routed, with_past: bool, holder: TaskIds):
-        if with_past:
-            raise MoorizeError(f"{routed.model.config.model_type}: --with-past is not available for encoder-decoder "
-                               "models yet (their export is an encoder graph, run once per input, and a decoder graph "
-                               "that recomputes its own tokens each step): export without --with-past")
         decoder_start_token(routed.model)  # refused now, not after the trace
-        self.encoder = Seq2SeqEncoderGraph(routed, False, holder)
-        self.decoder = Seq2SeqDecoderGraph(routed, False, holder)
+        self.with_past = with_past
+        layout = seq2seq_kv_layout(routed.model) if with_past else None
+        self.encoder = Seq2SeqEncoderGraph(routed, with_past, holder, layout)
+        self.decoder = Seq2SeqDecoderGraph(routed, with_past, holder, layout)
 
     def parts(self) -> dict[str, ExportGraph]:
         return {"encoder": self.encoder, "decoder": self.decoder}
@@ -225,8 +262,21 @@ def _position_limit(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-class Seq2SeqEncoderGraph(ExportGraph):
-    """An encoder-decoder's encoder: ``(input_ids, attention_mask, task_ids)`` in, ``encoder_hidden_states`` out."""
+class _Seq2SeqGraph(ExportGraph):
+    """What an encoder-decoder's two graphs share: the decoder's cache geometry (``seq2seq_kv_layout``, None
+    without a cache)."""
+
+    def __init__(self, routed: Routed, with_past: bool, holder: TaskIds, layout: dict | None):
+        super().__init__(routed, with_past, holder)
+        self.layout = layout
+        self.num_layers = layout["num_layers"] if layout else 0
+
+
+class Seq2SeqEncoderGraph(_Seq2SeqGraph):
+    """An encoder-decoder's encoder: ``(input_ids, attention_mask, task_ids)`` in, ``encoder_hidden_states`` out;
+    with a cache, also ``present.i.encoder.key/value``: every decoder layer's cross-attention keys and values,
+    which depend on the input alone (computed by the model's own decoder over its start token, whose other
+    results the exporter drops as unused)."""
 
     @property
     def input_names(self) -> list[str]:
@@ -234,7 +284,8 @@ class Seq2SeqEncoderGraph(ExportGraph):
 
     @property
     def output_names(self) -> list[str]:
-        return ["encoder_hidden_states"]
+        cross = past_names(self.num_layers, "present", "encoder") if self.with_past else []
+        return ["encoder_hidden_states", *cross]
 
     def dynamic_shapes(self) -> dict:
         from torch.export import Dim
@@ -248,36 +299,62 @@ class Seq2SeqEncoderGraph(ExportGraph):
         return sample_inputs(Routed(self.model, None, "encoder", self.routed.tasks, None), tokenizer, False, 0, batch,
                              seq, dtype)
 
+    def next_step(self, inputs: tuple, outputs: list) -> None:
+        return None  # run once per input
+
     def forward(self, input_ids, attention_mask, task_ids):
+        from transformers.modeling_outputs import BaseModelOutput
+
         self.holder.ids = task_ids
         self.holder.token_ids = task_ids.unsqueeze(1).expand_as(input_ids).reshape(-1)
-        return self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        states = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if not self.with_past:
+            return states
+        self.holder.token_ids = task_ids  # the decoder's one start token per row
+        start = input_ids.new_full((input_ids.shape[0], 1), decoder_start_token(self.model))
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=attention_mask,
+                         decoder_input_ids=start, use_cache=True)
+        cross = out[cache_keyword(self.model)].cross_attention_cache.layers
+        return (states, *[t for layer in cross for t in (layer.keys, layer.values)])
 
 
-class Seq2SeqDecoderGraph(ExportGraph):
-    """An encoder-decoder's decoder over the whole target so far: ``(decoder_input_ids, encoder_hidden_states,
-    attention_mask, task_ids)`` in (the mask is the encoder input's), ``logits`` out."""
+class Seq2SeqDecoderGraph(_Seq2SeqGraph):
+    """An encoder-decoder's decoder: ``(decoder_input_ids, encoder_hidden_states, attention_mask, task_ids)`` in
+    (the mask is the encoder input's), ``logits`` out. Without a cache the tokens are the whole target so far;
+    with one they are the new ones, after the self-attention cache (``past_key_values.i.decoder.*``, empty at the
+    first step) and the encoder's cross-attention keys and values (``past_key_values.i.encoder.*``), and the
+    new self-attention cache comes out (``present.i.decoder.*``)."""
 
     @property
     def input_names(self) -> list[str]:
-        return ["decoder_input_ids", "encoder_hidden_states", "attention_mask", "task_ids"]
+        names = ["decoder_input_ids", "encoder_hidden_states", "attention_mask", "task_ids"]
+        if self.with_past:
+            names += past_names(self.num_layers, "past_key_values", "decoder")
+            names += past_names(self.num_layers, "past_key_values", "encoder")
+        return names
 
     @property
     def output_names(self) -> list[str]:
-        return ["logits"]
+        return ["logits"] + (past_names(self.num_layers, "present", "decoder") if self.with_past else [])
 
     def dynamic_shapes(self) -> dict:
         from torch.export import Dim
 
         limit = _position_limit(self.model.config)
         batch, seq, target = Dim("batch"), Dim("sequence", max=limit), Dim("decoder_sequence", max=limit)
-        return {"decoder_input_ids": {0: batch, 1: target}, "encoder_hidden_states": {0: batch, 1: seq},
-                "attention_mask": {0: batch, 1: seq}, "task_ids": {0: batch}}
+        shapes = {"decoder_input_ids": {0: batch, 1: target}, "encoder_hidden_states": {0: batch, 1: seq},
+                  "attention_mask": {0: batch, 1: seq}, "task_ids": {0: batch}}
+        if self.with_past:
+            past = Dim("past_decoder_sequence")
+            shapes["past"] = tuple({0: batch, 2: past} for _ in range(2 * self.num_layers)) + \
+                tuple({0: batch, 2: seq} for _ in range(2 * self.num_layers))
+        return shapes
 
     def sample_inputs(self, tokenizer, past: int = 0, batch: int = 2, seq: int = 8,
                       dtype: torch.dtype = torch.float32) -> tuple:
         """Random target tokens and encoder states; with 3 rows or more the last one's input is padded, so the
-        cross-attention mask is exercised."""
+        cross-attention mask is exercised. With a cache: ``past`` positions of random self-attention keys and
+        values, and random cross-attention ones for the encoder's ``seq``."""
         cfg = self.model.config
         gen = torch.Generator().manual_seed(2)
         target = torch.randint(0, cfg.vocab_size, (batch, max(seq - 2, 1)), generator=gen)
@@ -285,15 +362,43 @@ class Seq2SeqDecoderGraph(ExportGraph):
         mask = torch.ones(batch, seq, dtype=torch.long)
         if batch > 2 and seq > 2:
             mask[-1, -2:] = 0
-        return target, states, mask, torch.zeros(batch, dtype=torch.long)
+        args = (target, states, mask, torch.zeros(batch, dtype=torch.long))
+        if not self.with_past:
+            return args
+        shapes = [(batch, self.layout["num_kv_heads"], past, self.layout["head_dim"])] * (2 * self.num_layers)
+        cross = self.layout["cross"]
+        shapes += [(batch, cross["num_kv_heads"], seq, cross["head_dim"])] * (2 * self.num_layers)
+        return args + tuple(torch.randn(shape, generator=gen).to(dtype) for shape in shapes)
 
-    def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask, task_ids):
+    def next_step(self, inputs: tuple, outputs: list) -> tuple | None:
+        """The next token after ``inputs``, with the self-attention cache they gave and the same cross-attention
+        cache."""
+        if not self.with_past:
+            return None
+        nxt = outputs[0][:, -1].argmax(-1, keepdim=True)
+        return (nxt, *inputs[1:4], *outputs[1:], *inputs[4 + 2 * self.num_layers:])
+
+    def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask, task_ids, *past):
+        from transformers import DynamicCache, EncoderDecoderCache
         from transformers.modeling_outputs import BaseModelOutput
 
         self.holder.ids = task_ids
         self.holder.token_ids = task_ids.unsqueeze(1).expand_as(decoder_input_ids).reshape(-1)
-        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
-                          attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+        encoder = BaseModelOutput(last_hidden_state=encoder_hidden_states)
+        if not self.with_past:
+            return self.model(encoder_outputs=encoder, attention_mask=attention_mask,
+                              decoder_input_ids=decoder_input_ids, use_cache=False).logits
+        n = self.num_layers
+        # no config: a config's layer count may be the encoder's (T5's num_layers), the tensors give the decoder's
+        own = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n)])
+        cross = DynamicCache(ddp_cache_data=[(past[2 * n + 2 * i], past[2 * n + 2 * i + 1]) for i in range(n)])
+        key = cache_keyword(self.model)
+        out = self.model(encoder_outputs=encoder, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                         use_cache=True, **{key: EncoderDecoderCache(own, cross)})
+        present = []
+        for layer in out[key].self_attention_cache.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
 
 
 def tokenizer_or_none(directory: Path):

@@ -8,7 +8,8 @@ afterwards (``ops.attach_functions``) or inlined (``decompose``). Weights go to
 which are hard-linked into the export directory: ONNX Runtime and the onnx checker
 only read external data inside the model's directory, and a hard link is the same
 file, not a copy. An encoder-decoder writes two graphs, ``encoder.onnx`` and ``decoder.onnx``,
-each with its own data file. The directory is self-describing (``moorize_export.json``).
+each with its own data file (with ``--with-past`` the encoder also returns the cross-attention
+cache and the decoder takes its caches). The directory is self-describing (``moorize_export.json``).
 """
 
 from __future__ import annotations
@@ -395,6 +396,8 @@ def _base_metadata(routed: Routed, graph: ExportGraph | EncoderDecoderGraphs, in
         meta.update(decoder_meta(routed.model))
     elif routed.kind == "encoder-decoder":
         meta.update(seq2seq_meta(routed.model))
+        if graph.with_past:  # the self-attention cache's geometry, which the first step feeds empty
+            meta["kv"] = {k: v for k, v in graph.decoder.layout.items() if k != "cross"}
     return meta
 
 

@@ -23,8 +23,8 @@ GRAPH_ONLY = ("with_past", *ONNX_ONLY, "opset", "atol", "rtol")  # what a LoRA e
 class ExportOptions:
     """Every choice of an export: the keywords of the export functions and the options of ``moorize export``."""
 
-    with_past: bool = option(False, help="Decoders: KV-cache inputs (past_key_values.*) and outputs (present.*), "
-                                         "one token per step.")
+    with_past: bool = option(False, help="Decoders and encoder-decoders: KV-cache inputs (past_key_values.*) and "
+                                         "outputs (present.*), one token per step.")
     decompose: bool = option(False, help="ONNX: standard ops only instead of one ai.moorize::MoORELinear node per "
                                          "layer.")
     weights: str = option("copy", choices=WEIGHTS, help="ONNX: copy the weights to model.onnx_data, or reference the "

@@ -2,8 +2,8 @@
 
 The reference is the routed model as loaded (MoORELinear layers, float32), not the
 export wrapper's op, so a wrong fold of the Householder chain or the task router is
-caught. Decoders exported with a cache are checked on a prefill from an empty cache
-and on one decoding step fed the reference's cache. Outputs are grouped for the
+caught. Graphs exported with a cache (a decoder's, an encoder-decoder's decoder) are checked
+on a prefill from an empty cache and on one decoding step fed the reference's cache. Outputs are grouped for the
 report (``present`` = every cache tensor).
 """
 
@@ -82,7 +82,7 @@ class References:
 
 def references(graph: ExportGraph, routed: Routed, tokenizer) -> References:
     """The reference outputs for every task: a prefill (3 rows × 5 tokens, not the traced shapes) and,
-    with a cache, one decoding step fed the prefill's reference cache."""
+    with a cache, one decoding step fed the prefill's reference cache (``graph.next_step``)."""
     from ..model.routed import use_task
 
     out = References(list(graph.output_names), list(graph.input_names))
@@ -96,10 +96,7 @@ def references(graph: ExportGraph, routed: Routed, tokenizer) -> References:
                 ref = graph(*step)
             ref = list(ref) if isinstance(ref, (tuple, list)) else [ref]
             steps.append((list(step), ref))
-            if not graph.with_past or len(steps) == 2:
-                break
-            nxt = ref[0][:, -1].argmax(-1, keepdim=True)
-            step = (nxt, torch.ones(nxt.shape[0], args[1].shape[1] + 1, dtype=torch.long), args[2], *ref[1:])
+            step = graph.next_step(step, ref) if len(steps) < 2 else None
         out.steps[task] = steps
     return out
 

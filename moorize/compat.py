@@ -24,6 +24,10 @@ TORCH = version_tuple(torch.__version__)
 def export_program(module: torch.nn.Module, args: tuple, dynamic_shapes):
     """torch.export.export of an export graph, strict first.
 
+    A violated constraint that torch can name a fix for (a dim's bound the model's code sets, as
+    M2M100's sinusoidal table caps the decoder's positions) is retried with the dims it suggests:
+    the bound lives only in the trace, the ONNX graph keeps symbolic dims.
+
     torch 2.10 to 2.12 cannot prove ``min(12*s, 24*s) == 12*s`` for the sequence dim (a stride check
     in the reshape of transformers' ``repeat_kv`` on a transposed key) and raise a constraint
     violation for a graph without a cache. There the trace is redone with such guards deferred to
@@ -34,18 +38,38 @@ def export_program(module: torch.nn.Module, args: tuple, dynamic_shapes):
     cannot resolve (``NameError: L`` when the ONNX exporter runs it); those guards only repeat
     the dynamic-shape spec, so they are dropped there.
     """
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
     from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
+    violations = (ConstraintViolationError, torch._dynamo.exc.UserError)
     try:
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
-    except (ConstraintViolationError, torch._dynamo.exc.UserError) as e:
+    except violations as e:
         if "Constraints violated" not in str(e):
             raise
-        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes,
-                                      prefer_deferred_runtime_asserts_over_guards=True)
+        try:  # a bound the model's code sets (a position table's size): narrow the dims to it, as torch suggests
+            program = torch.export.export(module, args, dynamic_shapes=refine_dynamic_shapes_from_suggested_fixes(
+                _suggested_fixes(str(e)), dynamic_shapes))
+        except (*violations, ValueError):  # no fix torch can name (ValueError: none it can parse)
+            program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes,
+                                          prefer_deferred_runtime_asserts_over_guards=True)
     if TORCH[:2] == (2, 9):
         program._guards_code = []
     return program
+
+
+def _suggested_fixes(message: str) -> str:
+    """The "Suggested fixes:" block of a constraint violation, alone (torch's parser reads nothing else)."""
+    lines = message.splitlines()
+    at = next((i for i, line in enumerate(lines) if line.strip() == "Suggested fixes:"), None)
+    if at is None:
+        raise ValueError("no suggested fixes")
+    fixes = []
+    for line in lines[at + 1:]:
+        if " = " not in line:
+            break
+        fixes.append(line)
+    return "\n".join(["Suggested fixes:", *fixes])
 
 
 def cache_keyword(model) -> str:

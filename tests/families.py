@@ -17,6 +17,9 @@ import transformers
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
 DECODER = dict(SMALL, num_key_value_heads=2)
+BART_LIKE = dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)
+T5_LIKE = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0)
 
 
 @dataclass(frozen=True)
@@ -111,26 +114,17 @@ FAMILIES = [
     _f("mpnet", "MPNetModel", dict(SMALL, pad_token_id=1), note="relative position buckets"),
     _f("roformer", "RoFormerModel", dict(SMALL, embedding_size=32), note="rotary encoder"),
     # encoder-decoder
-    _f("t5", "T5ForConditionalGeneration", dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2,
-                                                num_heads=4, decoder_start_token_id=0),
-       inputs="seq2seq", note="reads .weight of its projections"),
-    _f("bart", "BartForConditionalGeneration", dict(vocab_size=96, d_model=32, encoder_layers=2,
-                                                    decoder_layers=2, encoder_attention_heads=4,
-                                                    decoder_attention_heads=4, encoder_ffn_dim=48,
-                                                    decoder_ffn_dim=48, max_position_embeddings=64),
-       inputs="seq2seq"),
-    _f("mt5", "MT5ForConditionalGeneration", dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2,
-                                                  num_heads=4, decoder_start_token_id=0), inputs="seq2seq",
-       note="gated feed-forward"),
-    _f("pegasus", "PegasusForConditionalGeneration", dict(vocab_size=96, d_model=32, encoder_layers=2,
-                                                          decoder_layers=2, encoder_attention_heads=4,
-                                                          decoder_attention_heads=4, encoder_ffn_dim=48,
-                                                          decoder_ffn_dim=48, max_position_embeddings=64),
-       inputs="seq2seq", note="sinusoidal positions, computed"),
-    _f("marian", "MarianMTModel", dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2,
-                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
-                                       decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=0,
-                                       decoder_start_token_id=0), inputs="seq2seq"),
+    _f("t5", "T5ForConditionalGeneration", T5_LIKE, inputs="seq2seq", note="reads .weight of its projections"),
+    _f("bart", "BartForConditionalGeneration", BART_LIKE, inputs="seq2seq"),
+    _f("mt5", "MT5ForConditionalGeneration", T5_LIKE, inputs="seq2seq", note="gated feed-forward"),
+    _f("pegasus", "PegasusForConditionalGeneration", BART_LIKE, inputs="seq2seq",
+       note="sinusoidal positions, computed"),
+    _f("marian", "MarianMTModel", dict(BART_LIKE, pad_token_id=0, decoder_start_token_id=0), inputs="seq2seq"),
+    _f("mbart", "MBartForConditionalGeneration", BART_LIKE, inputs="seq2seq",
+       note="pre-norm, embedding layer norm"),
+    _f("m2m_100", "M2M100ForConditionalGeneration", BART_LIKE, inputs="seq2seq",
+       note="sinusoidal table bounds the positions"),
+    _f("umt5", "UMT5ForConditionalGeneration", T5_LIKE, inputs="seq2seq", note="relative bias in every layer"),
     # vision transformers
     _f("vit", "ViTModel", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                image_size=16, patch_size=4), inputs="pixels"),

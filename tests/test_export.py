@@ -297,6 +297,10 @@ def test_classifier_export_matches_heads(tiny):
     got = m.run(ids.numpy(), mask.numpy(), [0, 1, 2])[0]
     assert np.abs(got - want.numpy()).max() < 1e-5
     assert got[0, 2] == pytest.approx(-1e4)  # task a has two labels: the third slot is padding
+    with pytest.raises(moorize.MoorizeError, match="--with-past is for models that generate text; this model is an "
+                                                   "encoder"):
+        export_onnx(f, tiny["root"] / "bert-past", ad, with_past=True)
+    assert not (tiny["root"] / "bert-past").exists()
 
 
 def test_float16_export(tiny):

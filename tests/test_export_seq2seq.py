@@ -50,7 +50,8 @@ def t5(tmp_path_factory):
     perturb(routed, scale=0.1, seed=0)
     moorize.save_adapter(routed, root / "ad")
     res = cli("export", root / "f", "--adapter", root / "ad", "--onnx", root / "onnx")
-    return {"root": root, "routed": routed.eval(), "stdout": res.stdout}
+    past = cli("export", root / "f", "--adapter", root / "ad", "--onnx", root / "onnx-past", "--with-past")
+    return {"root": root, "routed": routed.eval(), "stdout": res.stdout, "past_stdout": past.stdout}
 
 
 def pytorch_greedy(routed, tokenizer, prompts, task, new_tokens):
@@ -81,8 +82,35 @@ def test_the_export_is_two_graphs_its_metadata_lists(t5):
     assert "encoder_hidden_states" in t5["stdout"] and "logits" in t5["stdout"]
 
 
-def test_moorize_run_writes_what_pytorch_generates(t5, tmp_path):
-    routed, onnx_dir = t5["routed"], t5["root"] / "onnx"
+def test_the_export_with_past_passes_both_caches(t5):
+    """--with-past: the encoder also gives every decoder layer's cross-attention keys and values, the decoder
+    takes them and its own cache and returns the new one; every MoORE layer is in one graph only (the cross
+    attention's key and value projections in the encoder's), and the metadata gives the empty cache's shape."""
+    onnx_dir = t5["root"] / "onnx-past"
+    meta = json.loads((onnx_dir / "moorize_export.json").read_text())
+    layers = 2
+    cross = [f"{i}.encoder.{kv}" for i in range(layers) for kv in ("key", "value")]
+    own = [f"{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
+    assert meta["with_past"] is True and meta["kv"] == {"num_layers": layers, "num_kv_heads": 4, "head_dim": 8}
+    assert meta["graphs"]["encoder"]["outputs"] == ["encoder_hidden_states"] + [f"present.{n}" for n in cross]
+    assert meta["graphs"]["decoder"]["inputs"] == \
+        ["decoder_input_ids", "encoder_hidden_states", "attention_mask", "task_ids"] + \
+        [f"past_key_values.{n}" for n in own + cross]
+    assert meta["graphs"]["decoder"]["outputs"] == ["logits"] + [f"present.{n}" for n in own]
+    total = len(t5["routed"].moore.layer_paths)
+    assert f"{total} ai.moorize::MoORELinear nodes" in t5["past_stdout"] and "present" in t5["past_stdout"]
+    import onnx
+
+    nodes = {g: sum(n.op_type == "MoORELinear" for n in onnx.load(str(onnx_dir / f"{g}.onnx"),
+                                                                    load_external_data=False).graph.node)
+             for g in ("encoder", "decoder")}
+    # T5: q, k, v, o, wi, wo per encoder block, the cross k, v of each decoder block; the decoder: the rest
+    assert nodes == {"encoder": 6 * layers + 2 * layers, "decoder": 8 * layers}
+
+
+@pytest.mark.parametrize("export", ["onnx", "onnx-past"])
+def test_moorize_run_writes_what_pytorch_generates(t5, tmp_path, export):
+    routed, onnx_dir = t5["routed"], t5["root"] / export
     tok = char_tokenizer()
     rows = [{"text": p, "task": t} for t in TASKS for p in PROMPTS]
     data = tmp_path / "in.jsonl"
@@ -105,6 +133,7 @@ def test_beam_search_writes_what_pytorch_writes(t5, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["--input", data, "--max-new-tokens", 8, "--num-beams", 3]
     got = [json.loads(line)["output"] for line in cli("run", onnx_dir, *args).stdout.splitlines()]
+    past = cli("run", t5["root"] / "onnx-past", *args).stdout.splitlines()  # its caches follow the beams
     torch_rows = cli("generate", t5["root"] / "f", "--adapter", t5["root"] / "ad", *args).stdout.splitlines()
     want = []
     for t in TASKS:
@@ -114,6 +143,7 @@ def test_beam_search_writes_what_pytorch_writes(t5, tmp_path):
                                   do_sample=False)
         want += [tok.decode(row[1:], skip_special_tokens=True) for row in out]
     assert got == want == [json.loads(line)["output"] for line in torch_rows]
+    assert [json.loads(line)["output"] for line in past] == want
     assert want != [text for t in TASKS for text in pytorch_greedy(routed, tok, PROMPTS, t, 8)]  # not greedy's
     res = cli("run", onnx_dir, "--prompt", "hi", "--task", "summary", "--num-beams", 2, "--do-sample", check=False)
     assert res.returncode == 2 and res.stderr.strip() == \
@@ -136,13 +166,27 @@ def test_encode_and_decode_equal_the_routed_model(t5):
     np.testing.assert_allclose(logits, want.numpy(), atol=1e-4, rtol=1e-4)
     with pytest.raises(moorize.MoorizeError, match="two graphs"):
         ort.run(ids.numpy(), mask.numpy(), np.array(tasks))
+    with pytest.raises(moorize.MoorizeError, match="needs an encoder-decoder exported with --with-past"):
+        ort.decode_step(target.numpy(), states, mask.numpy(), np.array(tasks), None, [])
+    # with past: the target one token at a time on the caches gives every position's logits
+    past_ort = MoOREOrtModel.from_export(t5["root"] / "onnx-past")
+    states, cross = past_ort.encode_with_cache(ids.numpy(), mask.numpy(), np.array(tasks))
+    cache, steps = None, []
+    for i in range(target.shape[1]):
+        logits, cache = past_ort.decode_step(target[:, i:i + 1].numpy(), states, mask.numpy(), np.array(tasks),
+                                             cache, cross)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, 1), want.numpy(), atol=1e-4, rtol=1e-4)
+    assert cache[0].shape == (3, 4, target.shape[1], 8)
+    with pytest.raises(moorize.MoorizeError, match="exported with past: its decoder takes its caches"):
+        past_ort.decode(target.numpy(), states, mask.numpy(), np.array(tasks))
+    with pytest.raises(moorize.MoorizeError, match="take 4 arrays each, got 4 and 3"):
+        past_ort.decode_step(target[:, :1].numpy(), states, mask.numpy(), np.array(tasks), None, cross[:3])
 
 
 def test_refusals_are_one_line_and_write_nothing(t5, tmp_path):
     root = t5["root"]
     cases = {
-        "with_past": (["export", root / "f", "--adapter", root / "ad", "--onnx", tmp_path / "past", "--with-past"],
-                      "--with-past is not available for encoder-decoder", tmp_path / "past"),
         "torchscript": (["export", root / "f", "--adapter", root / "ad", "--torchscript", tmp_path / "m.pt"],
                         "export with --onnx only", tmp_path / "m.pt"),
         "serve": (["serve", root / "onnx", "--port", "0"], "is an encoder-decoder", None),
@@ -155,11 +199,14 @@ def test_refusals_are_one_line_and_write_nothing(t5, tmp_path):
         assert dest is None or not dest.exists(), name
 
 
-@pytest.mark.parametrize("family, options", [("bart", dict(decompose=True)), ("bart", dict(weights="reference")),
-                                             ("t5", dict(dtype="float16"))], ids=["decompose", "reference", "float16"])
+@pytest.mark.parametrize("family, options", [("bart", dict(decompose=True)),
+                                             ("bart", dict(weights="reference", with_past=True)),
+                                             ("t5", dict(dtype="float16", with_past=True))],
+                         ids=["decompose", "reference-with-past", "float16-with-past"])
 def test_every_export_option_holds_for_both_graphs(tmp_path, family, options):
-    """Each option, validated per task: BART (learned positions, embeddings both graphs share); T5 in float16
-    (BART's float16 layers branch on the values, `if not isfinite(h).all()`, which no exporter can trace)."""
+    """Each option, validated per task (with past: both caches too): BART (learned positions, embeddings both
+    graphs share); T5 in float16 (BART's float16 layers branch on the values, `if not isfinite(h).all()`, which
+    no exporter can trace)."""
     model = BY_NAME[family].build()
     model.save_pretrained(tmp_path / "hf")
     moorize.convert(tmp_path / "hf", tmp_path / "f")
@@ -168,7 +215,8 @@ def test_every_export_option_holds_for_both_graphs(tmp_path, family, options):
     moorize.save_adapter(routed, tmp_path / "ad")
     report = export_onnx(tmp_path / "f", tmp_path / "onnx", tmp_path / "ad", **options)
     assert report.validation.ok and set(report.validation.diffs) == set(TASKS)
-    assert set(report.validation.diffs["summary"]) == {"encoder_hidden_states", "logits"}
+    assert set(report.validation.diffs["summary"]) == \
+        {"encoder_hidden_states", "logits"} | ({"present"} if options.get("with_past") else set())
     import onnx
 
     domains = {n.domain for f in ("encoder.onnx", "decoder.onnx")

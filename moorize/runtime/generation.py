@@ -2,7 +2,8 @@
 
 A ``--with-past`` decoder export starts from an empty cache and each step feeds the previous
 ``present`` tensors back as ``past_key_values``; an export without a cache recomputes the whole
-sequence each step. An encoder-decoder runs its encoder once and its decoder every step. The loop is the same for ``moorize run`` and ``MoOREOrtModel.generate``; the
+sequence each step. An encoder-decoder runs its encoder once and its decoder every step (with past,
+on its caches). The loop is the same for ``moorize run`` and ``MoOREOrtModel.generate``; the
 server batches its own steps over the same session (``moorize.serving.engine``).
 """
 
@@ -141,14 +142,16 @@ class _DecoderSteps:
 
 class _Seq2SeqSteps:
     """An encoder-decoder's steps: the encoder runs once (in the first step, so the prefill time holds it); each
-    step the decoder reads the target so far, from the start token, against the encoder's states. The generation
+    step the decoder reads the target so far, from the start token, against the encoder's states, or (exported
+    with past) only the new token, after its self-attention cache and the encoder's cross-attention cache. The generation
     config's constraints that the export records apply as transformers applies them (``constrain``): the forced
     first token (mBART's target language), the forced last one (EOS at the length limit) and the tokens never
     generated."""
 
     def __init__(self, model, ids: np.ndarray, mask: np.ndarray, tids: np.ndarray, max_new_tokens: int):
         meta = model.meta
-        self.model, self.ids, self.mask, self.tids, self.states = model, ids, mask, tids, None
+        self.model, self.ids, self.mask, self.tids = model, ids, mask, tids
+        self.states, self.cross, self.past = None, [], None
         self.target = np.full((len(ids), 1), int(meta["decoder_start_token_id"]), dtype=np.int64)
         forced_eos = meta.get("forced_eos_token_id")
         if isinstance(forced_eos, list):  # a forced EOS given as several ids: the first, as transformers does
@@ -157,11 +160,16 @@ class _Seq2SeqSteps:
         self.suppress = [t for t in meta.get("suppress_token_ids") or [] if 0 <= t]
 
     def __call__(self, prev):
+        model, feed = self.model, self.target
         if prev is None:
-            self.states = self.model.encode(self.ids, self.mask, self.tids)
+            self.states, self.cross = model.encode_with_cache(self.ids, self.mask, self.tids)
         else:
             self.target = np.concatenate([self.target, prev[:, None]], 1)
-        return self.model.decode(self.target, self.states, self.mask, self.tids)[:, -1].astype(np.float32)
+            feed = prev[:, None] if model.with_past else self.target
+        if not model.with_past:
+            return model.decode(feed, self.states, self.mask, self.tids)[:, -1].astype(np.float32)
+        logits, self.past = model.decode_step(feed, self.states, self.mask, self.tids, self.past, self.cross)
+        return logits[:, -1].astype(np.float32)
 
     def constrain(self, scores: np.ndarray, position: int) -> None:
         """The generation config's constraints on the scores of new token ``position`` (0: the first), in place."""
@@ -172,5 +180,8 @@ class _Seq2SeqSteps:
             scores[:, token] = 0.0
 
     def reorder(self, rows: np.ndarray) -> None:
-        """Row r continues from row ``rows[r]`` (beam search); the encoder's states are the same within a prompt."""
+        """Row r continues from row ``rows[r]`` (beam search): its target and self-attention cache; the encoder's
+        states and cross-attention cache are the same within a prompt."""
         self.target = self.target[rows]
+        if self.past is not None:
+            self.past = [p[rows] for p in self.past]

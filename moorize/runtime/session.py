@@ -117,26 +117,58 @@ class MoOREOrtModel:
 
     def encode(self, input_ids, attention_mask, task_ids) -> np.ndarray:
         """An encoder-decoder's encoder: [batch, length, hidden] states of the (right-padded) input."""
+        return self.encode_with_cache(input_ids, attention_mask, task_ids)[0]
+
+    def encode_with_cache(self, input_ids, attention_mask, task_ids) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The encoder's states and, from an export with past, every decoder layer's cross-attention keys and
+        values (``decode_step`` takes them; none without past)."""
         self._need_seq2seq("encode()")
         ids, mask = self.check_ids(input_ids, attention_mask)
         values = {"input_ids": ids, "attention_mask": mask, "task_ids": self._checked_task_ids(task_ids, len(ids))}
-        return self._session_run(self.encoder_session, values)[0]
+        states, *cross = self._session_run(self.encoder_session, values)
+        return states, cross
 
     def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask, task_ids) -> np.ndarray:
         """An encoder-decoder's decoder: [batch, target length, vocab] logits of the target so far, given the
-        encoder's states and its input's mask."""
+        encoder's states and its input's mask (an export without past; one with past decodes by ``decode_step``)."""
+        if self.with_past:
+            raise MoorizeError("this encoder-decoder was exported with past: its decoder takes its caches, use "
+                               "decode_step() (or generate())")
+        return self._session_run(self.session, self._decoder_feed(decoder_input_ids, encoder_hidden_states,
+                                                                  attention_mask, task_ids))[0]
+
+    def decode_step(self, decoder_input_ids, encoder_hidden_states, attention_mask, task_ids,
+                    past: list[np.ndarray] | None, cross: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One step of an encoder-decoder exported with past: [batch, new tokens, vocab] logits of the new target
+        tokens after the self-attention cache ``past`` (None: the first step), given the encoder's states, mask and
+        cross-attention cache (``encode_with_cache``); and the self-attention cache with the new tokens."""
+        if not self.with_past:
+            raise MoorizeError("decode_step() needs an encoder-decoder exported with --with-past; this one "
+                               "recomputes its target each step: use decode()")
+        feed = self._decoder_feed(decoder_input_ids, encoder_hidden_states, attention_mask, task_ids)
+        layers = self.meta["kv"]["num_layers"]
+        past = past if past is not None else self.empty_past(len(feed["decoder_input_ids"]))
+        if len(past) != 2 * layers or len(cross) != 2 * layers:
+            raise MoorizeError(f"decode_step(): the decoder has {layers} layers, so past and cross take "
+                               f"{2 * layers} arrays each, got {len(past)} and {len(cross)}")
+        names = self.meta["graphs"]["decoder"]["inputs"][4:]
+        feed.update(zip(names, [*past, *cross]))
+        logits, *present = self._session_run(self.session, feed)
+        return logits, present
+
+    def _decoder_feed(self, decoder_input_ids, encoder_hidden_states, attention_mask, task_ids) -> dict:
+        """The decoder's first four inputs, checked against each other."""
         self._need_seq2seq("decode()")
         states = np.asarray(encoder_hidden_states, dtype=self.float_dtype)
-        ids, mask = self.check_ids(decoder_input_ids)
+        ids, _ = self.check_ids(decoder_input_ids)
         enc_mask = np.asarray(attention_mask)
         if states.ndim != 3 or enc_mask.shape != states.shape[:2] or len(ids) != len(states):
             raise MoorizeError(f"decode(): encoder_hidden_states [batch, length, hidden] and attention_mask [batch, "
                                f"length] must match the decoder's batch of {len(ids)}, got {list(states.shape)} and "
                                f"{list(enc_mask.shape)}")
-        values = {"decoder_input_ids": ids, "encoder_hidden_states": states,
-                  "attention_mask": enc_mask.astype(np.int64, copy=False),
-                  "task_ids": self._checked_task_ids(task_ids, len(ids))}
-        return self._session_run(self.session, values)[0]
+        return {"decoder_input_ids": ids, "encoder_hidden_states": states,
+                "attention_mask": enc_mask.astype(np.int64, copy=False),
+                "task_ids": self._checked_task_ids(task_ids, len(ids))}
 
     def _need_seq2seq(self, what: str) -> None:
         if self.kind != "encoder-decoder":
