@@ -51,6 +51,9 @@ def load_routed(factored_dir, adapter=None) -> Routed:
         model, heads, labels = load(factored_dir, adapter), None, None
     main = getattr(model, "main_input_name", "input_ids")
     tasks = list(model.moore.config.tasks)
+    if len(tasks) > 1 and any(model.get_submodule(p).token_subset for p in model.moore.layer_paths.values()):
+        raise MoorizeError(f"{model.config.model_type}: its sparse-MoE experts are modules that each see a subset of "
+                           "the tokens, which an export cannot route per task yet: export an adapter with one task")
     if model.config.is_encoder_decoder:
         if main != "input_ids":
             raise MoorizeError(f"{model.config.model_type}: encoder-decoders that take {main} (speech) are not "
@@ -83,6 +86,38 @@ def kv_layout(config) -> dict:
     return {"num_layers": config.num_hidden_layers,
             "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
             "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
+
+
+def decoder_kv_layout(model, with_past: bool = False) -> dict:
+    """Cache geometry of a decoder as the model itself builds its cache (one step over two tokens), which a config
+    may not say: architectures that ignore ``num_key_value_heads`` (Persimmon, BioGPT), multi-latent attention's
+    keys and values of different widths (``value_head_dim``, when it differs). With ``with_past`` a cache that is
+    not keys and values in every layer (a hybrid's convolution or recurrent state) is refused in one line; a
+    model the probe cannot run falls back to the config (``kv_layout``)."""
+    import contextlib
+
+    from ..model.routed import use_task
+
+    routing = use_task(model, torch.zeros(1, dtype=torch.long)) if hasattr(model, "moore") else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), routing:
+            out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
+        layers = out[cache_keyword(model)].layers
+    except Exception:  # the cache's types are checked by the export's trace
+        return kv_layout(model.config)
+    other = sorted({type(layer).__name__ for layer in layers if getattr(layer, "keys", None) is None
+                    or getattr(layer, "values", None) is None})
+    if other:
+        if with_past:
+            raise MoorizeError(f"{model.config.model_type}: --with-past needs keys and values in every layer's cache; "
+                               f"this model's also holds {', '.join(other)} (a convolution or recurrent state): "
+                               "export without --with-past")
+        return kv_layout(model.config)
+    keys, values = layers[0].keys, layers[0].values
+    layout = {"num_layers": len(layers), "num_kv_heads": keys.shape[1], "head_dim": keys.shape[3]}
+    if values.shape[3] != keys.shape[3]:
+        layout["value_head_dim"] = values.shape[3]
+    return layout
 
 
 def past_names(num_layers: int, prefix: str, part: str | None = None) -> list[str]:
@@ -133,6 +168,9 @@ class ExportGraph(nn.Module):
         self.model, self.heads, self.kind, self.with_past = routed.model, routed.heads, routed.kind, with_past
         self.holder, self.routed = holder, routed
         self.num_layers = text_config(routed.model.config).num_hidden_layers
+        self.kv = decoder_kv_layout(routed.model, with_past) if with_past and routed.kind == "decoder" else None
+        if self.kv is not None:
+            self.num_layers = self.kv["num_layers"]
         self.eval()
 
     def parts(self) -> dict[str, "ExportGraph"]:
@@ -142,7 +180,7 @@ class ExportGraph(nn.Module):
     def sample_inputs(self, tokenizer, past: int = 0, batch: int = 2, seq: int = 8,
                       dtype: torch.dtype = torch.float32) -> tuple:
         """Inputs in ``input_names`` order, for tracing and validation (see ``sample_inputs``)."""
-        return sample_inputs(self.routed, tokenizer, self.with_past, past, batch, seq, dtype)
+        return sample_inputs(self.routed, tokenizer, self.with_past, past, batch, seq, dtype, self.kv)
 
     def next_step(self, inputs: tuple, outputs: list) -> tuple | None:
         """A decoding step's inputs after ``inputs`` gave ``outputs`` (validation runs the prefill and one
@@ -415,7 +453,7 @@ SAMPLE_TEXTS = ("The capital of France is", "Write a short poem about the sea an
 
 
 def sample_inputs(routed: Routed, tokenizer, with_past: bool, past: int = 0, batch: int = 2, seq: int = 8,
-                  dtype: torch.dtype = torch.float32) -> tuple:
+                  dtype: torch.dtype = torch.float32, kv: dict | None = None) -> tuple:
     """(input_ids, attention_mask, task_ids[, ``past`` cached positions of random keys and values])."""
     if routed.kind == "vision":  # (pixel_values, task_ids): random pixels of the size the model was made for
         cfg = routed.model.config
@@ -438,8 +476,9 @@ def sample_inputs(routed: Routed, tokenizer, with_past: bool, past: int = 0, bat
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     args = (ids, mask, torch.zeros(batch, dtype=torch.long))
     if with_past:
-        kv = kv_layout(routed.model.config)
+        kv = kv or kv_layout(routed.model.config)
         gen = torch.Generator().manual_seed(1)
-        shape = (batch, kv["num_kv_heads"], past, kv["head_dim"])
-        args += tuple(torch.randn(shape, generator=gen).to(dtype) for _ in range(2 * kv["num_layers"]))
+        key = (batch, kv["num_kv_heads"], past, kv["head_dim"])
+        value = (*key[:3], kv.get("value_head_dim", kv["head_dim"]))
+        args += tuple(torch.randn(shape, generator=gen).to(dtype) for _ in range(kv["num_layers"]) for shape in (key, value))
     return args

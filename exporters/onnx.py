@@ -198,6 +198,7 @@ def _trace(graph: ExportGraph, tokenizer, holder, dtype: str, opset: int, tmp: P
     del prog, program
     model = onnx.load(str(trace), load_external_data=False)
     _name_dims(model, graph)
+    _check_dynamic_dims(model, graph)
     return model
 
 
@@ -230,6 +231,22 @@ def _name_dims(model, graph: ExportGraph) -> None:
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param in rename:
                 d.dim_param = rename[d.dim_param]
+
+
+def _check_dynamic_dims(model, graph: ExportGraph) -> None:
+    """Every dim declared dynamic is symbolic in the graph: one the trace fixed to the sample's size would make a
+    graph that refuses every other length, so it is refused here, in one line."""
+    spec = graph.dynamic_shapes()
+    flat = [(name, spec[name]) for name in graph.input_names if name in spec]
+    flat += [(name, dims) for name, dims in zip(graph.input_names[len(flat):], spec.get("past", ()))]
+    by_name = {i.name: i for i in model.graph.input}
+    for name, dims in flat:
+        shape = by_name[name].type.tensor_type.shape.dim if name in by_name else ()
+        for axis, dim in dims.items():
+            if axis < len(shape) and not shape[axis].dim_param:
+                what = f"{graph.model.config.model_type}: the ONNX export{' with past' if graph.with_past else ''}"
+                raise MoorizeError(f"{what} cannot keep {name}'s {dim.__name__} dynamic: the model's code fixed it to "
+                                   f"{shape[axis].dim_value} while tracing, so the graph would take no other length")
 
 
 def check_graph(path: Path, model, weights: str) -> None:
@@ -393,7 +410,7 @@ def _base_metadata(routed: Routed, graph: ExportGraph | EncoderDecoderGraphs, in
         meta["graphs"] = {stem: {"file": graph_file(stem), "inputs": g.input_names, "outputs": g.output_names}
                           for stem, g in parts.items()}
     if routed.kind == "decoder":
-        meta.update(decoder_meta(routed.model))
+        meta.update(decoder_meta(routed.model, main.kv))
     elif routed.kind == "encoder-decoder":
         meta.update(seq2seq_meta(routed.model))
         if graph.with_past:  # the self-attention cache's geometry, which the first step feeds empty
@@ -401,22 +418,28 @@ def _base_metadata(routed: Routed, graph: ExportGraph | EncoderDecoderGraphs, in
     return meta
 
 
+def _first_set(*values):
+    """The first value that is not None (0 is a token id; a config may not define the attribute at all)."""
+    return next((v for v in values if v is not None), None)
+
+
 def _stop_tokens(model) -> dict:
     """End-of-sequence ids (a list) and the padding id, from the generation config first; the beam search's
     length penalty and early stopping (the runtime's ``num_beams`` > 1 uses them as transformers does)."""
     cfg = model.config
     gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) or cfg.eos_token_id
+    eos = _first_set(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
     length_penalty, early_stopping = getattr(gen, "length_penalty", None), getattr(gen, "early_stopping", None)
     return {"eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
-            "pad_token_id": getattr(gen, "pad_token_id", None) or cfg.pad_token_id,
+            "pad_token_id": _first_set(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None)),
             "length_penalty": 1.0 if length_penalty is None else float(length_penalty),
             "early_stopping": False if early_stopping is None else early_stopping}
 
 
-def decoder_meta(model) -> dict:
-    """What generation needs besides the graph: cache geometry, end-of-sequence and padding ids."""
-    return {"kv": kv_layout(model.config), **_stop_tokens(model)}
+def decoder_meta(model, kv: dict | None) -> dict:
+    """What generation needs besides the graph: cache geometry (the model's own, ``kv``, with past), end-of-sequence
+    and padding ids."""
+    return {"kv": kv or kv_layout(model.config), **_stop_tokens(model)}
 
 
 def seq2seq_meta(model) -> dict:

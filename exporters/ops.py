@@ -82,7 +82,7 @@ class ExportMoORELinear(nn.Module):
         rotates in the graph, so Vh can be the checkpoint's own bytes (``--weights reference``); a runtime
         folds that constant subgraph when it loads the model."""
         super().__init__()
-        self.holder, self.use_op = holder, use_op
+        self.holder, self.use_op, self.row_dim = holder, use_op, layer.row_dim
         self.rotate = not fold_rotation and layer.householder is not None
         with torch.no_grad():  # the constants are computed as MoORELinear computes them, bit for bit
             router = layer.router.export_tensors(layer, dtype)  # gate_table, router_in, router_out, router_eps
@@ -109,6 +109,11 @@ class ExportMoORELinear(nn.Module):
         return self._weight_stand_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_dim == 1 and x.dim() > 2:  # a [sequence, batch, ...] layer (``moorize.model.layout``)
+            return self._rows_first(x.transpose(0, 1)).transpose(0, 1).contiguous()
+        return self._rows_first(x)
+
+    def _rows_first(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # tokens flattened from the rows (a sparse-MoE block's shared expert)
             return self.routed(x, self.holder.token_ids)
         vh = self.Vh - ((self.Vh @ self.wy_y) @ self.wy_t) @ self.wy_y.t() if self.rotate else self.vh

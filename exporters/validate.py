@@ -122,7 +122,12 @@ def compare(refs: References, run: Callable[[Sequence[torch.Tensor]], list], bac
         diffs: dict[str, float] = {}
         ratios: dict[str, float] = {}
         for step, ref in steps:
-            got = run([x.to(tdtype) if x.is_floating_point() else x for x in step])
+            try:
+                got = run([x.to(tdtype) if x.is_floating_point() else x for x in step])
+            except Exception as e:  # the runtime refuses the graph it was given (a node it cannot execute)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise MoorizeError(f"validation failed: {backend} cannot run the exported graph: {first}; nothing "
+                                   "was written") from e
             for name, r, g in zip(refs.output_names, ref, got):
                 g, r = torch.as_tensor(np.asarray(g)).double(), r.double()
                 if tuple(g.shape) != tuple(r.shape):

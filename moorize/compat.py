@@ -59,7 +59,8 @@ def export_program(module: torch.nn.Module, args: tuple, dynamic_shapes):
 
 
 def _suggested_fixes(message: str) -> str:
-    """The "Suggested fixes:" block of a constraint violation, alone (torch's parser reads nothing else)."""
+    """The "Suggested fixes:" block of a constraint violation, alone (torch's parser reads nothing else), when
+    every fix is a bound: one that fixes a dim to a constant would trace a graph that takes one length only."""
     lines = message.splitlines()
     at = next((i for i, line in enumerate(lines) if line.strip() == "Suggested fixes:"), None)
     if at is None:
@@ -68,6 +69,8 @@ def _suggested_fixes(message: str) -> str:
     for line in lines[at + 1:]:
         if " = " not in line:
             break
+        if not line.split(" = ", 1)[1].startswith("Dim("):  # a constant or another dim's multiple: not a bound
+            raise ValueError(f"a fix that is not a bound: {line.strip()}")
         fixes.append(line)
     return "\n".join(["Suggested fixes:", *fixes])
 

@@ -70,7 +70,7 @@ def render(results: dict[str, dict]) -> str:
     for name, cells in results.items():
         fam = BY_NAME[name]
         if fam.moe:
-            kind = "sparse MoE decoder"
+            kind = "sparse MoE " + ("encoder-decoder" if fam.inputs == "seq2seq" else "decoder")
         elif fam.inputs != "ids":
             kind = kinds[fam.inputs]
         else:

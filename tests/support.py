@@ -114,8 +114,10 @@ def run_family(fam, root: Path) -> dict[str, Cell]:
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
             return "ONNX Runtime equals PyTorch"
         ids = inputs["input_ids"]
+        # generation runs the export with past, or the one without where a cache cannot be exported (lfm2)
+        generating = root / ("onnx-past" if cells["with_past"].status == "ok" else "onnx")
         if seq2seq:  # the encoder once, then the decoder on its caches; PyTorch's greedy generate as reference
-            ort = MoOREOrtModel.from_export(root / "onnx-past")
+            ort = MoOREOrtModel.from_export(generating)
             mask = inputs["attention_mask"].clone()
             mask[1, -2:] = 0  # a padded row: the cross-attention mask matters
             got = ort.generate_ids(ids.numpy(), mask.numpy(), task=TASKS, max_new_tokens=4)
@@ -131,7 +133,7 @@ def run_family(fam, root: Path) -> dict[str, Cell]:
                 want = _output(state["routed"](**inputs, task_ids=TASKS)).numpy()
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
             return "ONNX Runtime equals PyTorch"
-        ort = MoOREOrtModel.from_export(root / "onnx-past")
+        ort = MoOREOrtModel.from_export(generating)
         got = ort.generate_ids(ids.numpy(), task=TASKS, max_new_tokens=4)
         with torch.no_grad():
             want = state["routed"].generate(ids, attention_mask=torch.ones_like(ids), task_ids=TASKS,
@@ -154,5 +156,5 @@ def run_family(fam, root: Path) -> dict[str, Cell]:
             cells[name] = Cell("skipped")
             continue
         cells[name] = _stage(steps[name])
-        failed = cells[name].status != "ok"  # a decoder's and an encoder-decoder's run use the export with past
+        failed = cells[name].status != "ok" and name != "with_past"  # run falls back to the export without
     return cells

@@ -67,19 +67,25 @@ def test_full_rank_conversion_loads_with_the_original_outputs(name, converted, t
     assert all(isinstance(m, MoORELinear) for m in moore_layers(routed).values())
     if BY_NAME[name].moe:
         layouts = {r.layout for r in report.layers}
-        if "expert" not in layouts:  # experts outside the installed transformers' interface (GraniteMoE in 5.3)
+        assert not any(r.name.endswith((".gate", "mlp.gate", "router.classifier")) for r in report.layers), \
+            "the token router stays dense"
+        if any(".experts." in r.name for r in report.layers if not r.layout.startswith("expert")):  # module each
+            n_experts = routed.config.num_experts
+            assert len({r.name.split(".experts.")[1].split(".")[0] for r in report.layers if ".experts." in r.name}) \
+                == n_experts
+            return
+        if not any(layout.startswith("expert") for layout in layouts):  # outside the interface (GraniteMoE, 5.3)
             with caplog.at_level(logging.WARNING, logger="moorize"):
                 moorize.convert(src, tmp_path / "again")
             assert "outside transformers' experts interface: left dense" in caplog.text, "dense experts, unsaid"
             assert name == "granitemoe", "the experts' 3-D tensors were not factored"
             return
-        experts = [r for r in report.layers if r.layout == "expert"]
+        experts = [r for r in report.layers if r.layout.startswith("expert")]  # "expert_t": stored transposed
         n_experts = getattr(routed.config, "num_local_experts", None) or routed.config.num_experts
         per_tensor: dict[str, int] = {}
         for r in experts:
             per_tensor[r.name.rpartition(".")[0]] = per_tensor.get(r.name.rpartition(".")[0], 0) + 1
         assert set(per_tensor.values()) == {n_experts}
-        assert not any(r.name.endswith((".gate", "mlp.gate")) for r in report.layers), "the token router stays dense"
 
 
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])
@@ -228,3 +234,46 @@ def test_an_image_encoder_exports_and_runs_in_onnx_runtime(converted, tmp_path):
             ort.image_features(bad, task="a")
     res = CliRunner().invoke(cli, ["run", str(tmp_path / "onnx"), "--task", "a", "--prompt", "hi"])
     assert res.exit_code == 2 and "is an image encoder" in res.output
+
+
+@pytest.mark.parametrize("name", ["fsmt", "led"])
+@pytest.mark.parametrize("seq", [2, 6], ids=["as-long-as-the-batch", "longer"])
+def test_sequence_first_layers_route_each_row_with_its_task(name, seq, converted):
+    """FSMT's layers and LED's encoder attention take [sequence, batch, features]: found by the load's probe, they
+    route dimension 1, so a mixed-task batch gives each row what it gives alone, also where the sequence is as
+    long as the batch (where no shape could tell the two apart)."""
+    model, _, _, out, _ = converted(name)
+    routed = moorize.load(out, tasks=TASKS, router="task+sample")
+    perturb(routed, scale=0.2, seed=2)
+    marked = [p for p in routed.moore.layer_paths.values() if routed.get_submodule(p).row_dim == 1]
+    assert marked and all("attn" in p for p in marked) == (name == "led")
+    inputs = BY_NAME[name].example_inputs(model, seq=seq + 2)
+    with torch.no_grad():
+        mixed = routed(**inputs, task_ids=["a", "b"]).logits
+        alone = [routed(**{k: v[i:i + 1] for k, v in inputs.items()}, task_ids=[t]).logits for i, t in enumerate("ab")]
+        both_a = routed(**inputs, task_ids=["a", "a"]).logits
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert (both_a[1] - mixed[1]).abs().max() > 1e-3, "row 1's task must matter"
+    assert not any(moorize.load(out).get_submodule(p).row_dim for p in marked), "one task: no probe, nothing to route"
+
+
+def test_experts_kept_as_modules_route_one_task_per_batch(converted, tmp_path):
+    """Switch Transformers keeps one module per expert, fed a subset of the tokens: a batch of one task routes
+    (each row as it routes alone), mixed rows are refused in one line, and so is a several-task export."""
+    model, inputs, _, out, _ = converted("switch_transformers")
+    routed = moorize.load(out, tasks=TASKS, router="task")
+    perturb(routed, scale=0.2, seed=2)
+    with torch.no_grad():
+        both_b = routed(**inputs, task_ids=["b", "b"]).logits
+        row1 = routed(**{k: v[1:] for k, v in inputs.items()}, task_ids=["b"]).logits
+        both_a = routed(**inputs, task_ids=["a", "a"]).logits
+        torch.testing.assert_close(both_b[1:], row1, atol=1e-5, rtol=1e-5)
+        assert (both_a - both_b).abs().max() > 1e-3
+        with pytest.raises(moorize.MoorizeError, match="^switch_transformers: its sparse-MoE experts are modules"):
+            routed(**inputs, task_ids=["a", "b"])
+    moorize.save_adapter(routed, tmp_path / "ad")
+    from moorize.exporters.onnx import export_onnx
+
+    with pytest.raises(moorize.MoorizeError, match="which an export cannot route per task yet"):
+        export_onnx(out, tmp_path / "onnx", tmp_path / "ad")
+    assert not (tmp_path / "onnx").exists()

@@ -27,7 +27,7 @@ ALLOWED = {
     "environment": {"assets", "errors", "version", "selectors"},  # `moorize env`: versions, devices, shipped checkpoints
     "io": {"errors", "selectors"},
     "conversion": {"options", "io", "errors", "version", "process", "selectors"},
-    "model": {"options", "io", "errors", "selectors"},
+    "model": {"options", "io", "errors", "selectors", "compat"},
     "training": {"options", "model", "io", "errors", "selectors"},
     "runtime": {"io", "errors", "selectors"},  # executes an export: ONNX Runtime and numpy, never torch
     "exporters": {"options", "model", "io", "errors", "version", "compat", "runtime"},

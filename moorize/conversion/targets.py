@@ -166,10 +166,12 @@ ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def _is_token_router(name: str) -> bool:
-    """A sparse-MoE layer's token router (``mlp.gate``, ``router``): it chooses experts and stays dense, as
-    the paper keeps routing outside the factored experts; ``--targets`` can still name it."""
-    last = name.rsplit(".", 1)[-1]
-    return last in ROUTER_NAMES or last.endswith("_router")
+    """A sparse-MoE layer's token router (``mlp.gate``, ``router``, or the projection inside a router module:
+    Switch Transformers' and NLLB-MoE's ``router.classifier``): it chooses experts and stays dense, as the paper
+    keeps routing outside the factored experts; ``--targets`` can still name it."""
+    parts = name.split(".")
+    last, parent = parts[-1], parts[-2] if len(parts) > 1 else ""
+    return last in ROUTER_NAMES or last.endswith("_router") or parent == "router" or parent.endswith("_router")
 
 
 def collapse_names(names: list[str]) -> list[str]:

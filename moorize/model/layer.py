@@ -45,6 +45,8 @@ class MoORELinear(nn.Module):
         self.in_features, self.out_features, self.rank = n, m, r
         self.config = config
         self.state = state
+        self.row_dim = 0  # 1 in a model whose layers take [sequence, batch, ...] (``layout``)
+        self.token_subset: str | None = None  # the family, inside a per-expert module (it sees some tokens)
         self.router: Router = router_for(config)  # its parameters, gate, merge rule and export inputs
         # The frozen factors are parameters that never train (requires_grad=False), not buffers: FSDP shards
         # parameters across ranks and replicates buffers, and the factors are nearly all of the model's bytes.
@@ -143,8 +145,16 @@ class MoORELinear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing = self.state.routing(x.shape[0], x.device) if self.router.task else None
-        return self.routed(x, routing)
+        if self.row_dim == 1 and x.dim() > 2:  # [sequence, batch, ...]: route the rows, then put them back
+            return self._rows_first(x.transpose(0, 1)).transpose(0, 1).contiguous()  # model code may .view() it
+        return self._rows_first(x)
+
+    def _rows_first(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.router.task:
+            return self.routed(x, None)
+        if self.token_subset:
+            return self.routed(x, self.state.uniform_routing(x.shape[0], x.device, self.token_subset))
+        return self.routed(x, self.state.routing(x.shape[0], x.device))
 
     def routed(self, x: torch.Tensor, task_ids: Routing | torch.Tensor | None) -> torch.Tensor:
         """The layer with explicit task ids, one per row of ``x``'s first dimension (a sparse-MoE expert

@@ -42,7 +42,9 @@ from .layer import (
     moore_layers,
     trainable_parameters,
 )
+from .layout import mark_row_layouts
 from .routers import router_for
+from .routing import use_task  # callers import it from here too
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ def load(directory, adapter=None, config: MoOREConfig | None = None, *, dtype: t
     if dtype is not None:
         _cast_frozen(model, dtype)
     _install_routing(model, state, config, ckpt, placed)
+    mark_row_layouts(model)
     return model.eval()
 
 
@@ -299,19 +302,6 @@ def _install_routing(model, state: RoutingState, config: MoOREConfig, ckpt: Fact
                              ckpt.factor_layout, str(ckpt.directory.absolute()))
     # earlier names, kept for users' code: the same objects, read from model.moore inside moorize
     model.moore_config, model.moore_state, model.moore_tasks = config, state, model.moore.tasks
-
-
-@contextlib.contextmanager
-def use_task(model, task_ids):
-    """Route every forward inside the block with ``task_ids`` (ids or names; batch-expanded as generate does)."""
-    state: RoutingState = model.moore.routing
-    previous = (state.sticky, state.task_ids)
-    ids = state.resolve(task_ids)
-    state.sticky, state.task_ids = ids, ids
-    try:
-        yield
-    finally:
-        state.sticky, state.task_ids = previous
 
 
 def _compute_unsaved(model: nn.Module, missing: list[str]) -> list[str]:

@@ -10,6 +10,8 @@ once per forward pass, not once per layer.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import MoorizeError
@@ -113,6 +115,15 @@ class RoutingState:
                 self._shared[key] = hit
         return hit
 
+    def uniform_routing(self, rows: int, device: torch.device, family: str) -> Routing:
+        """The Routing of a layer that sees a subset of the batch's tokens (a per-expert module), whose rows no
+        shape places: the batch's one task, or one line saying why mixed rows cannot be routed there."""
+        task = self.uniform_task()
+        if task is None:
+            raise MoorizeError(f"{family}: its sparse-MoE experts are modules that each see a subset of the batch's "
+                               "tokens, which moorize cannot route per row: give every row of a batch the same task")
+        return Routing(torch.full((rows,), task, dtype=torch.long, device=device), task)
+
     def uniform_task(self) -> int | None:
         """The one task of every row of this forward (host-known), or None when rows differ or it is unknown."""
         return self.default if self._task_ids is None else self.uniform
@@ -129,3 +140,17 @@ class RoutingState:
         if ids.numel() and batch % ids.numel() == 0:  # generate's beam / num_return_sequences expansion
             return ids.to(device).repeat_interleave(batch // ids.numel())
         raise MoorizeError(f"task_ids has {ids.numel()} entries for a batch of {batch}")
+
+
+@contextlib.contextmanager
+def use_task(model, task_ids):
+    """Route every forward of ``model`` inside the block with ``task_ids`` (ids or names; batch-expanded as
+    generate does)."""
+    state: RoutingState = model.moore.routing
+    previous = (state.sticky, state.task_ids)
+    ids = state.resolve(task_ids)
+    state.sticky, state.task_ids = ids, ids
+    try:
+        yield
+    finally:
+        state.sticky, state.task_ids = previous

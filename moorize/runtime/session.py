@@ -240,8 +240,9 @@ class MoOREOrtModel:
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         kv = self.meta["kv"]
-        shape = (batch, kv["num_kv_heads"], 0, kv["head_dim"])
-        return [np.zeros(shape, dtype=self.float_dtype) for _ in range(2 * kv["num_layers"])]
+        key = (batch, kv["num_kv_heads"], 0, kv["head_dim"])
+        value = (*key[:3], kv.get("value_head_dim", kv["head_dim"]))  # multi-latent attention: values differ
+        return [np.zeros(shape, dtype=self.float_dtype) for _ in range(kv["num_layers"]) for shape in (key, value)]
 
     # ---- text ------------------------------------------------------------------------------------
     def _encode(self, texts: list[str], left_pad: bool):
