@@ -245,6 +245,9 @@ def test_sequence_first_layers_route_each_row_with_its_task(name, seq, converted
     model, _, _, out, _ = converted(name)
     routed = moorize.load(out, tasks=TASKS, router="task+sample")
     perturb(routed, scale=0.2, seed=2)
+    layers = [routed.get_submodule(p) for p in routed.moore.layer_paths.values()]
+    assert all(x._cache is None and x._prepared is None and not x._merged for x in layers), \
+        "the probe's folded weights (a model's size) must not outlive it"
     marked = [p for p in routed.moore.layer_paths.values() if routed.get_submodule(p).row_dim == 1]
     assert marked and all("attn" in p for p in marked) == (name == "led")
     inputs = BY_NAME[name].example_inputs(model, seq=seq + 2)
@@ -252,7 +255,7 @@ def test_sequence_first_layers_route_each_row_with_its_task(name, seq, converted
         mixed = routed(**inputs, task_ids=["a", "b"]).logits
         alone = [routed(**{k: v[i:i + 1] for k, v in inputs.items()}, task_ids=[t]).logits for i, t in enumerate("ab")]
         both_a = routed(**inputs, task_ids=["a", "a"]).logits
-    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-4, rtol=1e-4)  # misrouted rows differ by ~0.7
     assert (both_a[1] - mixed[1]).abs().max() > 1e-3, "row 1's task must matter"
     assert not any(moorize.load(out).get_submodule(p).row_dim for p in marked), "one task: no probe, nothing to route"
 

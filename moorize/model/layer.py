@@ -67,6 +67,11 @@ class MoORELinear(nn.Module):
         self._prepared: tuple | None = None  # training: (key, this forward's kernels.Prepared), until its backward
         self._merged: dict[int, tuple] = {}  # router 'task', inference: task -> (key, dense matrix)
 
+    def release_caches(self) -> None:
+        """Drop every weight derived from the parameters (made again when next needed): after a forward whose
+        folded or merged weights nothing will reuse, such as the load's row-layout probe."""
+        self._cache, self._prepared, self._merged = None, None, {}
+
     # ---- weights derived from the parameters -----------------------------------------------------
     def _trainables(self) -> list[torch.Tensor]:
         return [p for p in (self.householder, *self.router.parameters(self), self.sigma) if p is not None]

@@ -79,6 +79,8 @@ def time_major_layers(model, skip: set[str]) -> list[str]:
     finally:
         for hook in hooks:
             hook.remove()
+        for path in model.moore.layer_paths.values():  # the probe's folded weights: a model's size, unused
+            model.get_submodule(path).release_caches()
     # any length first (LED pads its input to a multiple of its attention window), then the rows
     return [path for path, shape in shapes.items() if len(shape) >= 3 and shape[0] != ROWS and shape[1] == ROWS]
 
