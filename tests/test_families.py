@@ -102,9 +102,25 @@ def test_adapter_round_trip_and_merge_load_in_plain_transformers(name, converted
     assert torch.equal(tuned, again)
     assert (tuned - base).abs().max().item() > 1e-3, "the perturbed routers must change the outputs"
     moorize.merge(out, tmp_path / "ad", "b", tmp_path / "merged")
-    dense = getattr(transformers, BY_NAME[name].model_class).from_pretrained(tmp_path / "merged").eval()
+    for shard in (tmp_path / "merged").glob("*.safetensors"):  # 64-byte aligned where sizes allow it
+        head = shard.read_bytes()[:8]
+        header = json.loads(shard.read_bytes()[8:8 + int.from_bytes(head, "little")])
+        start = 8 + int.from_bytes(head, "little")
+        offsets = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+        aligned = [(start + a) % 64 == 0 for a, b in offsets if (b - a) % 64 == 0]
+        assert all(aligned), f"{shard.name}: a tensor off 64-byte alignment (grouped expert kernels refuse it)"
+    plain = getattr(transformers, BY_NAME[name].model_class)
     with torch.no_grad():
-        merged = output_of(dense(**inputs))
+        try:  # the check needs a transformers that reloads the family's own checkpoint faithfully
+            drift = (output_of(plain.from_pretrained(src).eval()(**inputs)) - base).abs().max().item()
+        except RuntimeError as e:
+            drift, why = float("nan"), str(e).splitlines()[0]
+        else:
+            why = f"its outputs move by {drift:.2g}"
+        if not drift <= 1e-4:  # RecurrentGemma and Jamba at transformers 5.3
+            pytest.skip(f"transformers {transformers.__version__} does not reload {name}'s own checkpoint "
+                        f"({why}): a merged one cannot be checked in it")
+        merged = output_of(plain.from_pretrained(tmp_path / "merged").eval()(**inputs))
     assert (merged - tuned).abs().max().item() <= 1e-4
 
 

@@ -370,12 +370,27 @@ def _write_dense(model, directory, task: str, dest, *, overwrite: bool, max_shar
             shard.add_tensor(name, tensor)
             size += nbytes
 
+        # tensors whose bytes are not a multiple of 64 go last, so every other one stays 64-byte aligned in its
+        # shard (the data starts aligned; safetensors allows no padding between tensors): transformers' grouped
+        # expert kernel (torch._grouped_mm) refuses a memory-mapped weight off 16-byte alignment
+        odd_passthrough, odd_merged = [], []
         for key in passthrough:
-            add(key, ckpt.tensor(key))
+            t = ckpt.tensor(key)
+            if t.numel() * t.element_size() % 64:
+                odd_passthrough.append(key)  # read again at the end
+            else:
+                add(key, t)
         merged = ((name, ckpt.layers[name].layout,
                    layer.merged_weight(task_id).to(getattr(torch, ckpt.layers[name].source_dtype)))
                   for name, layer in layers.items())
         for key, W in dense_weights(merged):
+            if W.numel() * W.element_size() % 64:
+                odd_merged.append((key, W))
+            else:
+                add(key, W)
+        for key in odd_passthrough:
+            add(key, ckpt.tensor(key))
+        for key, W in odd_merged:
             add(key, W)
         if shard is not None:
             parts.append(shard.close())
