@@ -113,11 +113,23 @@ def decoder_kv_layout(model, with_past: bool = False) -> dict:
                                f"this model's also holds {', '.join(other)} (a convolution or recurrent state): "
                                "export without --with-past")
         return kv_layout(model.config)
-    keys, values = layers[0].keys, layers[0].values
-    layout = {"num_layers": len(layers), "num_kv_heads": keys.shape[1], "head_dim": keys.shape[3]}
+    return {"num_layers": len(layers), **_cache_geometry(layers[0])}
+
+
+def _cache_geometry(layer) -> dict:
+    """Heads and head size of one cache layer's keys [batch, heads, positions, head_dim], and the values' width
+    where it differs (multi-latent attention)."""
+    keys, values = layer.keys, layer.values
+    out = {"num_kv_heads": keys.shape[1], "head_dim": keys.shape[3]}
     if values.shape[3] != keys.shape[3]:
-        layout["value_head_dim"] = values.shape[3]
-    return layout
+        out["value_head_dim"] = values.shape[3]
+    return out
+
+
+def _cache_shapes(geometry: dict, batch: int, positions: int) -> list[tuple[int, ...]]:
+    """[key shape, value shape] of one cache layer of ``geometry`` (``_cache_geometry``)."""
+    key = (batch, geometry["num_kv_heads"], positions, geometry["head_dim"])
+    return [key, (*key[:3], geometry.get("value_head_dim", geometry["head_dim"]))]
 
 
 def past_names(num_layers: int, prefix: str, part: str | None = None) -> list[str]:
@@ -143,10 +155,9 @@ def seq2seq_kv_layout(model) -> dict:
         out = model(encoder_outputs=BaseModelOutput(last_hidden_state=states),
                     decoder_input_ids=torch.full((1, 1), decoder_start_token(model)), use_cache=True)
     cache = out[cache_keyword(model)]
-    own, cross = cache.self_attention_cache.layers[0], cache.cross_attention_cache.layers[0]
-    return {"num_layers": len(cache.self_attention_cache.layers),
-            "num_kv_heads": own.keys.shape[1], "head_dim": own.keys.shape[3],
-            "cross": {"num_kv_heads": cross.keys.shape[1], "head_dim": cross.keys.shape[3]}}
+    own = cache.self_attention_cache.layers
+    return {"num_layers": len(own), **_cache_geometry(own[0]),
+            "cross": _cache_geometry(cache.cross_attention_cache.layers[0])}
 
 
 def export_graph(routed: Routed, with_past: bool, holder: TaskIds) -> "ExportGraph | EncoderDecoderGraphs":
@@ -403,9 +414,8 @@ class Seq2SeqDecoderGraph(_Seq2SeqGraph):
         args = (target, states, mask, torch.zeros(batch, dtype=torch.long))
         if not self.with_past:
             return args
-        shapes = [(batch, self.layout["num_kv_heads"], past, self.layout["head_dim"])] * (2 * self.num_layers)
-        cross = self.layout["cross"]
-        shapes += [(batch, cross["num_kv_heads"], seq, cross["head_dim"])] * (2 * self.num_layers)
+        shapes = _cache_shapes(self.layout, batch, past) * self.num_layers
+        shapes += _cache_shapes(self.layout["cross"], batch, seq) * self.num_layers
         return args + tuple(torch.randn(shape, generator=gen).to(dtype) for shape in shapes)
 
     def next_step(self, inputs: tuple, outputs: list) -> tuple | None:
@@ -478,7 +488,6 @@ def sample_inputs(routed: Routed, tokenizer, with_past: bool, past: int = 0, bat
     if with_past:
         kv = kv or kv_layout(routed.model.config)
         gen = torch.Generator().manual_seed(1)
-        key = (batch, kv["num_kv_heads"], past, kv["head_dim"])
-        value = (*key[:3], kv.get("value_head_dim", kv["head_dim"]))
-        args += tuple(torch.randn(shape, generator=gen).to(dtype) for _ in range(kv["num_layers"]) for shape in (key, value))
+        shapes = _cache_shapes(kv, batch, past) * kv["num_layers"]
+        args += tuple(torch.randn(shape, generator=gen).to(dtype) for shape in shapes)
     return args

@@ -186,6 +186,12 @@ class FactoredCheckpoint:
             raise MoorizeError(f"{self.directory}: no tensor {key!r}")
         return self._file(self.weight_map[key]).load(key)
 
+    def tensor_nbytes(self, key: str) -> int:
+        """The stored size of a tensor, read from its shard's header (nothing of the tensor is read)."""
+        if key not in self.weight_map:
+            raise MoorizeError(f"{self.directory}: no tensor {key!r}")
+        return self._file(self.weight_map[key]).data_range(key)[3]
+
     def _layer(self, name: str) -> LayerRecord:
         return self.layers[require_name("name", name, self.layers, noun="factored layer",
                                         plural=f"the factored layers of {self.directory}")]

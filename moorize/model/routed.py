@@ -375,11 +375,10 @@ def _write_dense(model, directory, task: str, dest, *, overwrite: bool, max_shar
         # expert kernel (torch._grouped_mm) refuses a memory-mapped weight off 16-byte alignment
         odd_passthrough, odd_merged = [], []
         for key in passthrough:
-            t = ckpt.tensor(key)
-            if t.numel() * t.element_size() % 64:
-                odd_passthrough.append(key)  # read again at the end
+            if ckpt.tensor_nbytes(key) % 64:
+                odd_passthrough.append(key)
             else:
-                add(key, t)
+                add(key, ckpt.tensor(key))
         merged = ((name, ckpt.layers[name].layout,
                    layer.merged_weight(task_id).to(getattr(torch, ckpt.layers[name].source_dtype)))
                   for name, layer in layers.items())
